@@ -161,6 +161,16 @@ pub fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
+/// The digest of a chunk in hash indexes and verification: [`ZERO_HASH`](crate::ZERO_HASH) for
+/// all-zero data (cheap to recognise, and holes need not be read), else its BLAKE3.
+pub fn chunk_digest(data: &[u8]) -> [u8; HASH_LEN] {
+    if is_zero(data) {
+        crate::ZERO_HASH
+    } else {
+        *blake3::hash(data).as_bytes()
+    }
+}
+
 /// Lower-case hex of a byte string (for messages).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -257,6 +267,12 @@ mod tests {
             assert!(dec.decode(&h, e.payload.clone()).is_err(), "case {i} accepted");
         }
         assert!(dec.decode(&good, e.payload.clone()).is_ok());
+    }
+
+    #[test]
+    fn chunk_digest_marks_zero_chunks() {
+        assert_eq!(chunk_digest(&[0; 4096]), crate::ZERO_HASH);
+        assert_eq!(chunk_digest(b"abc"), *blake3::hash(b"abc").as_bytes());
     }
 
     #[test]

@@ -1,0 +1,103 @@
+//! Authorisation: which agent (by certificate identity) may write which targets. Rules come from
+//! `--allow NAME=GLOB`; the glob is matched against the canonical target name (e.g.
+//! `file:esx01/*`), `*` does not cross `/`, `**` does. No rule for an agent means the agent is
+//! unknown to this sink and is refused at connect.
+
+use globset::{GlobBuilder, GlobMatcher};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("bad --allow rule {rule:?}: {reason} (expected NAME=GLOB, e.g. esx01='file:esx01/*')")]
+    BadRule { rule: String, reason: String },
+    #[error("agent {agent:?} is not known to this sink (no --allow rule names it); add --allow {agent}=GLOB on the sink")]
+    UnknownAgent { agent: String },
+    #[error("agent {agent:?} may not write {target} (its --allow rules: {globs})")]
+    NotAllowed { agent: String, target: String, globs: String },
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    agent: String,
+    glob: String,
+    matcher: GlobMatcher,
+}
+
+/// The set of `--allow` rules.
+#[derive(Debug, Clone, Default)]
+pub struct Authorizer {
+    rules: Vec<Rule>,
+}
+
+impl Authorizer {
+    pub fn parse<S: AsRef<str>>(rules: &[S]) -> Result<Self, AuthError> {
+        let mut out = Vec::new();
+        for rule in rules {
+            let rule = rule.as_ref();
+            let bad =
+                |reason: &str| AuthError::BadRule { rule: rule.to_string(), reason: reason.to_string() };
+            let (agent, glob) = rule.split_once('=').ok_or_else(|| bad("missing '='"))?;
+            let (agent, glob) = (agent.trim(), glob.trim());
+            if agent.is_empty() || glob.is_empty() {
+                return Err(bad("empty agent name or glob"));
+            }
+            let matcher = GlobBuilder::new(glob)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| bad(&e.to_string()))?
+                .compile_matcher();
+            out.push(Rule { agent: agent.to_string(), glob: glob.to_string(), matcher });
+        }
+        Ok(Authorizer { rules: out })
+    }
+
+    /// Whether any rule names `agent`.
+    pub fn knows(&self, agent: &str) -> Result<(), AuthError> {
+        if self.rules.iter().any(|r| r.agent == agent) {
+            Ok(())
+        } else {
+            Err(AuthError::UnknownAgent { agent: agent.to_string() })
+        }
+    }
+
+    /// Whether `agent` may write `target` (a canonical target name).
+    pub fn check(&self, agent: &str, target: &str) -> Result<(), AuthError> {
+        self.knows(agent)?;
+        let mine: Vec<&Rule> = self.rules.iter().filter(|r| r.agent == agent).collect();
+        if mine.iter().any(|r| r.matcher.is_match(target)) {
+            return Ok(());
+        }
+        Err(AuthError::NotAllowed {
+            agent: agent.to_string(),
+            target: target.to_string(),
+            globs: mine.iter().map(|r| r.glob.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_are_per_agent_and_do_not_cross_slashes() {
+        let a = Authorizer::parse(&["esx01=file:esx01/*", "esx02=file:shared/**", "esx01=rbd:volumes/*"])
+            .unwrap();
+        assert!(a.check("esx01", "file:esx01/vm1").is_ok());
+        assert!(a.check("esx01", "rbd:volumes/volume-1").is_ok());
+        assert!(matches!(a.check("esx01", "file:esx01/a/b"), Err(AuthError::NotAllowed { .. })));
+        assert!(matches!(a.check("esx01", "file:esx02/vm1"), Err(AuthError::NotAllowed { .. })));
+        assert!(a.check("esx02", "file:shared/a/b/c").is_ok());
+        let err = a.check("esx03", "file:esx01/vm1").unwrap_err();
+        assert!(matches!(err, AuthError::UnknownAgent { .. }));
+        assert!(err.to_string().contains("--allow esx03=GLOB"));
+        let err = a.check("esx01", "file:other").unwrap_err().to_string();
+        assert!(err.contains("file:esx01/*, rbd:volumes/*"), "{err}");
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        for bad in ["noequals", "=file:x", "a=", "a=file:[x"] {
+            assert!(matches!(Authorizer::parse(&[bad]), Err(AuthError::BadRule { .. })), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Sink settings: a TOML file (`--config`) with the same names as the command-line flags; flags
+//! given on the command line override the file. Resolution checks that everything required is
+//! present and says which flag or key is missing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use blockship_transport::TlsFiles;
+
+use crate::writer::CheckpointPolicy;
+
+/// Settings as they appear in the TOML file and on the command line (all optional here).
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:7443.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// PKI directory written by `blockship-sink pki init` (ca.pem, sink.pem, sink.key).
+    #[arg(long)]
+    pub pki: Option<PathBuf>,
+    /// CA certificate that signs agent certificates (instead of --pki).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Sink certificate chain (PEM), instead of --pki.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Sink private key (PEM), instead of --pki.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Directory below which `file:` targets live.
+    #[arg(long)]
+    pub file_root: Option<PathBuf>,
+    /// Directory for replication state and hash indexes.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// NAME=GLOB: agent NAME (certificate CN) may write targets matching GLOB. Repeatable.
+    #[arg(long = "allow", value_name = "NAME=GLOB")]
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Make written data durable and acknowledge it at least every this many bytes (e.g. 64MiB).
+    #[arg(long)]
+    pub checkpoint_bytes: Option<String>,
+    /// ... and at least this often (e.g. 1s, 500ms).
+    #[arg(long)]
+    pub checkpoint_interval: Option<String>,
+}
+
+/// Fully resolved serve settings.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub file_root: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub allow: Vec<String>,
+    pub checkpoint: CheckpointPolicy,
+}
+
+impl ServeSettings {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: ServeSettings) -> ServeSettings {
+        ServeSettings {
+            listen: self.listen.or(file.listen),
+            pki: self.pki.or(file.pki),
+            ca: self.ca.or(file.ca),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            file_root: self.file_root.or(file.file_root),
+            state_dir: self.state_dir.or(file.state_dir),
+            allow: if self.allow.is_empty() { file.allow } else { self.allow },
+            checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
+            checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
+        }
+    }
+
+    pub fn resolve(self) -> Result<Resolved> {
+        let listen = self.listen.context("--listen is required (flag, or `listen` in the config file)")?;
+        let tls = match (self.pki, self.ca, self.cert, self.key) {
+            (Some(pki), None, None, None) => TlsFiles::sink_in_pki(&pki),
+            (None, Some(ca), Some(cert), Some(key)) => TlsFiles { ca, cert, key },
+            (None, None, None, None) => bail!("TLS is mandatory: give --pki DIR, or --ca, --cert and --key"),
+            _ => bail!("give either --pki DIR or all of --ca, --cert and --key, not a mix"),
+        };
+        let state_dir =
+            self.state_dir.context("--state-dir is required (flag, or `state_dir` in the config file)")?;
+        if self.file_root.is_none() {
+            bail!("no target root configured: give --file-root DIR");
+        }
+        if self.allow.is_empty() {
+            bail!("no --allow rules: no agent could write anything (e.g. --allow esx01='file:esx01/*')");
+        }
+        let mut checkpoint = CheckpointPolicy::default();
+        if let Some(b) = &self.checkpoint_bytes {
+            checkpoint.bytes = parse_bytes(b).with_context(|| format!("--checkpoint-bytes {b:?}"))?;
+        }
+        if let Some(i) = &self.checkpoint_interval {
+            checkpoint.interval =
+                humantime::parse_duration(i).with_context(|| format!("--checkpoint-interval {i:?}"))?;
+            if checkpoint.interval < Duration::from_millis(10) {
+                bail!("--checkpoint-interval must be at least 10ms");
+            }
+        }
+        Ok(Resolved { listen, tls, file_root: self.file_root, state_dir, allow: self.allow, checkpoint })
+    }
+}
+
+/// "64MiB", "1G" (binary units), or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    parse_size::Config::new().with_binary().parse_size(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: ServeSettings = toml::from_str(
+            r#"
+            listen = "0.0.0.0:7443"
+            pki = "/etc/blockship/pki"
+            file_root = "/srv/bs"
+            state_dir = "/var/lib/bs"
+            allow = ["esx01=file:esx01/*"]
+            checkpoint_bytes = "32MiB"
+            "#,
+        )
+        .unwrap();
+        let flags = ServeSettings { listen: Some("127.0.0.1:9000".parse().unwrap()), ..Default::default() };
+        let r = flags.over(file).resolve().unwrap();
+        assert_eq!(r.listen.port(), 9000);
+        assert_eq!(r.tls.cert, PathBuf::from("/etc/blockship/pki/sink.pem"));
+        assert_eq!(r.allow, vec!["esx01=file:esx01/*".to_string()]);
+        assert_eq!(r.checkpoint.bytes, 32 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_settings_are_errors() {
+        assert!(toml::from_str::<ServeSettings>("listne = \"x\"").is_err());
+        let err = ServeSettings::default().resolve().unwrap_err().to_string();
+        assert!(err.contains("--listen is required"), "{err}");
+        let s = ServeSettings {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            pki: Some("/p".into()),
+            ca: Some("/ca".into()),
+            ..Default::default()
+        };
+        assert!(s.resolve().unwrap_err().to_string().contains("not a mix"));
+    }
+}

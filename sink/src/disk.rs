@@ -1,0 +1,284 @@
+//! A disk opened by a session: the target, its replication state and hash index, and the epoch
+//! being written. Opening reconciles the three — a new target gets a fresh all-zero index, an
+//! index that does not match the state is rebuilt, a grown target gets stale index entries —
+//! and checks that the requested mode makes sense for what the target holds.
+
+use std::sync::{Arc, Mutex};
+
+use blockship_proto::pb::{self, DiskOpened, ErrorCode, OpenDisk, ResumePoint, SyncMode};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::index::{HashIndex, IndexOrigin};
+use crate::lease::Lease;
+use crate::refusal::{join, Refusal};
+use crate::server::SinkContext;
+use crate::state::{ReplicationState, StateDir};
+use crate::target::{Access, Opened, Target, TargetName};
+use crate::writer::WriterMsg;
+
+pub struct Disk {
+    pub handle: u32,
+    pub name: String,
+    pub target: Target,
+    /// Absent for verification sessions, which never write.
+    pub index: Option<HashIndex>,
+    pub state_dir: StateDir,
+    pub state: Mutex<ReplicationState>,
+    /// The source size the agent declared; every item is bounds-checked against it.
+    pub size: u64,
+    pub chunk_size: u32,
+    pub epoch: Mutex<Option<ActiveEpoch>>,
+    _lease: Lease,
+}
+
+/// The epoch a disk is receiving.
+pub struct ActiveEpoch {
+    pub epoch: u64,
+    pub tx: mpsc::Sender<WriterMsg>,
+}
+
+impl Disk {
+    pub fn state(&self) -> ReplicationState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Update the in-memory state with `f` and persist it durably.
+    pub async fn update_state(&self, f: impl FnOnce(&mut ReplicationState)) -> Result<(), Refusal> {
+        let snapshot = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut s);
+            s.clone()
+        };
+        let dir = self.state_dir.clone();
+        tokio::task::spawn_blocking(move || dir.store(&snapshot))
+            .await
+            .map_err(|e| join("store state", e))??;
+        Ok(())
+    }
+
+    pub fn index(&self) -> Result<&HashIndex, Refusal> {
+        self.index.as_ref().ok_or_else(|| Refusal::bad_request("disk was opened for verification only"))
+    }
+
+    /// Sender of the active epoch's writer.
+    pub fn writer(&self) -> Result<(u64, mpsc::Sender<WriterMsg>), Refusal> {
+        let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        epoch.as_ref().map(|e| (e.epoch, e.tx.clone())).ok_or_else(|| {
+            Refusal::bad_request(format!("disk {}: data received outside an epoch", self.handle))
+        })
+    }
+
+    /// Recompute stale index entries from the target (after making the target durable, so the
+    /// index never vouches for data a crash could still lose).
+    pub async fn refresh_index(self: &Arc<Self>) -> Result<u64, Refusal> {
+        let index = self.index()?;
+        self.target.flush().await?;
+        let stale = {
+            let disk = self.clone();
+            tokio::task::spawn_blocking(move || {
+                disk.index().and_then(|i| i.stale_chunks().map_err(index_err))
+            })
+            .await
+            .map_err(|e| join("scan index", e))??
+        };
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        tracing::info!(target = %self.name, chunks = stale.len(), "rebuilding stale hash index entries from the target");
+        let cs = u64::from(self.chunk_size);
+        for &chunk in &stale {
+            let offset = chunk * cs;
+            let len = cs.min(self.size - offset) as usize;
+            let data: Bytes = self.target.read(offset, len).await?;
+            let digest = tokio::task::spawn_blocking(move || blockship_proto::codec::chunk_digest(&data))
+                .await
+                .map_err(|e| join("hash", e))?;
+            index.set(chunk, &digest).map_err(index_err)?;
+        }
+        index.sync().map_err(index_err)?;
+        Ok(stale.len() as u64)
+    }
+}
+
+pub fn index_err(e: std::io::Error) -> Refusal {
+    Refusal::internal(format!("hash index: {e}"))
+}
+
+/// Open the disk an agent asked for, with all checks.
+pub async fn open(
+    ctx: &Arc<SinkContext>,
+    agent: &str,
+    conn: Option<quinn::Connection>,
+    req: &OpenDisk,
+) -> Result<(Arc<Disk>, DiskOpened), Refusal> {
+    let name = TargetName::parse(&req.target)?;
+    let canonical = name.to_string();
+    ctx.auth.check(agent, &canonical)?;
+    let mode = SyncMode::try_from(req.mode).unwrap_or(SyncMode::Unspecified);
+    if mode == SyncMode::Unspecified {
+        return Err(Refusal::bad_request(format!("unknown sync mode {}", req.mode)));
+    }
+    if req.size == 0 {
+        return Err(Refusal::bad_request("source size is 0"));
+    }
+    let lease = ctx.leases.acquire(&canonical, agent, conn).await?;
+    let state_dir = StateDir::for_target(&ctx.state_root, &canonical)?;
+    let loaded = {
+        let d = state_dir.clone();
+        tokio::task::spawn_blocking(move || d.load()).await.map_err(|e| join("load state", e))??
+    };
+
+    let access = match mode {
+        SyncMode::Verify => Access::ReadOnly,
+        SyncMode::Incremental => Access::Existing,
+        _ => Access::Create,
+    };
+    let (target, opened) = Target::open(&name, &ctx.roots, req.size, access).await?;
+
+    if mode == SyncMode::Verify {
+        let chunk_size = loaded.as_ref().map_or(req.chunk_size, |s| s.chunk_size);
+        let chunk_size = checked_chunk_size(chunk_size)?;
+        let reply = DiskOpened {
+            disk: req.disk,
+            created: false,
+            target_size: target.size(),
+            chunk_size,
+            committed_epoch: loaded.as_ref().map_or(0, |s| s.committed_epoch),
+            change_point: loaded.as_ref().map(|s| s.change_point.clone()).unwrap_or_default(),
+            in_progress: None,
+            source_disk_id: loaded.as_ref().map(|s| s.source_disk_id.clone()).unwrap_or_default(),
+        };
+        let state = loaded
+            .unwrap_or_else(|| ReplicationState::new(&canonical, &req.disk_id, agent, req.size, chunk_size));
+        let disk = Disk {
+            handle: req.disk,
+            name: canonical,
+            target,
+            index: None,
+            state_dir,
+            state: Mutex::new(state),
+            size: req.size,
+            chunk_size,
+            epoch: Mutex::new(None),
+            _lease: lease,
+        };
+        return Ok((Arc::new(disk), reply));
+    }
+
+    let created = opened == Opened::Created;
+    // A state whose target was deleted (or never finished creating) describes nothing.
+    let mut state = match loaded {
+        Some(s) if !created => s,
+        _ => ReplicationState::new(
+            &canonical,
+            &req.disk_id,
+            agent,
+            req.size,
+            checked_chunk_size(req.chunk_size)?,
+        ),
+    };
+    if mode == SyncMode::Incremental {
+        if state.committed_epoch == 0 {
+            return Err(Refusal::bad_request(format!(
+                "{canonical} has no committed epoch yet, so a change list has nothing to apply to; run a full sync first (without a change list)"
+            )));
+        }
+        if !state.source_disk_id.is_empty() && state.source_disk_id != req.disk_id {
+            return Err(Refusal::new(
+                ErrorCode::BadTarget,
+                format!(
+                    "{canonical} replicates source disk {:?}, not {:?}; a change list of another disk would corrupt it",
+                    state.source_disk_id, req.disk_id
+                ),
+            ));
+        }
+    } else if state.source_disk_id != req.disk_id {
+        if state.committed_epoch > 0 {
+            tracing::warn!(target = %canonical, was = %state.source_disk_id, now = %req.disk_id,
+                "target now replicates another source disk id; compare mode rewrites whatever differs");
+        }
+        state.source_disk_id = req.disk_id.clone();
+    }
+    if let Opened::Grown { from } = opened {
+        tracing::info!(target = %canonical, from, to = req.size, "target grown to the source size");
+    }
+    state.size = req.size;
+    state.agent = agent.to_string();
+    let chunk_size = checked_chunk_size(state.chunk_size)?;
+
+    let (index, origin) = {
+        let (path, token, size) = (state_dir.index_path(), state.index_token.clone(), req.size);
+        tokio::task::spawn_blocking(move || HashIndex::open(&path, chunk_size, size, &token, created))
+            .await
+            .map_err(|e| join("open index", e))?
+            .map_err(index_err)?
+    };
+    if origin == IndexOrigin::Rebuilt {
+        tracing::info!(target = %canonical, "hash index missing or out of date: it will be rebuilt from the target when needed");
+    }
+    state.index_token = index.token().to_string();
+    {
+        let (d, s) = (state_dir.clone(), state.clone());
+        tokio::task::spawn_blocking(move || d.store(&s)).await.map_err(|e| join("store state", e))??;
+    }
+    let reply = DiskOpened {
+        disk: req.disk,
+        created,
+        target_size: target.size(),
+        chunk_size,
+        committed_epoch: state.committed_epoch,
+        change_point: state.change_point.clone(),
+        in_progress: state.in_progress.as_ref().map(|p| ResumePoint {
+            epoch: p.epoch,
+            mode: p.mode,
+            plan_digest: hex_decode(&p.plan_digest).into(),
+            durable_offset: p.durable_offset,
+        }),
+        source_disk_id: state.source_disk_id.clone(),
+    };
+    tracing::info!(target = %canonical, agent, ?mode, created, epoch = state.committed_epoch, "disk opened");
+    let disk = Disk {
+        handle: req.disk,
+        name: canonical,
+        target,
+        index: Some(index),
+        state_dir,
+        state: Mutex::new(state),
+        size: req.size,
+        chunk_size,
+        epoch: Mutex::new(None),
+        _lease: lease,
+    };
+    Ok((Arc::new(disk), reply))
+}
+
+fn checked_chunk_size(cs: u32) -> Result<u32, Refusal> {
+    let cs = if cs == 0 { blockship_proto::DEFAULT_CHUNK_SIZE } else { cs };
+    if !blockship_proto::valid_chunk_size(cs) {
+        return Err(Refusal::bad_request(format!(
+            "chunk size {cs} is not a power of two between {} and {}",
+            blockship_proto::MIN_CHUNK_SIZE,
+            blockship_proto::MAX_CHUNK_SIZE
+        )));
+    }
+    Ok(cs)
+}
+
+pub fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()).collect()
+}
+
+/// Refusal for an item outside the disk.
+pub fn check_bounds(disk: &Disk, offset: u64, len: u64) -> Result<(), Refusal> {
+    match offset.checked_add(len) {
+        Some(end) if len > 0 && end <= disk.size => Ok(()),
+        _ => Err(Refusal::new(
+            pb::ErrorCode::OutOfBounds,
+            format!(
+                "{}: extent {offset}+{len} is outside the disk (size {}); nothing was written",
+                disk.name, disk.size
+            ),
+        )),
+    }
+}

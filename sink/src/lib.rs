@@ -1,0 +1,16 @@
+//! The Blockship sink: receives chunks from agents over QUIC with mutual TLS, verifies every
+//! chunk's BLAKE3, writes it into the target and acknowledges only what is durable.
+
+pub mod auth;
+pub mod config;
+pub mod disk;
+pub mod index;
+pub mod lease;
+pub mod pki;
+pub mod refusal;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod target;
+pub mod watermark;
+pub mod writer;

@@ -1,0 +1,139 @@
+//! `blockship-sink`: serve agents (`serve`) and create a lab PKI (`pki init`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use blockship_sink::auth::Authorizer;
+use blockship_sink::config::ServeSettings;
+use blockship_sink::lease::Leases;
+use blockship_sink::server::{Server, SinkContext};
+use blockship_sink::target::TargetRoots;
+use blockship_transport::QuicTuning;
+
+#[derive(Parser)]
+#[command(
+    name = "blockship-sink",
+    version,
+    about = "Blockship sink: receives verified chunks and writes them durably"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept agents and write their disks into targets.
+    Serve {
+        /// TOML file with the same settings as the flags (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: ServeSettings,
+    },
+    /// Lab certificate authority helpers.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create (or extend) a PKI: ca.pem/key, sink.pem/key, agents/NAME.pem/key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Agent certificate to create (its CN is the agent identity). Repeatable.
+        #[arg(long = "agent", value_name = "NAME")]
+        agents: Vec<String>,
+        /// Extra DNS name or IP for the sink certificate (localhost, 127.0.0.1, ::1 and the
+        /// host name are always included). Repeatable.
+        #[arg(long = "sink-name", value_name = "NAME")]
+        sink_names: Vec<String>,
+        /// Replace existing certificates (and the CA).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blockship-sink: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Pki { cmd: PkiCmd::Init { dir, agents, sink_names, force } } => {
+            let report = blockship_sink::pki::init(&dir, &agents, &sink_names, force)?;
+            if report.reused_ca {
+                println!("reused CA {}", dir.join("ca.pem").display());
+            }
+            for p in report.written {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Serve { config, settings } => {
+            let file = match &config {
+                Some(path) => ServeSettings::from_file(path)?,
+                None => ServeSettings::default(),
+            };
+            let r = settings.over(file).resolve()?;
+            if let Some(root) = &r.file_root {
+                if !root.is_dir() {
+                    bail!("file root {} is not a directory (create it, or fix --file-root)", root.display());
+                }
+            }
+            std::fs::create_dir_all(&r.state_dir)
+                .with_context(|| format!("creating state dir {}", r.state_dir.display()))?;
+            let ctx = SinkContext {
+                roots: TargetRoots { file_root: r.file_root.clone() },
+                state_root: r.state_dir.clone(),
+                auth: Authorizer::parse(&r.allow)?,
+                leases: Default::default(),
+                checkpoint: r.checkpoint,
+            };
+            let _: &std::sync::Arc<Leases> = &ctx.leases;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let server = Server::bind(r.listen, &r.tls, &QuicTuning::default(), ctx)?;
+                let addr = server.local_addr()?;
+                // Scripts and tests read this line to learn the port when listening on :0.
+                println!("listening on {addr}");
+                tracing::info!(%addr, "sink ready");
+                tokio::select! {
+                    _ = server.run() => {}
+                    _ = shutdown_signal() => tracing::info!("shutting down"),
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

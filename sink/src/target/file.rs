@@ -1,0 +1,286 @@
+//! File targets below the sink's `--file-root`. Every path is resolved with `openat2` and
+//! `RESOLVE_BENEATH` relative to the root directory, so `..`, absolute symlinks and symlinks
+//! leading out of the root are refused by the kernel, race-free. Zero extents punch holes (or
+//! write zeros where the filesystem cannot punch); durability is `fdatasync`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use rustix::fs::{FallocateFlags, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use super::{Access, Opened, TargetError, TargetName};
+
+pub struct FileTarget {
+    file: Arc<File>,
+    size: u64,
+    name: TargetName,
+    /// Cleared when the filesystem refuses FALLOC_FL_PUNCH_HOLE; zeros are written instead.
+    can_punch: Arc<AtomicBool>,
+}
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+
+fn escape(name: &TargetName, e: Errno) -> TargetError {
+    match e {
+        Errno::XDEV | Errno::LOOP => TargetError::OutsideRoot {
+            name: name.to_string(),
+            reason: "the path leaves the file root (through '..' or a symlink)".into(),
+        },
+        other => TargetError::io(name, "resolve path", other.into()),
+    }
+}
+
+impl FileTarget {
+    pub fn open(
+        root: &Path,
+        rel: &Path,
+        name: &TargetName,
+        size: u64,
+        access: Access,
+    ) -> Result<(Self, Opened), TargetError> {
+        let create = access == Access::Create;
+        let root_fd =
+            rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| TargetError::Io {
+                    name: name.to_string(),
+                    what: "open the file root (--file-root)",
+                    source: e.into(),
+                })?;
+        let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent_fd = match parent {
+            Some(dir) => Some(open_dir(&root_fd, dir, name, create)?),
+            None => None,
+        };
+        let rw = if access == Access::ReadOnly { OFlags::RDONLY } else { OFlags::RDWR };
+        let open = |flags: OFlags| {
+            // openat2 refuses a mode without O_CREAT.
+            let mode = if flags.contains(OFlags::CREATE) { Mode::from(0o644) } else { Mode::empty() };
+            rustix::fs::openat2(&root_fd, rel, flags | rw | OFlags::CLOEXEC, mode, RESOLVE)
+        };
+        let (fd, created) = match open(OFlags::empty()) {
+            Ok(fd) => (fd, false),
+            Err(Errno::NOENT) if create => match open(OFlags::CREATE | OFlags::EXCL) {
+                Ok(fd) => (fd, true),
+                Err(e) => return Err(escape(name, e)),
+            },
+            Err(Errno::NOENT) => return Err(TargetError::NotFound { name: name.to_string() }),
+            Err(e) => return Err(escape(name, e)),
+        };
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| TargetError::io(name, "stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(TargetError::BadName { name: name.to_string(), reason: "not a regular file".into() });
+        }
+        let opened = if access == Access::ReadOnly {
+            return Ok((
+                FileTarget {
+                    file: Arc::new(file),
+                    size: meta.len(),
+                    name: name.clone(),
+                    can_punch: Arc::new(AtomicBool::new(false)),
+                },
+                Opened::Existing,
+            ));
+        } else if created {
+            file.set_len(size).map_err(|e| TargetError::io(name, "set size", e))?;
+            Opened::Created
+        } else if meta.len() < size {
+            file.set_len(size).map_err(|e| TargetError::io(name, "grow", e))?;
+            Opened::Grown { from: meta.len() }
+        } else if meta.len() > size {
+            return Err(TargetError::WouldShrink {
+                name: name.to_string(),
+                target: meta.len(),
+                source_size: size,
+            });
+        } else {
+            Opened::Existing
+        };
+        if opened != Opened::Existing {
+            // The new size (and for a new file, its directory entry) must survive a crash before
+            // anything is acknowledged.
+            file.sync_all().map_err(|e| TargetError::io(name, "sync", e))?;
+            // The directory fds are O_PATH, which cannot be fsynced: reopen the directory itself.
+            let dir = rustix::fs::openat(
+                parent_fd.as_ref().unwrap_or(&root_fd),
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .and_then(rustix::fs::fsync);
+            dir.map_err(|e| TargetError::io(name, "sync directory", e.into()))?;
+        }
+        let target = FileTarget {
+            file: Arc::new(file),
+            size,
+            name: name.clone(),
+            can_punch: Arc::new(AtomicBool::new(true)),
+        };
+        Ok((target, opened))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, TargetError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .map_err(|e| TargetError::io(&self.name, what, e.into()))?
+            .map_err(|e| TargetError::io(&self.name, what, e))
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), TargetError> {
+        self.blocking("write", move |f| f.write_all_at(&data, offset)).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        let can_punch = self.can_punch.clone();
+        self.blocking("write zeroes", move |f| {
+            if can_punch.load(Ordering::Relaxed) {
+                match rustix::fs::fallocate(
+                    f,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    offset,
+                    len,
+                ) {
+                    Ok(()) => return Ok(()),
+                    Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => can_punch.store(false, Ordering::Relaxed),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(ZEROS.len() as u64) as usize;
+                f.write_all_at(&ZEROS[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, TargetError> {
+        self.blocking("read", move |f| {
+            let mut buf = BytesMut::zeroed(len);
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf.freeze())
+        })
+        .await
+    }
+
+    pub async fn flush(&self) -> Result<(), TargetError> {
+        self.blocking("fdatasync", |f| f.sync_data()).await
+    }
+}
+
+/// Open (creating if allowed) the directory `dir` below the root, one component at a time, each
+/// resolved beneath the root.
+fn open_dir(
+    root_fd: &rustix::fd::OwnedFd,
+    dir: &Path,
+    name: &TargetName,
+    create: bool,
+) -> Result<rustix::fd::OwnedFd, TargetError> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut prefix = PathBuf::new();
+    let mut parent: Option<rustix::fd::OwnedFd> = None;
+    for comp in dir.components() {
+        let Component::Normal(part) = comp else { continue };
+        prefix.push(part);
+        let fd = match rustix::fs::openat2(root_fd, &prefix, flags, Mode::empty(), RESOLVE) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) if create => {
+                let at = parent.as_ref().unwrap_or(root_fd);
+                match rustix::fs::mkdirat(at, part, Mode::from(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(TargetError::io(name, "create directory", e.into())),
+                }
+                rustix::fs::openat2(root_fd, &prefix, flags, Mode::empty(), RESOLVE)
+                    .map_err(|e| escape(name, e))?
+            }
+            Err(Errno::NOENT) => return Err(TargetError::NotFound { name: name.to_string() }),
+            Err(e) => return Err(escape(name, e)),
+        };
+        parent = Some(fd);
+    }
+    parent.ok_or_else(|| TargetError::BadName { name: name.to_string(), reason: "empty directory".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> TargetName {
+        TargetName::parse(s).unwrap()
+    }
+
+    fn open(root: &Path, s: &str, size: u64, create: bool) -> Result<(FileTarget, Opened), TargetError> {
+        let n = name(s);
+        let TargetName::File(rel) = &n;
+        FileTarget::open(root, rel, &n, size, if create { Access::Create } else { Access::Existing })
+    }
+
+    #[tokio::test]
+    async fn creates_writes_punches_and_reads() {
+        let root = tempfile::tempdir().unwrap();
+        let (t, opened) = open(root.path(), "file:vm1/disk0", 1 << 20, true).unwrap();
+        assert_eq!(opened, Opened::Created);
+        t.write(4096, Bytes::from(vec![7u8; 8192])).await.unwrap();
+        t.write_zeroes(8192, 4096).await.unwrap();
+        t.flush().await.unwrap();
+        let back = t.read(4096, 8192).await.unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 7));
+        assert!(back[4096..].iter().all(|&b| b == 0));
+        assert_eq!(std::fs::metadata(root.path().join("vm1/disk0")).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn grows_but_never_shrinks() {
+        let root = tempfile::tempdir().unwrap();
+        open(root.path(), "file:d", 1000, true).unwrap();
+        assert_eq!(open(root.path(), "file:d", 2000, false).unwrap().1, Opened::Grown { from: 1000 });
+        assert!(matches!(open(root.path(), "file:d", 500, false), Err(TargetError::WouldShrink { .. })));
+        assert!(matches!(open(root.path(), "file:missing", 500, false), Err(TargetError::NotFound { .. })));
+    }
+
+    #[test]
+    fn symlinks_out_of_the_root_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("victim"), root.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("../", root.path().join("up")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("dir")).unwrap();
+        for t in ["file:abs", "file:up/victim", "file:dir/new"] {
+            let err = open(root.path(), t, 1, true).err().unwrap_or_else(|| panic!("{t} opened"));
+            assert!(matches!(err, TargetError::OutsideRoot { .. }), "{t}: {err}");
+        }
+        assert!(!outside.path().join("new").exists());
+        assert_eq!(std::fs::read(outside.path().join("victim")).unwrap(), b"x");
+        // A symlink that stays inside the root is fine.
+        std::fs::create_dir(root.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", root.path().join("alias")).unwrap();
+        open(root.path(), "file:alias/disk", 10, true).unwrap();
+        assert!(root.path().join("real/disk").exists());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["file:/etc/passwd", "file:../x", "file:a/../../x", "file:", "nfs:x", "disk0"] {
+            assert!(TargetName::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(name("file:./a//b").to_string(), "file:a/b");
+    }
+}

@@ -1,0 +1,196 @@
+//! Targets: where replicated disks land. A target name (`file:REL/NAME` today, `rbd:` next)
+//! is parsed and checked here; the `Target` enum dispatches positioned writes, zeroing, reads
+//! and flushes to the backend.
+
+pub mod file;
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+
+/// Why a target could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("bad target name {name:?}: {reason}")]
+    BadName { name: String, reason: String },
+    #[error("target {name} does not exist")]
+    NotFound { name: String },
+    #[error("target {name} escapes the file root: {reason}")]
+    OutsideRoot { name: String, reason: String },
+    #[error("target {name}: {what}: {source}")]
+    Io { name: String, what: &'static str, source: std::io::Error },
+    #[error("target {name} is {target} bytes but the source is {source_size}: Blockship grows targets but never shrinks them")]
+    WouldShrink { name: String, target: u64, source_size: u64 },
+    #[error("{0} targets are not enabled on this sink")]
+    Disabled(&'static str),
+}
+
+impl TargetError {
+    pub fn io(name: &TargetName, what: &'static str, source: std::io::Error) -> Self {
+        TargetError::Io { name: name.to_string(), what, source }
+    }
+}
+
+/// A parsed target name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TargetName {
+    /// A regular file (or block device node) below the sink's file root.
+    File(PathBuf),
+}
+
+impl TargetName {
+    pub fn parse(name: &str) -> Result<Self, TargetError> {
+        let bad = |reason: &str| TargetError::BadName { name: name.to_string(), reason: reason.to_string() };
+        let (scheme, rest) =
+            name.split_once(':').ok_or_else(|| bad("expected SCHEME:PATH, e.g. file:vm1/disk0"))?;
+        match scheme {
+            "file" => {
+                if rest.is_empty() {
+                    return Err(bad("empty path"));
+                }
+                if rest.contains('\0') {
+                    return Err(bad("NUL byte in path"));
+                }
+                let path = Path::new(rest);
+                if path.is_absolute() {
+                    return Err(TargetError::OutsideRoot {
+                        name: name.to_string(),
+                        reason: "absolute paths are refused; name a path relative to the sink's --file-root"
+                            .into(),
+                    });
+                }
+                let mut clean = PathBuf::new();
+                for c in path.components() {
+                    match c {
+                        Component::Normal(p) => clean.push(p),
+                        Component::CurDir => {}
+                        Component::ParentDir => {
+                            return Err(TargetError::OutsideRoot {
+                                name: name.to_string(),
+                                reason: "'..' is refused in target paths".into(),
+                            })
+                        }
+                        Component::RootDir | Component::Prefix(_) => {
+                            return Err(TargetError::OutsideRoot {
+                                name: name.to_string(),
+                                reason: "absolute paths are refused".into(),
+                            })
+                        }
+                    }
+                }
+                if clean.as_os_str().is_empty() {
+                    return Err(bad("path names no file"));
+                }
+                Ok(TargetName::File(clean))
+            }
+            other => Err(bad(&format!("unknown target type {other:?} (supported: file)"))),
+        }
+    }
+
+    /// Kind of backend, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetName::File(_) => "file",
+        }
+    }
+}
+
+impl fmt::Display for TargetName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetName::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// Where the sink may put targets.
+#[derive(Debug, Clone, Default)]
+pub struct TargetRoots {
+    pub file_root: Option<PathBuf>,
+}
+
+/// An open target.
+pub enum Target {
+    File(file::FileTarget),
+}
+
+/// How a target is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Create it with the source size if missing; grow it if smaller.
+    Create,
+    /// It must exist; grow it if smaller.
+    Existing,
+    /// It must exist; never modified (verification).
+    ReadOnly,
+}
+
+/// How an open target came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    Existing,
+    Grown { from: u64 },
+}
+
+impl Target {
+    /// Open `name` for a source of `size` bytes: create it if missing (with `Access::Create`),
+    /// grow it if smaller, refuse if larger (a shrink would be needed).
+    pub async fn open(
+        name: &TargetName,
+        roots: &TargetRoots,
+        size: u64,
+        access: Access,
+    ) -> Result<(Target, Opened), TargetError> {
+        match name {
+            TargetName::File(rel) => {
+                let root = roots.file_root.clone().ok_or(TargetError::Disabled("file (no --file-root)"))?;
+                let (rel, name) = (rel.clone(), name.clone());
+                let (t, opened) = tokio::task::spawn_blocking(move || {
+                    file::FileTarget::open(&root, &rel, &name, size, access)
+                })
+                .await
+                .map_err(|e| TargetError::Io {
+                    name: String::new(),
+                    what: "open",
+                    source: e.into(),
+                })??;
+                Ok((Target::File(t), opened))
+            }
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Target::File(t) => t.size(),
+        }
+    }
+
+    /// Write `data` at `offset` (already verified and bounds-checked by the caller).
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), TargetError> {
+        match self {
+            Target::File(t) => t.write(offset, data).await,
+        }
+    }
+
+    /// Make `[offset, offset+len)` read as zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        match self {
+            Target::File(t) => t.write_zeroes(offset, len).await,
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, TargetError> {
+        match self {
+            Target::File(t) => t.read(offset, len).await,
+        }
+    }
+
+    /// Make every completed write durable.
+    pub async fn flush(&self) -> Result<(), TargetError> {
+        match self {
+            Target::File(t) => t.flush().await,
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The epoch writer: one task per disk and epoch that applies verified items to the target and
+//! makes them durable in checkpoints (every N bytes or T seconds): flush the target, then record
+//! the chunks' hashes in the index, then persist the durable watermark, and only then
+//! acknowledge. Before an item is written, the index entries it touches are durably marked
+//! stale, so a crash between write and checkpoint can never leave the index vouching for torn
+//! data. On commit the state moves to the new epoch atomically.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockship_proto::pb::{Ack, ErrorCode};
+use blockship_proto::{Body, HASH_LEN, ZERO_HASH};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::disk::{index_err, Disk};
+use crate::index::STALE;
+use crate::refusal::{join, Refusal};
+use crate::watermark::Watermark;
+
+/// When to make written data durable and acknowledge it.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub bytes: u64,
+    pub interval: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy { bytes: 64 << 20, interval: Duration::from_secs(1) }
+    }
+}
+
+/// A verified, bounds-checked item.
+#[derive(Debug)]
+pub struct Item {
+    pub seq: u64,
+    pub offset: u64,
+    pub kind: ItemKind,
+}
+
+#[derive(Debug)]
+pub enum ItemKind {
+    Data { data: Bytes, hash: [u8; HASH_LEN] },
+    Zero { len: u64 },
+}
+
+impl Item {
+    pub fn len(&self) -> u64 {
+        match &self.kind {
+            ItemKind::Data { data, .. } => data.len() as u64,
+            ItemKind::Zero { len } => *len,
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.offset + self.len()
+    }
+}
+
+pub enum WriterMsg {
+    Item(Item),
+    Commit { items: u64, change_point: String },
+}
+
+/// Chunks touched by `[offset, offset+len)`.
+pub fn touched(offset: u64, len: u64, chunk_size: u32) -> Range<u64> {
+    let cs = u64::from(chunk_size);
+    offset / cs..(offset + len).div_ceil(cs)
+}
+
+/// Chunks entirely covered by `[offset, offset+len)`; the disk's last chunk may be short.
+pub fn covered(offset: u64, len: u64, chunk_size: u32, disk_size: u64) -> Range<u64> {
+    let cs = u64::from(chunk_size);
+    let end = offset + len;
+    let first = offset.div_ceil(cs);
+    let last = if end == disk_size { end.div_ceil(cs) } else { end / cs };
+    first..last.max(first)
+}
+
+/// What a durable item tells the index.
+enum Known {
+    Hash(u64, [u8; HASH_LEN]),
+    Zero(Range<u64>),
+}
+
+pub struct EpochWriter {
+    disk: Arc<Disk>,
+    epoch: u64,
+    acks: mpsc::Sender<Body>,
+    policy: CheckpointPolicy,
+    wm: Watermark,
+    known: Vec<Known>,
+    since_checkpoint: u64,
+    durable_bytes: u64,
+    last_checkpoint: Instant,
+}
+
+impl EpochWriter {
+    pub fn new(
+        disk: Arc<Disk>,
+        epoch: u64,
+        resume_offset: u64,
+        acks: mpsc::Sender<Body>,
+        policy: CheckpointPolicy,
+    ) -> Self {
+        EpochWriter {
+            disk,
+            epoch,
+            acks,
+            policy,
+            wm: Watermark::new(resume_offset),
+            known: Vec::new(),
+            since_checkpoint: 0,
+            durable_bytes: 0,
+            last_checkpoint: Instant::now(),
+        }
+    }
+
+    /// Apply items until the epoch commits (Ok(true)) or the session ends (Ok(false), after a
+    /// last checkpoint so a resumed epoch skips what was written).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) -> Result<bool, Refusal> {
+        let mut batch = Vec::with_capacity(64);
+        let mut commit: Option<(u64, String)> = None;
+        let mut tick = tokio::time::interval(self.policy.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some((items, _)) = &commit {
+                if self.wm.all_of(*items) {
+                    break;
+                }
+            }
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        self.checkpoint().await?;
+                        return Ok(false);
+                    }
+                    let mut items = Vec::with_capacity(n);
+                    for msg in batch.drain(..) {
+                        match msg {
+                            WriterMsg::Item(item) => {
+                                if let Some((limit, _)) = &commit {
+                                    if item.seq >= *limit {
+                                        return Err(Refusal::bad_request(format!(
+                                            "item {} arrived after a commit of {limit} items", item.seq)));
+                                    }
+                                }
+                                items.push(item);
+                            }
+                            WriterMsg::Commit { items, change_point } => {
+                                if commit.is_some() {
+                                    return Err(Refusal::bad_request("epoch committed twice"));
+                                }
+                                commit = Some((items, change_point));
+                            }
+                        }
+                    }
+                    if !items.is_empty() {
+                        self.apply(items).await?;
+                    }
+                    if self.since_checkpoint >= self.policy.bytes
+                        || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.policy.interval)
+                    {
+                        self.checkpoint().await?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.policy.interval {
+                        self.checkpoint().await?;
+                    }
+                }
+            }
+        }
+        let (_, change_point) = commit.expect("loop exits only with a commit");
+        self.commit(change_point).await?;
+        Ok(true)
+    }
+
+    async fn apply(&mut self, items: Vec<Item>) -> Result<(), Refusal> {
+        let disk = &self.disk;
+        let cs = disk.chunk_size;
+        // 1. Durably mark every touched index entry stale before the data can change.
+        {
+            let ranges: Vec<Range<u64>> = items.iter().map(|i| touched(i.offset, i.len(), cs)).collect();
+            let d = disk.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
+                let index = d.index()?;
+                for r in ranges {
+                    index.fill(r, &STALE).map_err(index_err)?;
+                }
+                index.sync().map_err(index_err)
+            })
+            .await
+            .map_err(|e| join("mark index", e))??;
+        }
+        // 2. Write everything in the batch concurrently.
+        let writes = items.iter().map(|item| async move {
+            match &item.kind {
+                ItemKind::Data { data, .. } => disk.target.write(item.offset, data.clone()).await,
+                ItemKind::Zero { len } => disk.target.write_zeroes(item.offset, *len).await,
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        // 3. Account; the index learns the new hashes at the next checkpoint.
+        for item in items {
+            self.wm.complete(item.seq, item.end()).map_err(|e| Refusal::bad_request(e.to_string()))?;
+            self.since_checkpoint += item.len();
+            match item.kind {
+                ItemKind::Data { hash, .. } => {
+                    let r = covered(item.offset, item.len(), cs, disk.size);
+                    if r.end - r.start == 1 && touched(item.offset, item.len(), cs) == r {
+                        self.known.push(Known::Hash(r.start, hash));
+                    }
+                }
+                ItemKind::Zero { len } => {
+                    let r = covered(item.offset, len, cs, disk.size);
+                    if !r.is_empty() {
+                        self.known.push(Known::Zero(r));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable, then record it, then acknowledge it.
+    async fn checkpoint(&mut self) -> Result<(), Refusal> {
+        if self.since_checkpoint == 0 && self.known.is_empty() {
+            return Ok(());
+        }
+        self.disk.target.flush().await?;
+        let known = std::mem::take(&mut self.known);
+        let d = self.disk.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
+            let index = d.index()?;
+            for k in known {
+                match k {
+                    Known::Hash(chunk, hash) => index.set(chunk, &hash),
+                    Known::Zero(r) => index.fill(r, &ZERO_HASH),
+                }
+                .map_err(index_err)?;
+            }
+            index.sync().map_err(index_err)
+        })
+        .await
+        .map_err(|e| join("update index", e))??;
+        let offset = self.wm.offset();
+        self.disk
+            .update_state(|s| {
+                if let Some(p) = s.in_progress.as_mut() {
+                    p.durable_offset = p.durable_offset.max(offset);
+                }
+            })
+            .await?;
+        self.durable_bytes += self.since_checkpoint;
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.ack(false).await;
+        Ok(())
+    }
+
+    async fn commit(&mut self, change_point: String) -> Result<(), Refusal> {
+        self.checkpoint().await?;
+        let epoch = self.epoch;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let token = self.disk.index()?.token().to_string();
+        self.disk
+            .update_state(|s| {
+                s.committed_epoch = epoch;
+                s.change_point = change_point;
+                s.committed_at = now;
+                s.in_progress = None;
+                s.index_token = token;
+            })
+            .await?;
+        tracing::info!(target = %self.disk.name, epoch, bytes = self.durable_bytes, "epoch committed");
+        self.ack(true).await;
+        Ok(())
+    }
+
+    async fn ack(&self, committed: bool) {
+        let ack = Ack {
+            disk: self.disk.handle,
+            epoch: self.epoch,
+            durable_items: self.wm.next(),
+            durable_offset: self.wm.offset(),
+            durable_bytes: self.durable_bytes,
+            committed,
+        };
+        // The agent may be gone; the state on disk is what counts.
+        let _ = self.acks.send(Body::Ack(ack)).await;
+    }
+}
+
+/// Refusal for an epoch number that does not follow the target's state.
+pub fn epoch_mismatch(name: &str, asked: u64, committed: u64) -> Refusal {
+    Refusal::new(
+        ErrorCode::BadRequest,
+        format!("{name}: agent began epoch {asked}, but the target's last committed epoch is {committed}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ranges() {
+        let mb = 1 << 20;
+        assert_eq!(touched(0, mb, 1 << 20), 0..1);
+        assert_eq!(touched(4096, 4096, 1 << 20), 0..1);
+        assert_eq!(touched(mb - 1, 2, 1 << 20), 0..2);
+        assert_eq!(covered(0, mb, 1 << 20, 10 * mb), 0..1);
+        assert_eq!(covered(4096, mb, 1 << 20, 10 * mb), 1..1);
+        assert_eq!(covered(0, 3 * mb + 5, 1 << 20, 10 * mb), 0..3);
+        // The short last chunk counts as covered when the extent reaches the disk's end.
+        assert_eq!(covered(9 * mb, mb / 2, 1 << 20, 9 * mb + mb / 2), 9..10);
+    }
+}

@@ -1,0 +1,77 @@
+//! Blockship's network layer shared by agent and sink: QUIC endpoints tuned for bulk transfer,
+//! mutual TLS with identities taken from certificates, and frame readers/writers over streams.
+//! The protocol itself (messages, limits, codec) lives in `blockship-proto`; this crate only
+//! moves its frames.
+
+pub mod framed;
+pub mod quic;
+pub mod tls;
+
+pub use framed::{FrameReader, FrameWriter};
+pub use quic::QuicTuning;
+pub use tls::TlsFiles;
+
+use blockship_proto::pb;
+
+/// ALPN protocol identifier: a peer speaking anything else is refused during the handshake.
+pub const ALPN: &[u8] = b"blockship/1";
+
+/// Everything that can go wrong moving frames.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("network I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation from peer: {0}")]
+    Frame(#[from] blockship_proto::FrameError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream already closed")]
+    ClosedStream(#[from] quinn::ClosedStream),
+    #[error("peer refused: {message} ({code:?})")]
+    Remote { code: pb::ErrorCode, message: String },
+    #[error("unexpected message from peer: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("peer closed the stream before {0}")]
+    Eof(&'static str),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+}
+
+impl TransportError {
+    /// Turn a received `Error` message into a `TransportError::Remote`.
+    pub fn remote(e: &pb::Error) -> Self {
+        TransportError::Remote {
+            code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// Short name of a message kind, for "unexpected message" errors and logs.
+pub fn body_name(body: &blockship_proto::Body) -> &'static str {
+    use blockship_proto::Body::*;
+    match body {
+        Hello(_) => "Hello",
+        HelloReply(_) => "HelloReply",
+        OpenDisk(_) => "OpenDisk",
+        DiskOpened(_) => "DiskOpened",
+        EpochBegin(_) => "EpochBegin",
+        EpochStarted(_) => "EpochStarted",
+        Chunk(_) => "ChunkHeader",
+        Zero(_) => "ZeroExtent",
+        EpochCommit(_) => "EpochCommit",
+        Ack(_) => "Ack",
+        IndexRequest(_) => "IndexRequest",
+        VerifyRequest(_) => "VerifyRequest",
+        HashList(_) => "HashList",
+        Error(_) => "Error",
+    }
+}

@@ -1,0 +1,215 @@
+//! QUIC endpoints tuned for bulk block transfer. quinn's defaults target ~12.5 MB/s per stream at
+//! 100 ms RTT; replication needs windows sized for the bandwidth-delay product, socket buffers
+//! big enough not to drop bursts (quinn never sets them), and datagrams larger than 1452 bytes
+//! where the path allows, because per-packet cost is what bounds QUIC throughput.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::tls::TlsError;
+use crate::TransportError;
+
+/// Transport knobs; the defaults suit 10–25 GbE and WAN links up to ~100 ms RTT.
+#[derive(Debug, Clone)]
+pub struct QuicTuning {
+    /// Receive window per stream (bytes).
+    pub stream_window: u64,
+    /// Receive window per connection (bytes); bounds what a peer can make us buffer.
+    pub connection_window: u64,
+    /// Unacknowledged bytes we keep per connection.
+    pub send_window: u64,
+    /// Upper bound for path MTU discovery (UDP payload bytes). quinn 0.11 loses packets silently
+    /// when GSO batches exceed 64 KiB, so with GSO on this is capped at 6500 (10 segments).
+    pub mtu_upper_bound: u16,
+    /// Use UDP generic segmentation offload (worth ~3.5x in packet rate).
+    pub gso: bool,
+    /// SO_RCVBUF / SO_SNDBUF for the UDP socket.
+    pub socket_buffer: usize,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Concurrent unidirectional data streams a peer may open.
+    pub max_uni_streams: u32,
+}
+
+/// Largest UDP payload quinn may put in one GSO batch of 10 segments without exceeding 65507.
+pub const GSO_SAFE_MTU: u16 = 6500;
+
+impl Default for QuicTuning {
+    fn default() -> Self {
+        QuicTuning {
+            stream_window: 16 << 20,
+            connection_window: 64 << 20,
+            send_window: 64 << 20,
+            mtu_upper_bound: GSO_SAFE_MTU,
+            gso: true,
+            socket_buffer: 16 << 20,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            max_uni_streams: 64,
+        }
+    }
+}
+
+impl QuicTuning {
+    fn mtu(&self) -> u16 {
+        if self.gso {
+            self.mtu_upper_bound.min(GSO_SAFE_MTU)
+        } else {
+            self.mtu_upper_bound
+        }
+    }
+
+    fn transport(&self) -> Result<Arc<TransportConfig>, TransportError> {
+        let var = |v: u64| VarInt::from_u64(v).map_err(|e| TlsError::Config(format!("QUIC window {v}: {e}")));
+        let mut t = TransportConfig::default();
+        t.stream_receive_window(var(self.stream_window)?)
+            .receive_window(var(self.connection_window)?)
+            .send_window(self.send_window)
+            .max_concurrent_uni_streams(self.max_uni_streams.into())
+            .max_concurrent_bidi_streams(8u32.into())
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(Some(
+                self.idle_timeout.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?,
+            ))
+            .enable_segmentation_offload(self.gso);
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.mtu());
+        t.mtu_discovery_config(Some(mtu));
+        Ok(Arc::new(t))
+    }
+
+    fn endpoint_config(&self) -> Result<EndpointConfig, TransportError> {
+        let mut cfg = EndpointConfig::default();
+        cfg.max_udp_payload_size(self.mtu().max(1472))
+            .map_err(|e| TlsError::Config(format!("max UDP payload: {e}")))?;
+        Ok(cfg)
+    }
+}
+
+/// A UDP socket with large buffers. As root, SO_*BUFFORCE lifts the sysctl cap (rmem_max).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Listening on [::] accepts IPv4 too.
+        let _ = socket.set_only_v6(false);
+    }
+    set_buffer(&socket, libc::SO_RCVBUFFORCE, buffer, |s| s.set_recv_buffer_size(buffer));
+    set_buffer(&socket, libc::SO_SNDBUFFORCE, buffer, |s| s.set_send_buffer_size(buffer));
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn set_buffer(
+    socket: &Socket,
+    force: libc::c_int,
+    size: usize,
+    fallback: impl Fn(&Socket) -> std::io::Result<()>,
+) {
+    use std::os::fd::AsRawFd;
+    let val = size.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt with a valid fd, a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            force,
+            &val as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        if let Err(e) = fallback(socket) {
+            tracing::warn!("cannot set UDP socket buffer to {size} bytes: {e}; expect drops at high rates");
+        }
+    }
+}
+
+/// A server endpoint on `listen` presenting `tls`.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    tuning: &QuicTuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(tuning.transport()?);
+    let socket = udp_socket(listen, tuning.socket_buffer)?;
+    Ok(quinn::Endpoint::new(tuning.endpoint_config()?, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
+}
+
+/// A client endpoint (ephemeral port) presenting `tls`.
+pub fn client_endpoint(
+    tls: rustls::ClientConfig,
+    tuning: &QuicTuning,
+    ipv6: bool,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(tuning.transport()?);
+    let bind: SocketAddr =
+        if ipv6 { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("literal socket address");
+    let socket = udp_socket(bind, tuning.socket_buffer)?;
+    let mut endpoint =
+        quinn::Endpoint::new(tuning.endpoint_config()?, None, socket, Arc::new(quinn::TokioRuntime))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Split "HOST:PORT" (or "[V6]:PORT") into the host (for certificate checks) and port.
+pub fn split_host_port(target: &str) -> Result<(String, u16), TransportError> {
+    let bad = || TransportError::Resolve(format!("{target:?}: expected HOST:PORT"));
+    let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Connect to `target` ("HOST:PORT"), checking the sink certificate against `server_name`
+/// (default: HOST).
+pub async fn connect(
+    tls: rustls::ClientConfig,
+    tuning: &QuicTuning,
+    target: &str,
+    server_name: Option<&str>,
+) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
+    let (host, port) = split_host_port(target)?;
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| TransportError::Resolve(format!("{target}: {e}")))?
+        .next()
+        .ok_or_else(|| TransportError::Resolve(format!("{target}: no address")))?;
+    let endpoint = client_endpoint(tls, tuning, addr.is_ipv6())?;
+    let name = server_name.unwrap_or(&host);
+    let conn = endpoint.connect(addr, name)?.await?;
+    Ok((endpoint, conn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(split_host_port("sink.lab:7443").unwrap(), ("sink.lab".into(), 7443));
+        assert_eq!(split_host_port("[::1]:7443").unwrap(), ("::1".into(), 7443));
+        assert!(split_host_port("sink.lab").is_err());
+        assert!(split_host_port(":7443").is_err());
+        assert!(split_host_port("h:99999").is_err());
+    }
+
+    #[test]
+    fn gso_caps_the_mtu() {
+        let t = QuicTuning { mtu_upper_bound: 9000, ..Default::default() };
+        assert_eq!(t.mtu(), GSO_SAFE_MTU);
+        let t = QuicTuning { mtu_upper_bound: 9000, gso: false, ..Default::default() };
+        assert_eq!(t.mtu(), 9000);
+    }
+}
