@@ -63,6 +63,12 @@ impl Encoder {
     /// Hash `raw` and encode it according to the mode. Raw chunks are passed through without a copy.
     pub fn encode(&mut self, raw: Bytes) -> Result<Encoded, CodecError> {
         let hash = *blake3::hash(&raw).as_bytes();
+        self.encode_hashed(raw, hash)
+    }
+
+    /// Encode `raw` whose BLAKE3 the caller already computed (compare mode hashes first).
+    pub fn encode_hashed(&mut self, raw: Bytes, hash: [u8; HASH_LEN]) -> Result<Encoded, CodecError> {
+        debug_assert_eq!(blake3::hash(&raw).as_bytes(), &hash);
         let (Some(zstd), Compression::Zstd { .. } | Compression::Auto { .. }) = (&mut self.zstd, self.mode)
         else {
             return Ok(Encoded { hash, codec: Codec::None, payload: raw });

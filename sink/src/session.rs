@@ -156,7 +156,12 @@ async fn run(
 
     loop {
         let frame = tokio::select! {
-            f = reader.next() => f?,
+            f = reader.next() => match f {
+                Ok(f) => f,
+                // The agent closed the connection on purpose (code 0) after its last reply.
+                Err(_) if closed_cleanly(conn) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
             Some(r) = fatal_rx.recv() => return Err(r),
         };
         let Some(frame) = frame else { return Ok(()) };
@@ -201,6 +206,10 @@ async fn run(
             other => return Err(unexpected("a control message", &other).into()),
         }
     }
+}
+
+fn closed_cleanly(conn: &quinn::Connection) -> bool {
+    matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into())
 }
 
 struct AbortOnDrop(JoinHandle<()>);

@@ -1,0 +1,200 @@
+//! Agent settings shared by `sync` and `verify`: connection, TLS and transfer knobs. A TOML file
+//! (`--config`) uses the flag names with underscores; flags override the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use blockship_proto::codec::Compression;
+use blockship_transport::TlsFiles;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Sink address, HOST:PORT.
+    #[arg(long)]
+    pub sink: Option<String>,
+    /// PKI directory (ca.pem, agents/NAME.pem, agents/NAME.key); needs --name.
+    #[arg(long)]
+    pub pki: Option<PathBuf>,
+    /// Agent name in the PKI directory.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// CA certificate that signed the sink certificate (instead of --pki/--name).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Agent certificate chain (PEM).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Agent private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Name the sink certificate must carry (default: the HOST of --sink).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Chunk size of a new target (power of two, 64KiB..16MiB; default 1MiB).
+    #[arg(long)]
+    pub chunk_size: Option<String>,
+    /// Parallel QUIC data streams (default 4).
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// auto (zstd where it saves >= 1/8), zstd, or none (default auto).
+    #[arg(long)]
+    pub compression: Option<String>,
+    /// zstd level (default 1).
+    #[arg(long)]
+    pub zstd_level: Option<i32>,
+    /// Limit payload bandwidth, bytes per second (e.g. 100MiB).
+    #[arg(long)]
+    pub bwlimit: Option<String>,
+    /// Chunks read and encoded concurrently (default: 2 x CPUs + 2).
+    #[arg(long)]
+    pub depth: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub sink: String,
+    pub tls: TlsFiles,
+    pub server_name: Option<String>,
+    pub chunk_size: u32,
+    pub streams: usize,
+    pub compression: Compression,
+    pub bwlimit: Option<u64>,
+    pub depth: usize,
+}
+
+/// "1MiB", "64K" (binary units), or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    parse_size::Config::new().with_binary().parse_size(s).map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
+}
+
+impl AgentSettings {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: AgentSettings) -> AgentSettings {
+        AgentSettings {
+            sink: self.sink.or(file.sink),
+            pki: self.pki.or(file.pki),
+            name: self.name.or(file.name),
+            ca: self.ca.or(file.ca),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            server_name: self.server_name.or(file.server_name),
+            chunk_size: self.chunk_size.or(file.chunk_size),
+            streams: self.streams.or(file.streams),
+            compression: self.compression.or(file.compression),
+            zstd_level: self.zstd_level.or(file.zstd_level),
+            bwlimit: self.bwlimit.or(file.bwlimit),
+            depth: self.depth.or(file.depth),
+        }
+    }
+
+    pub fn resolve(self) -> Result<Resolved> {
+        let sink = self.sink.context("--sink HOST:PORT is required")?;
+        let tls = match (self.pki, self.name, self.ca, self.cert, self.key) {
+            (Some(pki), Some(name), None, None, None) => TlsFiles::agent_in_pki(&pki, &name),
+            (Some(_), None, ..) => bail!("--pki needs --name (the agent's certificate name)"),
+            (None, _, Some(ca), Some(cert), Some(key)) => TlsFiles { ca, cert, key },
+            (None, None, None, None, None) => {
+                bail!("TLS is mandatory: give --pki DIR --name NAME, or --ca, --cert and --key")
+            }
+            _ => bail!("give either --pki/--name or all of --ca, --cert and --key, not a mix"),
+        };
+        let chunk_size = match &self.chunk_size {
+            Some(s) => {
+                let v = parse_bytes(s)?;
+                let v = u32::try_from(v)
+                    .ok()
+                    .filter(|v| blockship_proto::valid_chunk_size(*v))
+                    .with_context(|| {
+                        format!(
+                            "--chunk-size {s}: must be a power of two between {} and {} bytes",
+                            blockship_proto::MIN_CHUNK_SIZE,
+                            blockship_proto::MAX_CHUNK_SIZE
+                        )
+                    })?;
+                v
+            }
+            None => blockship_proto::DEFAULT_CHUNK_SIZE,
+        };
+        let level = self.zstd_level.unwrap_or(1);
+        if !(-7..=22).contains(&level) {
+            bail!("--zstd-level {level}: must be between -7 and 22");
+        }
+        let compression = match self.compression.as_deref().unwrap_or("auto") {
+            "auto" => Compression::Auto { level },
+            "zstd" => Compression::Zstd { level },
+            "none" => Compression::None,
+            other => bail!("--compression {other:?}: use auto, zstd or none"),
+        };
+        let streams = self.streams.unwrap_or(4);
+        if !(1..=64).contains(&streams) {
+            bail!("--streams {streams}: must be between 1 and 64");
+        }
+        let bwlimit = match &self.bwlimit {
+            Some(s) => Some(parse_bytes(s)?).filter(|v| *v > 0),
+            None => None,
+        };
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let depth = self.depth.unwrap_or(2 * cpus + 2).clamp(1, 256);
+        Ok(Resolved {
+            sink,
+            tls,
+            server_name: self.server_name,
+            chunk_size,
+            streams,
+            compression,
+            bwlimit,
+            depth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let file: AgentSettings = toml::from_str(
+            "sink = \"sink:7443\"\npki = \"/pki\"\nname = \"esx01\"\ncompression = \"zstd\"\nzstd_level = 3\n",
+        )
+        .unwrap();
+        let flags = AgentSettings {
+            compression: Some("none".into()),
+            chunk_size: Some("4MiB".into()),
+            ..Default::default()
+        };
+        let r = flags.over(file).resolve().unwrap();
+        assert_eq!(r.sink, "sink:7443");
+        assert_eq!(r.tls.key, PathBuf::from("/pki/agents/esx01.key"));
+        assert_eq!(r.compression, Compression::None);
+        assert_eq!(r.chunk_size, 4 << 20);
+        assert_eq!(r.streams, 4);
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let base = || AgentSettings {
+            sink: Some("s:1".into()),
+            pki: Some("/p".into()),
+            name: Some("a".into()),
+            ..Default::default()
+        };
+        let e =
+            AgentSettings { chunk_size: Some("3MiB".into()), ..base() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
+        let e =
+            AgentSettings { compression: Some("lz4".into()), ..base() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("auto, zstd or none"), "{e}");
+        let e = AgentSettings { name: None, ..base() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("--pki needs --name"), "{e}");
+        assert!(toml::from_str::<AgentSettings>("sinc = \"x\"").is_err());
+    }
+}

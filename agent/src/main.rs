@@ -1,0 +1,119 @@
+//! `blockship-agent`: `sync` a disk to a sink (one epoch per run) and `verify` a replica.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use blockship_agent::config::AgentSettings;
+use blockship_agent::sync::{sync, SyncRequest};
+use blockship_agent::verify::verify;
+use blockship_transport::QuicTuning;
+
+#[derive(Parser)]
+#[command(name = "blockship-agent", version, about = "Blockship agent: replicate disks to a Blockship sink")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Common {
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: AgentSettings,
+    /// Source disk: a raw image file or block device.
+    #[arg(long)]
+    source: String,
+    /// Target on the sink, e.g. file:vm1/disk0.
+    #[arg(long)]
+    target: String,
+    /// Print one JSON object instead of a human line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replicate the source into the target: one epoch, durable when this exits 0.
+    Sync {
+        #[command(flatten)]
+        common: Common,
+        /// VMware DiskChangeInfo JSON: send only these changed areas (incremental epoch).
+        #[arg(long, value_name = "FILE")]
+        changed_areas: Option<PathBuf>,
+        /// Identity of the source disk recorded with the replica (default: file:CANONICAL_PATH).
+        #[arg(long)]
+        disk_id: Option<String>,
+        /// Never show a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Compare source and target chunk by chunk (the sink hashes the target's data). Exit 0 iff equal.
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("blockship-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings(common: &Common) -> Result<blockship_agent::config::Resolved> {
+    let file = match &common.config {
+        Some(p) => AgentSettings::from_file(p)?,
+        None => AgentSettings::default(),
+    };
+    common.settings.clone().over(file).resolve()
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let tuning = QuicTuning::default();
+    match cli.cmd {
+        Cmd::Sync { common, changed_areas, disk_id, no_progress } => {
+            let cfg = settings(&common)?;
+            let req = SyncRequest {
+                source: common.source.clone(),
+                target: common.target.clone(),
+                changed_areas,
+                disk_id,
+                progress: !no_progress && !common.json,
+            };
+            let summary = runtime.block_on(sync(&cfg, &req, &tuning))?;
+            if common.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{}", summary.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { common } => {
+            let cfg = settings(&common)?;
+            let summary = runtime.block_on(verify(&cfg, &common.source, &common.target, &tuning))?;
+            if common.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!("{}", summary.human());
+            }
+            Ok(if summary.equal { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}

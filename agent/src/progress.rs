@@ -1,0 +1,58 @@
+//! Progress bar for interactive runs (stderr, only when it is a terminal): bytes examined out of
+//! the plan, with what went on the wire.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::task::JoinHandle;
+
+use crate::pipeline::Stats;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    /// A bar over `total` bytes fed from `stats`; hidden when not wanted or not on a terminal.
+    pub fn start(enabled: bool, label: &str, total: u64, stats: Arc<Stats>) -> Self {
+        if !enabled || !std::io::stderr().is_terminal() {
+            return Progress { bar: None, ticker: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        let b = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                b.set_position(Stats::get(&stats.bytes_done));
+                b.set_message(format!("sent {}", indicatif::BinaryBytes(Stats::get(&stats.bytes_sent))));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Progress { bar: Some(bar), ticker: Some(ticker) }
+    }
+
+    pub fn message(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.to_string());
+        }
+    }
+
+    pub fn finish(self) {
+        if let Some(t) = self.ticker {
+            t.abort();
+        }
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The agent's side of the protocol: connect with mutual TLS, negotiate the version, and the
+//! request/reply exchanges on the control stream (open disk, fetch the hash index, begin and
+//! commit epochs). Data streams are driven by the pipeline; acks are read by the sync task.
+
+use std::time::Duration;
+
+use blockship_proto::pb::{self, DiskOpened, HelloReply, OpenDisk};
+use blockship_proto::{version, Body, HASH_LEN};
+use blockship_transport::framed::unexpected;
+use blockship_transport::{quic, tls, FrameReader, FrameWriter, QuicTuning, TlsFiles, TransportError};
+
+use crate::AgentError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Session {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub writer: FrameWriter,
+    pub reader: FrameReader<quinn::RecvStream>,
+    pub hello: HelloReply,
+    pub sink: String,
+}
+
+/// Explain a connection failure in terms of what the operator can fix.
+pub fn explain(sink: &str, e: TransportError) -> AgentError {
+    let text = e.to_string();
+    let by_peer = text.contains("by peer");
+    let hint = if by_peer && text.contains("cryptographic handshake failed") {
+        Some("the sink rejected our certificate: is it signed by the CA the sink trusts, and still valid?")
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        Some(
+            "the sink's certificate is not signed by our --ca (or does not name the host; see --server-name)",
+        )
+    } else if text.contains("certificate required") || text.contains("CertificateRequired") {
+        Some("the sink requires a client certificate")
+    } else if text.contains("unknown ca")
+        || text.contains("UnknownCa")
+        || text.contains("bad certificate")
+        || text.contains("BadCertificate")
+        || text.contains("fatal alert")
+    {
+        Some("the sink rejected our certificate: is it signed by the CA the sink trusts?")
+    } else if text.contains("timed out") {
+        Some("no answer: is the sink running and is its UDP port reachable?")
+    } else {
+        None
+    };
+    match (e, hint) {
+        (TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c)), _) => {
+            AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        (TransportError::Remote { code, message }, _) => AgentError::Refused { code, message },
+        (e, Some(h)) => AgentError::Connect { sink: sink.to_string(), reason: format!("{e} ({h})") },
+        (e, None) => AgentError::Connect { sink: sink.to_string(), reason: e.to_string() },
+    }
+}
+
+/// Map a transport error during a session: the sink's stated reason wins over a broken pipe.
+pub fn transport(e: TransportError) -> AgentError {
+    match e {
+        TransportError::Remote { code, message } => AgentError::Refused { code, message },
+        TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c))
+        | TransportError::Write(quinn::WriteError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(c),
+        ))
+        | TransportError::Read(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(c),
+        )) => AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned()),
+        other => AgentError::Transport(other),
+    }
+}
+
+impl Session {
+    pub async fn connect(
+        sink: &str,
+        tls_files: &TlsFiles,
+        server_name: Option<&str>,
+        tuning: &QuicTuning,
+    ) -> Result<Session, AgentError> {
+        let tls = tls::client_config(tls_files).map_err(|e| AgentError::Tls(e.to_string()))?;
+        let (endpoint, conn) =
+            tokio::time::timeout(CONNECT_TIMEOUT, quic::connect(tls, tuning, sink, server_name))
+                .await
+                .map_err(|_| AgentError::Connect {
+                    sink: sink.to_string(),
+                    reason: format!(
+                "no answer within {CONNECT_TIMEOUT:?} (is the sink running and its UDP port reachable?)"
+            ),
+                })?
+                .map_err(|e| explain(sink, e))?;
+        // With TLS 1.3 the sink judges our certificate after our side of the handshake is done,
+        // so a refusal shows up as a closed connection: report the close reason, not the pipe.
+        let why = |e: TransportError| match conn.close_reason() {
+            Some(reason) => explain(sink, reason.into()),
+            None => explain(sink, e),
+        };
+        let (send, recv) = conn.open_bi().await.map_err(|e| why(e.into()))?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
+        writer.send(&Body::Hello(version::hello(&software))).await.map_err(why)?;
+        let hello = match reader.next_body("HelloReply").await.map_err(why)? {
+            Body::HelloReply(r) => r,
+            other => return Err(transport(unexpected("HelloReply", &other))),
+        };
+        tracing::info!(sink, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
+        Ok(Session { endpoint, conn, writer, reader, hello, sink: sink.to_string() })
+    }
+
+    async fn request(&mut self, body: Body, waiting_for: &'static str) -> Result<Body, AgentError> {
+        self.writer.send(&body).await.map_err(transport)?;
+        self.reader.next_body(waiting_for).await.map_err(transport)
+    }
+
+    pub async fn open_disk(&mut self, req: OpenDisk) -> Result<DiskOpened, AgentError> {
+        match self.request(Body::OpenDisk(req), "DiskOpened").await? {
+            Body::DiskOpened(d) => Ok(d),
+            other => Err(transport(unexpected("DiskOpened", &other))),
+        }
+    }
+
+    /// The target's hash index, one entry per chunk.
+    pub async fn fetch_index(&mut self, disk: u32, chunks: u64) -> Result<Vec<[u8; HASH_LEN]>, AgentError> {
+        self.writer.send(&Body::IndexRequest(pb::IndexRequest { disk })).await.map_err(transport)?;
+        let mut index = Vec::with_capacity(chunks as usize);
+        loop {
+            let list = self.next_hash_list().await?;
+            if list.first_chunk != index.len() as u64 || list.hashes.len() % HASH_LEN != 0 {
+                return Err(AgentError::Protocol(format!(
+                    "index frame for chunk {} with {} bytes, expected chunk {}",
+                    list.first_chunk,
+                    list.hashes.len(),
+                    index.len()
+                )));
+            }
+            index.extend(
+                list.hashes
+                    .chunks_exact(HASH_LEN)
+                    .map(|h| <[u8; HASH_LEN]>::try_from(h).expect("exact chunk")),
+            );
+            if list.last {
+                break;
+            }
+        }
+        if index.len() as u64 != chunks {
+            return Err(AgentError::Protocol(format!(
+                "index has {} entries, expected {chunks}",
+                index.len()
+            )));
+        }
+        Ok(index)
+    }
+
+    pub async fn next_hash_list(&mut self) -> Result<pb::HashList, AgentError> {
+        match self.reader.next_body("HashList").await.map_err(transport)? {
+            Body::HashList(l) => Ok(l),
+            other => Err(transport(unexpected("HashList", &other))),
+        }
+    }
+
+    pub async fn begin_epoch(&mut self, req: pb::EpochBegin) -> Result<(), AgentError> {
+        match self.request(Body::EpochBegin(req), "EpochStarted").await? {
+            Body::EpochStarted(_) => Ok(()),
+            other => Err(transport(unexpected("EpochStarted", &other))),
+        }
+    }
+
+    /// Close the connection cleanly and let the close reach the sink.
+    pub async fn close(self) {
+        let Session { endpoint, conn, mut writer, .. } = self;
+        writer.close();
+        conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,116 @@
+//! `verify`: the sink hashes the target's data (not its index) chunk by chunk while the agent
+//! hashes the source; the two streams of digests are compared as they arrive.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockship_proto::codec::chunk_digest;
+use blockship_proto::pb::{OpenDisk, SyncMode, VerifyRequest};
+use blockship_proto::{Body, HASH_LEN, ZERO_HASH};
+use futures::StreamExt;
+
+use crate::chunker::{self, Work};
+use crate::config::Resolved;
+use crate::report::VerifySummary;
+use crate::session::{transport, Session};
+use crate::source::Source;
+use crate::AgentError;
+
+const DISK: u32 = 1;
+/// Differing ranges listed in the report.
+const MAX_RANGES: usize = 10;
+
+pub async fn verify(
+    cfg: &Resolved,
+    source_spec: &str,
+    target: &str,
+    tuning: &blockship_transport::QuicTuning,
+) -> Result<VerifySummary, AgentError> {
+    let started = Instant::now();
+    let source = Arc::new(Source::open(source_spec)?);
+    let size = source.size();
+    let mut session = Session::connect(&cfg.sink, &cfg.tls, cfg.server_name.as_deref(), tuning).await?;
+    let opened = session
+        .open_disk(OpenDisk {
+            disk: DISK,
+            disk_id: source.disk_id(),
+            size,
+            target: target.to_string(),
+            mode: SyncMode::Verify as i32,
+            chunk_size: cfg.chunk_size,
+        })
+        .await?;
+    let cs = opened.chunk_size;
+    let compared = size.min(opened.target_size);
+    session.writer.send(&Body::VerifyRequest(VerifyRequest { disk: DISK })).await.map_err(transport)?;
+
+    let allocated = source.allocated().await?;
+    let (_, works) = chunker::compare(allocated, cs, compared);
+    let mut ours = futures::stream::iter(works)
+        .map(|work| {
+            let source = source.clone();
+            async move {
+                match work {
+                    Work::Hole(_) => Ok::<_, AgentError>(ZERO_HASH),
+                    Work::Read(p) => {
+                        let data = source.read(p.offset, p.len as usize).await?;
+                        tokio::task::spawn_blocking(move || chunk_digest(&data))
+                            .await
+                            .map_err(|e| AgentError::Internal(e.to_string()))
+                    }
+                }
+            }
+        })
+        .buffered(cfg.depth);
+
+    let mut chunk = 0u64;
+    let mut differing = 0u64;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let chunks = blockship_proto::chunk_count(compared, cs);
+    while chunk < chunks {
+        let list = session.next_hash_list().await?;
+        if list.first_chunk != chunk || list.hashes.len() % HASH_LEN != 0 {
+            return Err(AgentError::Protocol(format!(
+                "verify hashes for chunk {}, expected {chunk}",
+                list.first_chunk
+            )));
+        }
+        for theirs in list.hashes.chunks_exact(HASH_LEN) {
+            let mine = ours
+                .next()
+                .await
+                .ok_or_else(|| AgentError::Protocol("sink sent more hashes than chunks".into()))??;
+            if mine[..] != theirs[..] {
+                differing += 1;
+                let (start, end) = (chunk * u64::from(cs), ((chunk + 1) * u64::from(cs)).min(compared));
+                let extends = ranges.last().is_some_and(|last| last.1 == start);
+                if extends {
+                    if let Some(last) = ranges.last_mut() {
+                        last.1 = end;
+                    }
+                } else if ranges.len() < MAX_RANGES {
+                    ranges.push((start, end));
+                }
+            }
+            chunk += 1;
+        }
+        if list.last {
+            break;
+        }
+    }
+    if chunk != chunks {
+        return Err(AgentError::Protocol(format!("sink verified {chunk} chunks, expected {chunks}")));
+    }
+    session.close().await;
+    Ok(VerifySummary {
+        target: target.to_string(),
+        equal: differing == 0 && size == opened.target_size,
+        source_size: size,
+        target_size: opened.target_size,
+        chunk_size: cs,
+        chunks_compared: chunks,
+        chunks_differing: differing,
+        first_differences: ranges,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
