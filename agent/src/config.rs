@@ -50,6 +50,9 @@ pub struct AgentSettings {
     /// Chunks read and encoded concurrently (default: 2 x CPUs + 2).
     #[arg(long)]
     pub depth: Option<usize>,
+    /// Give up on a silent sink after this long (default 30s).
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +65,7 @@ pub struct Resolved {
     pub compression: Compression,
     pub bwlimit: Option<u64>,
     pub depth: usize,
+    pub tuning: blockship_transport::QuicTuning,
 }
 
 /// "1MiB", "64K" (binary units), or plain bytes.
@@ -92,6 +96,7 @@ impl AgentSettings {
             zstd_level: self.zstd_level.or(file.zstd_level),
             bwlimit: self.bwlimit.or(file.bwlimit),
             depth: self.depth.or(file.depth),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
         }
     }
 
@@ -143,6 +148,15 @@ impl AgentSettings {
         };
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let depth = self.depth.unwrap_or(2 * cpus + 2).clamp(1, 256);
+        let mut tuning = blockship_transport::QuicTuning::default();
+        if let Some(t) = &self.idle_timeout {
+            tuning.idle_timeout =
+                humantime::parse_duration(t).with_context(|| format!("--idle-timeout {t:?}"))?;
+            if tuning.idle_timeout < std::time::Duration::from_secs(1) {
+                bail!("--idle-timeout must be at least 1s");
+            }
+            tuning.keep_alive = tuning.keep_alive.min(tuning.idle_timeout / 3);
+        }
         Ok(Resolved {
             sink,
             tls,
@@ -152,6 +166,7 @@ impl AgentSettings {
             compression,
             bwlimit,
             depth,
+            tuning,
         })
     }
 }

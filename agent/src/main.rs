@@ -9,7 +9,6 @@ use clap::{Args, Parser, Subcommand};
 use blockship_agent::config::AgentSettings;
 use blockship_agent::sync::{sync, SyncRequest};
 use blockship_agent::verify::verify;
-use blockship_transport::QuicTuning;
 
 #[derive(Parser)]
 #[command(name = "blockship-agent", version, about = "Blockship agent: replicate disks to a Blockship sink")]
@@ -85,8 +84,8 @@ fn settings(common: &Common) -> Result<blockship_agent::config::Resolved> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let tuning = QuicTuning::default();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build()?;
     match cli.cmd {
         Cmd::Sync { common, changed_areas, disk_id, no_progress } => {
             let cfg = settings(&common)?;
@@ -97,7 +96,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 disk_id,
                 progress: !no_progress && !common.json,
             };
-            let summary = runtime.block_on(sync(&cfg, &req, &tuning))?;
+            let summary = runtime.block_on(sync(&cfg, &req, &cfg.tuning))?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
@@ -107,7 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Verify { common } => {
             let cfg = settings(&common)?;
-            let summary = runtime.block_on(verify(&cfg, &common.source, &common.target, &tuning))?;
+            let summary = runtime.block_on(verify(&cfg, &common.source, &common.target, &cfg.tuning))?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -1,7 +1,8 @@
 //! Authorisation: which agent (by certificate identity) may write which targets. Rules come from
-//! `--allow NAME=GLOB`; the glob is matched against the canonical target name (e.g.
-//! `file:esx01/*`), `*` does not cross `/`, `**` does. No rule for an agent means the agent is
-//! unknown to this sink and is refused at connect.
+//! `--allow NAME=GLOB` with GLOB = `TYPE:PATHGLOB` (e.g. `file:esx01/*`, `rbd:volumes/**`),
+//! matched against the canonical target name: the type literally, the path as a glob where `*`
+//! does not cross `/` and `**` does. No rule for an agent means the agent is unknown to this
+//! sink and is refused at connect.
 
 use globset::{GlobBuilder, GlobMatcher};
 
@@ -19,6 +20,7 @@ pub enum AuthError {
 struct Rule {
     agent: String,
     glob: String,
+    scheme: String,
     matcher: GlobMatcher,
 }
 
@@ -40,12 +42,20 @@ impl Authorizer {
             if agent.is_empty() || glob.is_empty() {
                 return Err(bad("empty agent name or glob"));
             }
-            let matcher = GlobBuilder::new(glob)
+            let (scheme, path) = glob
+                .split_once(':')
+                .ok_or_else(|| bad("the glob must name the target type, e.g. file:esx01/*"))?;
+            let matcher = GlobBuilder::new(path)
                 .literal_separator(true)
                 .build()
                 .map_err(|e| bad(&e.to_string()))?
                 .compile_matcher();
-            out.push(Rule { agent: agent.to_string(), glob: glob.to_string(), matcher });
+            out.push(Rule {
+                agent: agent.to_string(),
+                glob: glob.to_string(),
+                scheme: scheme.to_string(),
+                matcher,
+            });
         }
         Ok(Authorizer { rules: out })
     }
@@ -63,7 +73,8 @@ impl Authorizer {
     pub fn check(&self, agent: &str, target: &str) -> Result<(), AuthError> {
         self.knows(agent)?;
         let mine: Vec<&Rule> = self.rules.iter().filter(|r| r.agent == agent).collect();
-        if mine.iter().any(|r| r.matcher.is_match(target)) {
+        let (scheme, path) = target.split_once(':').unwrap_or(("", target));
+        if mine.iter().any(|r| r.scheme == scheme && r.matcher.is_match(path)) {
             return Ok(());
         }
         Err(AuthError::NotAllowed {
@@ -87,6 +98,11 @@ mod tests {
         assert!(matches!(a.check("esx01", "file:esx01/a/b"), Err(AuthError::NotAllowed { .. })));
         assert!(matches!(a.check("esx01", "file:esx02/vm1"), Err(AuthError::NotAllowed { .. })));
         assert!(a.check("esx02", "file:shared/a/b/c").is_ok());
+        assert!(a.check("esx02", "rbd:shared/a").is_err());
+        let all = Authorizer::parse(&["lab=file:**"]).unwrap();
+        assert!(all.check("lab", "file:a/b/c").is_ok());
+        assert!(all.check("lab", "file:top").is_ok());
+        assert!(all.check("lab", "rbd:pool/img").is_err());
         let err = a.check("esx03", "file:esx01/vm1").unwrap_err();
         assert!(matches!(err, AuthError::UnknownAgent { .. }));
         assert!(err.to_string().contains("--allow esx03=GLOB"));
@@ -96,7 +112,7 @@ mod tests {
 
     #[test]
     fn bad_rules_are_refused() {
-        for bad in ["noequals", "=file:x", "a=", "a=file:[x"] {
+        for bad in ["noequals", "=file:x", "a=", "a=file:[x", "a=esx01/*"] {
             assert!(matches!(Authorizer::parse(&[bad]), Err(AuthError::BadRule { .. })), "{bad}");
         }
     }

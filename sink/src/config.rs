@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use blockship_transport::TlsFiles;
+use blockship_transport::{QuicTuning, TlsFiles};
 
 use crate::writer::CheckpointPolicy;
 
@@ -48,6 +48,9 @@ pub struct ServeSettings {
     /// ... and at least this often (e.g. 1s, 500ms).
     #[arg(long)]
     pub checkpoint_interval: Option<String>,
+    /// Drop a silent agent connection after this long (default 30s).
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
 }
 
 /// Fully resolved serve settings.
@@ -59,6 +62,7 @@ pub struct Resolved {
     pub state_dir: PathBuf,
     pub allow: Vec<String>,
     pub checkpoint: CheckpointPolicy,
+    pub tuning: QuicTuning,
 }
 
 impl ServeSettings {
@@ -81,6 +85,7 @@ impl ServeSettings {
             allow: if self.allow.is_empty() { file.allow } else { self.allow },
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
             checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
         }
     }
 
@@ -111,7 +116,24 @@ impl ServeSettings {
                 bail!("--checkpoint-interval must be at least 10ms");
             }
         }
-        Ok(Resolved { listen, tls, file_root: self.file_root, state_dir, allow: self.allow, checkpoint })
+        let mut tuning = QuicTuning::default();
+        if let Some(t) = &self.idle_timeout {
+            tuning.idle_timeout =
+                humantime::parse_duration(t).with_context(|| format!("--idle-timeout {t:?}"))?;
+            if tuning.idle_timeout < Duration::from_secs(1) {
+                bail!("--idle-timeout must be at least 1s");
+            }
+            tuning.keep_alive = tuning.keep_alive.min(tuning.idle_timeout / 3);
+        }
+        Ok(Resolved {
+            listen,
+            tls,
+            file_root: self.file_root,
+            state_dir,
+            allow: self.allow,
+            checkpoint,
+            tuning,
+        })
     }
 }
 

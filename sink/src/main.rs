@@ -10,7 +10,6 @@ use blockship_sink::config::ServeSettings;
 use blockship_sink::lease::Leases;
 use blockship_sink::server::{Server, SinkContext};
 use blockship_sink::target::TargetRoots;
-use blockship_transport::QuicTuning;
 
 #[derive(Parser)]
 #[command(
@@ -109,9 +108,13 @@ fn run(cli: Cli) -> Result<()> {
                 checkpoint: r.checkpoint,
             };
             let _: &std::sync::Arc<Leases> = &ctx.leases;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(32)
+                .build()
+                .context("starting the async runtime")?;
             runtime.block_on(async move {
-                let server = Server::bind(r.listen, &r.tls, &QuicTuning::default(), ctx)?;
+                let server = Server::bind(r.listen, &r.tls, &r.tuning, ctx)?;
                 let addr = server.local_addr()?;
                 // Scripts and tests read this line to learn the port when listening on :0.
                 println!("listening on {addr}");

@@ -1,0 +1,117 @@
+//! Crashes mid-epoch: SIGKILL of the sink or of the agent during a 1 GiB sync, then the same
+//! command again. The target must end up byte-identical and the second run must not resend
+//! what was already durable.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use blockship_bench::image::{self, Profile};
+use common::*;
+
+const DISK: u64 = 1 << 30;
+
+fn durable_offset(lab: &Lab, target: &str) -> u64 {
+    state_of(lab, target).and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0)
+}
+
+/// Start a paced sync in the background (so there is time to crash it).
+fn paced_sync(
+    lab: &Lab,
+    sink: &Sink,
+    src: &std::path::Path,
+    target: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut cmd: Command = lab.agent_cmd(sink, "esx01", "sync");
+    cmd.arg("--source")
+        .arg(src)
+        .args(["--target", target, "--json", "--bwlimit", "100MiB"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn sink_killed_mid_sync_resumes_without_resending() {
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 5).unwrap();
+    let mut sink = lab.sink(&["esx01=file:*"], &[]);
+    let reference = lab.sync(&sink, "esx01", &src, "file:reference", &[]);
+    let total = u(&reference, "bytes_sent");
+
+    let agent = paced_sync(&lab, &sink, &src, "file:victim", &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:victim") >= 200 * MIB),
+        "no durable progress; sink log:\n{}",
+        lab.sink_log()
+    );
+    sink.kill9();
+    let out = agent.wait_with_output().unwrap();
+    assert!(!out.status.success(), "agent claimed success although the sink died");
+    let state = state_of(&lab, "file:victim").unwrap();
+    assert_eq!(state["committed_epoch"], 0, "{state}");
+
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let second = lab.sync(&sink, "esx01", &src, "file:victim", &[]);
+    assert!(same_file(&src, &lab.target("victim")), "target differs after the resumed sync");
+    assert_eq!(u(&second, "epoch"), 1, "{second}");
+    assert!(
+        u(&second, "bytes_sent") * 10 < total * 8,
+        "second run sent {} of {total} bytes: {second}",
+        u(&second, "bytes_sent")
+    );
+    println!("first run total {total} bytes; after the crash: {second}");
+}
+
+#[test]
+fn agent_killed_mid_sync_resumes_and_takes_over_its_session() {
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 6).unwrap();
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let mut agent = paced_sync(&lab, &sink, &src, "file:vm", &[]);
+    assert!(wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm") >= 200 * MIB));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Right away: the sink still holds the dead agent's session; the same agent takes over.
+    let second = lab.sync(&sink, "esx01", &src, "file:vm", &[]);
+    assert!(same_file(&src, &lab.target("vm")));
+    assert!(u(&second, "bytes_equal") >= 200 * MIB, "durable chunks were resent: {second}");
+}
+
+#[test]
+fn interrupted_incremental_resumes_after_its_durable_offset() {
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Random, 7).unwrap();
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    lab.sync(&sink, "esx01", &src, "file:vm", &[]);
+    // Rewrite the first 600 MiB and describe it in a change list.
+    for i in 0..600u64 {
+        scribble(&src, i * MIB, MIB as usize, 10_000 + i);
+    }
+    let list = lab.path("changes.json");
+    std::fs::write(
+        &list,
+        format!(
+            r#"{{"startOffset":0,"length":{DISK},"changedArea":[{{"start":0,"length":{}}}]}}"#,
+            600 * MIB
+        ),
+    )
+    .unwrap();
+    let args = ["--changed-areas", list.to_str().unwrap()];
+    let mut agent = paced_sync(&lab, &sink, &src, "file:vm", &args);
+    assert!(wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm") >= 150 * MIB));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let resumed_at = durable_offset(&lab, "file:vm");
+    let second = lab.sync(&sink, "esx01", &src, "file:vm", &args);
+    assert!(same_file(&src, &lab.target("vm")));
+    assert_eq!(u(&second, "epoch"), 2);
+    assert!(u(&second, "resumed_from") >= resumed_at, "{second}");
+    assert_eq!(u(&second, "bytes_read"), 600 * MIB - u(&second, "resumed_from"), "{second}");
+}
