@@ -5,7 +5,7 @@
 //! writer; any refusal is sent as an `Error` frame and as the connection's close reason.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use blockship_proto::{version, Body, HASH_LEN};
 use blockship_transport::framed::unexpected;
 use blockship_transport::{tls, FrameReader, FrameWriter};
 use bytes::Bytes;
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -377,18 +378,30 @@ fn decode(header: &pb::ChunkHeader, payload: Bytes) -> Result<Bytes, Refusal> {
     })
 }
 
-type Pending = JoinHandle<Result<(mpsc::Sender<WriterMsg>, Item), Refusal>>;
+type Verified = Result<(mpsc::Sender<WriterMsg>, Item), Refusal>;
 
-async fn forward(p: Pending) -> Result<(), Refusal> {
-    let (tx, item) = p.await.map_err(|e| join("verify chunk", e))??;
+async fn forward(done: Result<Verified, tokio::task::JoinError>) -> Result<(), Refusal> {
+    let (tx, item) = done.map_err(|e| join("verify chunk", e))??;
     tx.send(WriterMsg::Item(item)).await.map_err(|_| Refusal::internal("epoch writer stopped"))
 }
 
 /// Read one data stream: bounds-check, decode and verify each chunk, hand it to its epoch writer.
+/// Verification results are taken as soon as they are ready, so a bad chunk is refused at once
+/// even if the agent sends nothing more.
 async fn data_stream(recv: quinn::RecvStream, disks: &Disks) -> Result<(), Refusal> {
     let mut reader = FrameReader::new(recv);
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    while let Some(frame) = reader.next().await? {
+    let mut pending: FuturesOrdered<JoinHandle<Verified>> = FuturesOrdered::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                forward(done).await?;
+                continue;
+            }
+            // Cancel-safe: a partly read frame stays in the reader's buffer.
+            f = reader.next(), if pending.len() < DECODE_DEPTH => f?,
+        };
+        let Some(frame) = frame else { break };
         match frame.body {
             Body::Chunk(h) => {
                 let disk = lookup(disks, h.disk)?;
@@ -401,9 +414,6 @@ async fn data_stream(recv: quinn::RecvStream, disks: &Disks) -> Result<(), Refus
                     hash.copy_from_slice(&h.blake3);
                     Ok((tx, Item { seq: h.seq, offset: h.offset, kind: ItemKind::Data { data, hash } }))
                 }));
-                if pending.len() >= DECODE_DEPTH {
-                    forward(pending.pop_front().expect("non-empty")).await?;
-                }
             }
             Body::Zero(z) => {
                 let disk = lookup(disks, z.disk)?;
@@ -420,8 +430,8 @@ async fn data_stream(recv: quinn::RecvStream, disks: &Disks) -> Result<(), Refus
             other => return Err(unexpected("ChunkHeader or ZeroExtent", &other).into()),
         }
     }
-    while let Some(p) = pending.pop_front() {
-        forward(p).await?;
+    while let Some(done) = pending.next().await {
+        forward(done).await?;
     }
     Ok(())
 }
