@@ -141,17 +141,26 @@ fn decide(
     }
 }
 
+/// How the pipeline treats one epoch's work.
+#[derive(Clone)]
+pub struct Plan {
+    pub mode: Mode,
+    pub compression: Compression,
+    /// Pieces read and encoded concurrently.
+    pub depth: usize,
+    /// Disk handle the items are for.
+    pub disk: u32,
+}
+
 /// Run the pipeline over `works`, sending results to `out`. Returns the number of items sent.
 pub async fn run(
     source: Arc<Source>,
     works: impl Iterator<Item = Work> + Send + 'static,
-    mode: Mode,
-    compression: Compression,
-    depth: usize,
-    disk: u32,
+    plan: Plan,
     stats: Arc<Stats>,
     out: async_channel::Sender<Out>,
 ) -> Result<u64, AgentError> {
+    let Plan { mode, compression, depth, disk } = plan;
     let mut decisions = futures::stream::iter(works)
         .map(|work| {
             let (source, mode, stats) = (source.clone(), mode.clone(), stats.clone());

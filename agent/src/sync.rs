@@ -129,10 +129,7 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
             let items = pipeline::run(
                 source.clone(),
                 works,
-                mode,
-                cfg.compression,
-                cfg.depth,
-                DISK,
+                pipeline::Plan { mode, compression: cfg.compression, depth: cfg.depth, disk: DISK },
                 stats.clone(),
                 tx,
             )

@@ -258,14 +258,14 @@ mod tests {
         let e = enc.encode(raw).unwrap();
         let good = header_for(0, 8192, &e);
         let mut dec = Decoder::new().unwrap();
-        let cases: Vec<Box<dyn Fn(&mut ChunkHeader)>> = vec![
-            Box::new(|h| h.blake3 = Bytes::from_static(&[0; 5])),
-            Box::new(|h| h.length = 0),
-            Box::new(|h| h.length = MAX_CHUNK_SIZE + 1),
-            Box::new(|h| h.length = 8191),
-            Box::new(|h| h.codec = 9),
-            Box::new(|h| h.encoded_length += 1),
-            Box::new(|h| h.codec = Codec::None as i32),
+        let cases: [fn(&mut ChunkHeader); 7] = [
+            |h| h.blake3 = Bytes::from_static(&[0; 5]),
+            |h| h.length = 0,
+            |h| h.length = MAX_CHUNK_SIZE + 1,
+            |h| h.length = 8191,
+            |h| h.codec = 9,
+            |h| h.encoded_length += 1,
+            |h| h.codec = Codec::None as i32,
         ];
         for (i, mutate) in cases.iter().enumerate() {
             let mut h = good.clone();

@@ -30,7 +30,7 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: ServeSettings,
+        settings: Box<ServeSettings>,
     },
     /// Lab certificate authority helpers.
     Pki {
@@ -92,7 +92,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(path) => ServeSettings::from_file(path)?,
                 None => ServeSettings::default(),
             };
-            let r = settings.over(file).resolve()?;
+            let r = (*settings).over(file).resolve()?;
             if let Some(root) = &r.file_root {
                 if !root.is_dir() {
                     bail!("file root {} is not a directory (create it, or fix --file-root)", root.display());

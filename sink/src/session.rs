@@ -28,7 +28,7 @@ use crate::state::InProgress;
 use crate::writer::{epoch_mismatch, EpochWriter, Item, ItemKind, WriterMsg};
 
 /// Chunks decoded concurrently per data stream.
-const DECODE_DEPTH: usize = 4;
+const DECODE_DEPTH: usize = 2;
 /// Hashes per `HashList` frame while verifying (small, so the agent compares as it goes).
 const VERIFY_HASHES_PER_FRAME: usize = 256;
 
@@ -52,7 +52,7 @@ pub async fn handle(ctx: Arc<SinkContext>, incoming: quinn::Incoming) {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(%remote, "refusing connection: {e}");
-            conn.close(u32::from(ErrorCode::Unauthorized as i32 as u32).into(), e.to_string().as_bytes());
+            conn.close((ErrorCode::Unauthorized as i32 as u32).into(), e.to_string().as_bytes());
             return;
         }
     };
@@ -270,7 +270,7 @@ async fn begin_epoch(
     };
     disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
 
-    let (tx, rx) = mpsc::channel(32);
+    let (tx, rx) = mpsc::channel(crate::writer::BATCH);
     *disk.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk::ActiveEpoch { epoch: req.epoch, tx });
     let writer =
         EpochWriter::new(disk.clone(), req.epoch, req.resume_offset, control.out.clone(), ctx.checkpoint);

@@ -19,6 +19,10 @@ use crate::index::STALE;
 use crate::refusal::{join, Refusal};
 use crate::watermark::Watermark;
 
+/// Items written (and their stale marks synced) together; with the queue in front of the writer
+/// this bounds the sink's buffered chunk data to about 2 x BATCH chunks.
+pub const BATCH: usize = 16;
+
 /// When to make written data durable and acknowledge it.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
@@ -47,7 +51,7 @@ pub enum ItemKind {
 }
 
 impl Item {
-    pub fn len(&self) -> u64 {
+    pub fn length(&self) -> u64 {
         match &self.kind {
             ItemKind::Data { data, .. } => data.len() as u64,
             ItemKind::Zero { len } => *len,
@@ -55,7 +59,7 @@ impl Item {
     }
 
     pub fn end(&self) -> u64 {
-        self.offset + self.len()
+        self.offset + self.length()
     }
 }
 
@@ -121,7 +125,7 @@ impl EpochWriter {
     /// Apply items until the epoch commits (Ok(true)) or the session ends (Ok(false), after a
     /// last checkpoint so a resumed epoch skips what was written).
     pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) -> Result<bool, Refusal> {
-        let mut batch = Vec::with_capacity(64);
+        let mut batch = Vec::with_capacity(BATCH);
         let mut commit: Option<(u64, String)> = None;
         let mut tick = tokio::time::interval(self.policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,7 +136,7 @@ impl EpochWriter {
                 }
             }
             tokio::select! {
-                n = rx.recv_many(&mut batch, 64) => {
+                n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         self.checkpoint().await?;
                         return Ok(false);
@@ -183,7 +187,7 @@ impl EpochWriter {
         let cs = disk.chunk_size;
         // 1. Durably mark every touched index entry stale before the data can change.
         {
-            let ranges: Vec<Range<u64>> = items.iter().map(|i| touched(i.offset, i.len(), cs)).collect();
+            let ranges: Vec<Range<u64>> = items.iter().map(|i| touched(i.offset, i.length(), cs)).collect();
             let d = disk.clone();
             tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
                 let index = d.index()?;
@@ -206,11 +210,11 @@ impl EpochWriter {
         // 3. Account; the index learns the new hashes at the next checkpoint.
         for item in items {
             self.wm.complete(item.seq, item.end()).map_err(|e| Refusal::bad_request(e.to_string()))?;
-            self.since_checkpoint += item.len();
+            self.since_checkpoint += item.length();
             match item.kind {
                 ItemKind::Data { hash, .. } => {
-                    let r = covered(item.offset, item.len(), cs, disk.size);
-                    if r.end - r.start == 1 && touched(item.offset, item.len(), cs) == r {
+                    let r = covered(item.offset, item.length(), cs, disk.size);
+                    if r.end - r.start == 1 && touched(item.offset, item.length(), cs) == r {
                         self.known.push(Known::Hash(r.start, hash));
                     }
                 }

@@ -43,8 +43,8 @@ impl Default for QuicTuning {
     fn default() -> Self {
         QuicTuning {
             stream_window: 16 << 20,
-            connection_window: 64 << 20,
-            send_window: 64 << 20,
+            connection_window: 32 << 20,
+            send_window: 32 << 20,
             mtu_upper_bound: GSO_SAFE_MTU,
             gso: true,
             socket_buffer: 16 << 20,

@@ -159,7 +159,7 @@ impl FileTarget {
                     Err(e) => return Err(e.into()),
                 }
             }
-            const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+            static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
             let mut pos = offset;
             while pos < offset + len {
                 let n = (offset + len - pos).min(ZEROS.len() as u64) as usize;
