@@ -118,6 +118,10 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
     tracing::info!(target = %req.target, epoch, mode = ?sync_mode, planned, resumed_from, "epoch begun");
 
     let stats = Arc::new(Stats::default());
+    if matches!(mode, Mode::Fresh) {
+        // Source holes are zeros the new (all-zero) target already has: nothing to read or send.
+        stats.bytes_zero.fetch_add(size - planned, std::sync::atomic::Ordering::Relaxed);
+    }
     let progress = Progress::start(req.progress, &format!("epoch {epoch}"), planned, stats.clone());
     let limiter = cfg.bwlimit.map(Limiter::new).transpose()?.map(Arc::new);
     let (tx, rx) = async_channel::bounded(cfg.streams * 2);

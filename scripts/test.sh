@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Blockship's whole test suite on a Debian 12 machine: installs what the tests need, checks
+# formatting and lints, runs every unit and integration test (real sink and agent processes,
+# real QUIC with mutual TLS on loopback), and stops whatever it started, also on failure.
+# `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+
+step "dependencies"
+bash scripts/deps.sh test
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test (release: the same build the bench and demo use)"
+cargo test --release --workspace --quiet -- --test-threads=2
+
+step "done in $(( $(date +%s) - start ))s"
