@@ -18,6 +18,6 @@ step "cargo clippy --all-targets -D warnings"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 
 step "cargo test (release: the same build the bench and demo use)"
-cargo test --release --workspace --quiet -- --test-threads=2
+cargo test --release --workspace --no-fail-fast --quiet -- --test-threads=2
 
 step "done in $(( $(date +%s) - start ))s"
