@@ -150,12 +150,7 @@ impl AgentSettings {
         let depth = self.depth.unwrap_or(2 * cpus + 2).clamp(1, 256);
         let mut tuning = blockship_transport::QuicTuning::default();
         if let Some(t) = &self.idle_timeout {
-            tuning.idle_timeout =
-                humantime::parse_duration(t).with_context(|| format!("--idle-timeout {t:?}"))?;
-            if tuning.idle_timeout < std::time::Duration::from_secs(1) {
-                bail!("--idle-timeout must be at least 1s");
-            }
-            tuning.keep_alive = tuning.keep_alive.min(tuning.idle_timeout / 3);
+            tuning.set_idle_timeout(t).map_err(anyhow::Error::msg)?;
         }
         Ok(Resolved {
             sink,

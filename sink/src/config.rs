@@ -118,12 +118,7 @@ impl ServeSettings {
         }
         let mut tuning = QuicTuning::default();
         if let Some(t) = &self.idle_timeout {
-            tuning.idle_timeout =
-                humantime::parse_duration(t).with_context(|| format!("--idle-timeout {t:?}"))?;
-            if tuning.idle_timeout < Duration::from_secs(1) {
-                bail!("--idle-timeout must be at least 1s");
-            }
-            tuning.keep_alive = tuning.keep_alive.min(tuning.idle_timeout / 3);
+            tuning.set_idle_timeout(t).map_err(anyhow::Error::msg)?;
         }
         Ok(Resolved {
             listen,

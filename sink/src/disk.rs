@@ -136,9 +136,8 @@ pub async fn open(
     };
     let (target, opened) = Target::open(&name, &ctx.roots, req.size, access).await?;
 
-    if mode == SyncMode::Verify {
-        let chunk_size = loaded.as_ref().map_or(req.chunk_size, |s| s.chunk_size);
-        let chunk_size = checked_chunk_size(chunk_size)?;
+    let (index, state, chunk_size, reply) = if mode == SyncMode::Verify {
+        let chunk_size = checked_chunk_size(loaded.as_ref().map_or(req.chunk_size, |s| s.chunk_size))?;
         let reply = DiskOpened {
             disk: req.disk,
             created: false,
@@ -151,27 +150,44 @@ pub async fn open(
         };
         let state = loaded
             .unwrap_or_else(|| ReplicationState::new(&canonical, &req.disk_id, agent, req.size, chunk_size));
-        let disk = Disk {
-            handle: req.disk,
-            name: canonical,
-            target,
-            index: None,
-            state_dir,
-            state: Mutex::new(state),
-            size: req.size,
-            chunk_size,
-            epoch: Mutex::new(None),
-            _lease: lease,
-        };
-        return Ok((Arc::new(disk), reply));
-    }
+        (None, state, chunk_size, reply)
+    } else {
+        let (index, state, mut reply) =
+            reconcile(&canonical, agent, req, mode, opened, loaded, &state_dir).await?;
+        reply.target_size = target.size();
+        (Some(index), state, reply.chunk_size, reply)
+    };
+    let disk = Disk {
+        handle: req.disk,
+        name: canonical,
+        target,
+        index,
+        state_dir,
+        state: Mutex::new(state),
+        size: req.size,
+        chunk_size,
+        epoch: Mutex::new(None),
+        _lease: lease,
+    };
+    Ok((Arc::new(disk), reply))
+}
 
+/// Bring state and hash index in line with the target just opened for writing.
+async fn reconcile(
+    canonical: &str,
+    agent: &str,
+    req: &OpenDisk,
+    mode: SyncMode,
+    opened: Opened,
+    loaded: Option<ReplicationState>,
+    state_dir: &StateDir,
+) -> Result<(HashIndex, ReplicationState, DiskOpened), Refusal> {
     let created = opened == Opened::Created;
     // A state whose target was deleted (or never finished creating) describes nothing.
     let mut state = match loaded {
         Some(s) if !created => s,
         _ => ReplicationState::new(
-            &canonical,
+            canonical,
             &req.disk_id,
             agent,
             req.size,
@@ -225,7 +241,7 @@ pub async fn open(
     let reply = DiskOpened {
         disk: req.disk,
         created,
-        target_size: target.size(),
+        target_size: 0, // filled in by the caller, which holds the target
         chunk_size,
         committed_epoch: state.committed_epoch,
         change_point: state.change_point.clone(),
@@ -238,19 +254,7 @@ pub async fn open(
         source_disk_id: state.source_disk_id.clone(),
     };
     tracing::info!(target = %canonical, agent, ?mode, created, epoch = state.committed_epoch, "disk opened");
-    let disk = Disk {
-        handle: req.disk,
-        name: canonical,
-        target,
-        index: Some(index),
-        state_dir,
-        state: Mutex::new(state),
-        size: req.size,
-        chunk_size,
-        epoch: Mutex::new(None),
-        _lease: lease,
-    };
-    Ok((Arc::new(disk), reply))
+    Ok((index, state, reply))
 }
 
 fn checked_chunk_size(cs: u32) -> Result<u32, Refusal> {

@@ -180,6 +180,11 @@ async fn client_without_certificate_is_refused() {
     }
     .await;
     result.expect_err("a client without certificate got a session");
+    // The client may learn of the failure before the sink has logged it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !lab.log().contains("handshake failed") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(lab.log().contains("handshake failed"), "{}", lab.log());
     assert!(!lab.dir.path().join("state/targets").exists());
 }

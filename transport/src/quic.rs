@@ -56,6 +56,17 @@ impl Default for QuicTuning {
 }
 
 impl QuicTuning {
+    /// Set the idle timeout from text such as "30s", with keep-alives at a third of it.
+    pub fn set_idle_timeout(&mut self, text: &str) -> Result<(), String> {
+        let t = humantime::parse_duration(text).map_err(|e| format!("--idle-timeout {text:?}: {e}"))?;
+        if t < Duration::from_secs(1) {
+            return Err("--idle-timeout must be at least 1s".into());
+        }
+        self.idle_timeout = t;
+        self.keep_alive = self.keep_alive.min(t / 3);
+        Ok(())
+    }
+
     fn mtu(&self) -> u16 {
         if self.gso {
             self.mtu_upper_bound.min(GSO_SAFE_MTU)
