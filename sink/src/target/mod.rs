@@ -3,6 +3,7 @@
 //! and flushes to the backend.
 
 pub mod file;
+pub mod librbd;
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
