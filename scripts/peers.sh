@@ -23,8 +23,8 @@
 #   tools need its qemu-nbd / qemu-storage-daemon), but backports is not in sources.list, so apt's only
 #   qemu-block-extra candidate is bookworm's 7.2. QEMU refuses modules from any other build
 #   ("Only modules from the same build can be loaded": each module must export the qemu_stamp_<hash>
-#   symbol that the binary looks for), so 7.2's block-rbd.so cannot serve qemu-img 10, and installing
-#   it would drag qemu-utils back to 7.2. Instead we fetch qemu-block-extra of EXACTLY the installed
+#   symbol that the binary looks for), so 7.2's block-rbd.so cannot serve qemu-img 10, and apt's plan
+#   for `apt-get install qemu-block-extra` is to REMOVE qemu-utils 10. Instead we fetch qemu-block-extra of EXACTLY the installed
 #   qemu-utils version (through a private apt configuration that can see bookworm-backports, leaving
 #   /etc/apt and the system's package lists alone), unpack only block-rbd.so under PREFIX and point
 #   QEMU_MODULE_DIR at it from a wrapper. Nothing under /usr changes and dpkg's database is untouched,
@@ -34,6 +34,10 @@ set -euo pipefail
 PREFIX=${BLOCKSHIP_PEERS_PREFIX:-/opt/blockship-peers}
 ALLOW_INSTALL=${BLOCKSHIP_PEERS_INSTALL:-1}
 PEERS="qemu-img-rbd rbd"
+
+CLEANUP=()
+cleanup() { [ ${#CLEANUP[@]} = 0 ] || rm -rf "${CLEANUP[@]}"; }
+trap cleanup EXIT
 
 log() { echo "peers.sh: $*" >&2; }
 die() { echo "peers.sh: error: $*" >&2; exit 1; }
@@ -86,17 +90,19 @@ QEMU_WRAPPER=$PREFIX/bin/qemu-img-rbd
 # The build stamp qemu-img requires every module to export; it changes with every QEMU build.
 qemu_stamp() { grep -a -o -m1 'qemu_stamp_[0-9a-f]\{40\}' "$1" | head -n1; }
 
-qemu_moddir() { echo "$PREFIX/qemu-block-extra/$1/$QEMU_MODDIR_REL"; }
+# Keyed by version so an upgraded qemu-utils gets its own module; ':' (epoch) is kept out of the path.
+qemu_moddir() { echo "$PREFIX/qemu-block-extra/${1//[^A-Za-z0-9.+~-]/_}/$QEMU_MODDIR_REL"; }
 
 # Installed means: wrapper present and pointing at a module dir whose block-rbd.so carries the stamp
 # of the qemu-img on disk right now. A later qemu-utils upgrade thus counts as "missing", not as
 # installed-but-broken.
 qemu_img_rbd_ok() {
-  local ver mod stamp
+  local ver moddir mod stamp
   ver=$(installed_version qemu-utils)
   [ -n "$ver" ] && [ -x "$QEMU_WRAPPER" ] || return 1
-  mod=$(qemu_moddir "$ver")/block-rbd.so
-  [ -f "$mod" ] && grep -qF "$mod" "$QEMU_WRAPPER" 2>/dev/null || return 1
+  moddir=$(qemu_moddir "$ver")
+  mod=$moddir/block-rbd.so
+  [ -f "$mod" ] && grep -qF "QEMU_MODULE_DIR='$moddir'" "$QEMU_WRAPPER" || return 1
   stamp=$(qemu_stamp "$QEMU_IMG")
   [ -n "$stamp" ] && grep -qaF "$stamp" "$mod"
 }
@@ -112,22 +118,29 @@ private_apt() {
     -o APT::Sandbox::User=root "$@"
 }
 
+# has_version VER apt-cache-command...: does that apt configuration offer qemu-block-extra=VER?
+# (`apt-cache show PKG=VER` exits 0 even when the version is unknown; madison's table does not lie.)
+has_version() {
+  local ver=$1; shift
+  "$@" madison qemu-block-extra 2>/dev/null | awk -F' *[|] *' -v v="$ver" '$2 == v { f = 1 } END { exit !f }'
+}
+
 # Downloads qemu-block-extra=VER into DIR. Tries the system's apt sources first (right when qemu-utils
 # itself came from them), then a private bookworm-backports source (where the image's qemu-utils is from).
 fetch_qemu_block_extra() {
   local ver=$1 dir=$2 bpo=$PREFIX/apt/bookworm-backports.list
-  if apt-cache show "qemu-block-extra=$ver" >/dev/null 2>&1; then
+  if has_version "$ver" apt-cache; then
     (cd "$dir" && apt-get "${APT_LOCK[@]}" -o APT::Sandbox::User=root download "qemu-block-extra=$ver" >&2)
     return
   fi
   mkdir -p "$PREFIX/apt"
   echo 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main' >"$bpo"
   # Refresh the private lists only when they lack the version (first run, or a newer qemu-utils).
-  if ! private_apt apt-cache "$bpo" show "qemu-block-extra=$ver" >/dev/null 2>&1; then
+  if ! has_version "$ver" private_apt apt-cache "$bpo"; then
     log "fetching bookworm-backports package lists (private, under $PREFIX/apt)"
     private_apt apt-get "$bpo" -qq update >&2
   fi
-  private_apt apt-cache "$bpo" show "qemu-block-extra=$ver" >/dev/null 2>&1 \
+  has_version "$ver" private_apt apt-cache "$bpo" \
     || die "no qemu-block-extra $ver in the system's apt sources nor in bookworm-backports; \
 qemu-img $ver cannot get an rbd module of its own build"
   (cd "$dir" && private_apt apt-get "$bpo" -q download "qemu-block-extra=$ver" >&2)
@@ -147,7 +160,7 @@ install_qemu_img_rbd() {
   apt_install librbd1 librados2
 
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/peers-qemu.XXXXXX")
-  trap 'rm -rf "$tmp"' RETURN
+  CLEANUP+=("$tmp")
   fetch_qemu_block_extra "$ver" "$tmp"
   deb=$(find "$tmp" -maxdepth 1 -name 'qemu-block-extra_*.deb' | head -n1)
   [ -n "$deb" ] || die "download of qemu-block-extra $ver produced no .deb"
@@ -158,8 +171,9 @@ install_qemu_img_rbd() {
   missing=$(ldd "$tmp/x/$QEMU_MODDIR_REL/block-rbd.so" | grep 'not found' || true)
   [ -z "$missing" ] || die "block-rbd.so has unresolved libraries: $missing"
 
-  # Only block-rbd.so: the other modules need libraries (gluster, iscsi, nfs, ssh) nobody asked for,
-  # and a lone module dir keeps qemu from finding a half-working one by accident.
+  # Only block-rbd.so: the package's other modules need libraries (gluster, iscsi, nfs, ssh) that are
+  # not installed and that no peer needs; shipping them would only turn "unknown protocol" into
+  # confusing dlopen errors.
   moddir=$(qemu_moddir "$ver")
   mkdir -p "$moddir" "$PREFIX/bin"
   install -m 0644 "$tmp/x/$QEMU_MODDIR_REL/block-rbd.so" "$moddir/block-rbd.so.tmp"

@@ -93,10 +93,17 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
             let (planned, works) = chunker::incremental(extents, cs, resumed_from);
             (Mode::Incremental, SyncMode::Incremental, digest.to_vec(), planned, Box::new(works))
         }
-        None if opened.created => {
+        None if opened.created && opened.zero_filled => {
             let allocated = source.allocated().await?;
             let (planned, works) = chunker::fresh(&allocated, cs, size);
             (Mode::Fresh, SyncMode::Full, Vec::new(), planned, Box::new(works))
+        }
+        None if opened.created => {
+            // A new target that may not read as zeros (RBD): every chunk is written, zero ones
+            // as zero extents.
+            let allocated = source.allocated().await?;
+            let (planned, works) = chunker::compare(allocated, cs, size);
+            (Mode::Incremental, SyncMode::Full, Vec::new(), planned, Box::new(works))
         }
         None => {
             let chunks = blockship_proto::chunk_count(size, cs);

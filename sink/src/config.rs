@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use blockship_transport::{QuicTuning, TlsFiles};
 
+use crate::target::rbd::CephOptions;
 use crate::writer::CheckpointPolicy;
 
 /// Settings as they appear in the TOML file and on the command line (all optional here).
@@ -51,6 +52,80 @@ pub struct ServeSettings {
     /// Drop a silent agent connection after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ceph: CephSettings,
+}
+
+/// Ceph client settings for `rbd:` targets (Ceph's usual flags).
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
+pub struct CephSettings {
+    /// Ceph configuration file (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+    #[arg(long, env = "CEPH_CONF")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client id, without "client." (default admin).
+    #[arg(long)]
+    pub ceph_id: Option<String>,
+    /// Keyring for the client (default: the one the Ceph config names).
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
+    /// Give up connecting to the cluster after this long (default 15s).
+    #[arg(long)]
+    pub ceph_connect_timeout: Option<String>,
+    /// Fail an OSD operation after this long (default 5m; 0 waits forever).
+    #[arg(long)]
+    pub ceph_op_timeout: Option<String>,
+    /// Per-epoch snapshots (blockship-<epoch>) kept on each RBD image (default 2).
+    #[arg(long)]
+    pub keep_snapshots: Option<u32>,
+    /// Refuse rbd: targets (no Ceph connection is ever made).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_rbd: bool,
+}
+
+impl CephSettings {
+    fn over(self, file: CephSettings) -> CephSettings {
+        CephSettings {
+            ceph_conf: self.ceph_conf.or(file.ceph_conf),
+            ceph_id: self.ceph_id.or(file.ceph_id),
+            keyring: self.keyring.or(file.keyring),
+            ceph_connect_timeout: self.ceph_connect_timeout.or(file.ceph_connect_timeout),
+            ceph_op_timeout: self.ceph_op_timeout.or(file.ceph_op_timeout),
+            keep_snapshots: self.keep_snapshots.or(file.keep_snapshots),
+            no_rbd: self.no_rbd || file.no_rbd,
+        }
+    }
+
+    /// Ceph client options, or None with `--no-rbd`.
+    pub fn resolve(&self) -> Result<Option<CephOptions>> {
+        if self.no_rbd {
+            return Ok(None);
+        }
+        let mut o =
+            CephOptions { conf: self.ceph_conf.clone(), keyring: self.keyring.clone(), ..Default::default() };
+        if let Some(id) = &self.ceph_id {
+            o.id = id.strip_prefix("client.").unwrap_or(id).to_string();
+        }
+        if let Some(t) = &self.ceph_connect_timeout {
+            o.connect_timeout =
+                humantime::parse_duration(t).with_context(|| format!("--ceph-connect-timeout {t:?}"))?;
+        }
+        if let Some(t) = &self.ceph_op_timeout {
+            o.op_timeout = if t == "0" {
+                Duration::ZERO
+            } else {
+                humantime::parse_duration(t).with_context(|| format!("--ceph-op-timeout {t:?}"))?
+            };
+        }
+        if let Some(k) = self.keep_snapshots {
+            if k == 0 {
+                bail!("--keep-snapshots must be at least 1: the last snapshot is the point in time rollback returns to");
+            }
+            o.keep_snapshots = k;
+        }
+        Ok(Some(o))
+    }
 }
 
 /// Fully resolved serve settings.
@@ -63,6 +138,7 @@ pub struct Resolved {
     pub allow: Vec<String>,
     pub checkpoint: CheckpointPolicy,
     pub tuning: QuicTuning,
+    pub ceph: Option<CephOptions>,
 }
 
 impl ServeSettings {
@@ -86,6 +162,7 @@ impl ServeSettings {
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
             checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            ceph: self.ceph.over(file.ceph),
         }
     }
 
@@ -99,8 +176,9 @@ impl ServeSettings {
         };
         let state_dir =
             self.state_dir.context("--state-dir is required (flag, or `state_dir` in the config file)")?;
-        if self.file_root.is_none() {
-            bail!("no target root configured: give --file-root DIR");
+        let ceph = self.ceph.resolve()?;
+        if self.file_root.is_none() && ceph.is_none() {
+            bail!("no targets possible: give --file-root DIR, or allow rbd: targets (drop --no-rbd)");
         }
         if self.allow.is_empty() {
             bail!("no --allow rules: no agent could write anything (e.g. --allow esx01='file:esx01/*')");
@@ -128,6 +206,7 @@ impl ServeSettings {
             allow: self.allow,
             checkpoint,
             tuning,
+            ceph,
         })
     }
 }
@@ -165,6 +244,9 @@ mod tests {
     #[test]
     fn unknown_keys_and_missing_settings_are_errors() {
         assert!(toml::from_str::<ServeSettings>("listne = \"x\"").is_err());
+        assert!(toml::from_str::<ServeSettings>("ceph_cnof = \"x\"").is_err());
+        let c: ServeSettings = toml::from_str("ceph_id = \"blockship\"\nkeep_snapshots = 3").unwrap();
+        assert_eq!(c.ceph.resolve().unwrap().unwrap().keep_snapshots, 3);
         let err = ServeSettings::default().resolve().unwrap_err().to_string();
         assert!(err.contains("--listen is required"), "{err}");
         let s = ServeSettings {

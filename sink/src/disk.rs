@@ -5,8 +5,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use blockship_proto::codec::chunk_digest;
 use blockship_proto::pb::{self, DiskOpened, ErrorCode, OpenDisk, ResumePoint, SyncMode};
+use blockship_proto::ZERO_HASH;
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::index::{HashIndex, IndexOrigin};
@@ -50,10 +53,7 @@ impl Disk {
             f(&mut s);
             s.clone()
         };
-        let dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || dir.store(&snapshot))
-            .await
-            .map_err(|e| join("store state", e))??;
+        self.target.store_state(&self.state_dir, &snapshot).await?;
         Ok(())
     }
 
@@ -70,9 +70,10 @@ impl Disk {
     }
 
     /// Recompute stale index entries from the target (after making the target durable, so the
-    /// index never vouches for data a crash could still lose).
+    /// index never vouches for data a crash could still lose). Chunks the target has not
+    /// allocated are zeros without being read.
     pub async fn refresh_index(self: &Arc<Self>) -> Result<u64, Refusal> {
-        let index = self.index()?;
+        self.index()?;
         self.target.flush().await?;
         let stale = {
             let disk = self.clone();
@@ -86,14 +87,29 @@ impl Disk {
             return Ok(0);
         }
         tracing::info!(target = %self.name, chunks = stale.len(), "rebuilding stale hash index entries from the target");
+        let allocated = self.target.allocated().await?;
         let cs = u64::from(self.chunk_size);
-        for &chunk in &stale {
-            let offset = chunk * cs;
-            let len = cs.min(self.size - offset) as usize;
-            let data: Bytes = self.target.read(offset, len).await?;
-            let digest = tokio::task::spawn_blocking(move || blockship_proto::codec::chunk_digest(&data))
-                .await
-                .map_err(|e| join("hash", e))?;
+        let size = self.size;
+        let mut digests = futures::stream::iter(stale.iter().copied())
+            .map(|chunk| {
+                let disk = self.clone();
+                let (offset, len) = (chunk * cs, cs.min(size - chunk * cs));
+                let holds_data = allocated.iter().any(|&(o, l)| o < offset + len && offset < o + l);
+                async move {
+                    if !holds_data {
+                        return Ok::<_, Refusal>((chunk, ZERO_HASH));
+                    }
+                    let data: Bytes = disk.target.read(offset, len as usize).await?;
+                    let d = tokio::task::spawn_blocking(move || chunk_digest(&data))
+                        .await
+                        .map_err(|e| join("hash", e))?;
+                    Ok((chunk, d))
+                }
+            })
+            .buffered(8);
+        let index = self.index()?;
+        while let Some(r) = digests.next().await {
+            let (chunk, digest) = r?;
             index.set(chunk, &digest).map_err(index_err)?;
         }
         index.sync().map_err(index_err)?;
@@ -124,10 +140,6 @@ pub async fn open(
     }
     let lease = ctx.leases.acquire(&canonical, agent, conn).await?;
     let state_dir = StateDir::for_target(&ctx.state_root, &canonical)?;
-    let loaded = {
-        let d = state_dir.clone();
-        tokio::task::spawn_blocking(move || d.load()).await.map_err(|e| join("load state", e))??
-    };
 
     let access = match mode {
         SyncMode::Verify => Access::ReadOnly,
@@ -135,6 +147,7 @@ pub async fn open(
         _ => Access::Create,
     };
     let (target, opened) = Target::open(&name, &ctx.roots, req.size, access).await?;
+    let loaded = target.load_state(&state_dir).await?;
 
     let (index, state, chunk_size, reply) = if mode == SyncMode::Verify {
         let chunk_size = checked_chunk_size(loaded.as_ref().map_or(req.chunk_size, |s| s.chunk_size))?;
@@ -147,13 +160,20 @@ pub async fn open(
             change_point: loaded.as_ref().map(|s| s.change_point.clone()).unwrap_or_default(),
             in_progress: None,
             source_disk_id: loaded.as_ref().map(|s| s.source_disk_id.clone()).unwrap_or_default(),
+            zero_filled: false,
         };
         let state = loaded
             .unwrap_or_else(|| ReplicationState::new(&canonical, &req.disk_id, agent, req.size, chunk_size));
         (None, state, chunk_size, reply)
     } else {
-        let (index, state, mut reply) =
-            reconcile(&canonical, agent, req, mode, opened, loaded, &state_dir).await?;
+        let (index, state, mut reply) = reconcile(
+            Request { canonical: &canonical, agent, req, mode },
+            opened,
+            loaded,
+            &target,
+            &state_dir,
+        )
+        .await?;
         reply.target_size = target.size();
         (Some(index), state, reply.chunk_size, reply)
     };
@@ -172,17 +192,26 @@ pub async fn open(
     Ok((Arc::new(disk), reply))
 }
 
+/// What an agent asked to open, and by whom.
+struct Request<'a> {
+    canonical: &'a str,
+    agent: &'a str,
+    req: &'a OpenDisk,
+    mode: SyncMode,
+}
+
 /// Bring state and hash index in line with the target just opened for writing.
 async fn reconcile(
-    canonical: &str,
-    agent: &str,
-    req: &OpenDisk,
-    mode: SyncMode,
+    r: Request<'_>,
     opened: Opened,
     loaded: Option<ReplicationState>,
+    target: &Target,
     state_dir: &StateDir,
 ) -> Result<(HashIndex, ReplicationState, DiskOpened), Refusal> {
+    let Request { canonical, agent, req, mode } = r;
     let created = opened == Opened::Created;
+    // Only a new file is known to read as zeros; anything else gets its zeros written.
+    let zero_filled = created && target.zero_filled_when_created();
     // A state whose target was deleted (or never finished creating) describes nothing.
     let mut state = match loaded {
         Some(s) if !created => s,
@@ -225,7 +254,7 @@ async fn reconcile(
 
     let (index, origin) = {
         let (path, token, size) = (state_dir.index_path(), state.index_token.clone(), req.size);
-        tokio::task::spawn_blocking(move || HashIndex::open(&path, chunk_size, size, &token, created))
+        tokio::task::spawn_blocking(move || HashIndex::open(&path, chunk_size, size, &token, zero_filled))
             .await
             .map_err(|e| join("open index", e))?
             .map_err(index_err)?
@@ -234,10 +263,7 @@ async fn reconcile(
         tracing::info!(target = %canonical, "hash index missing or out of date: it will be rebuilt from the target when needed");
     }
     state.index_token = index.token().to_string();
-    {
-        let (d, s) = (state_dir.clone(), state.clone());
-        tokio::task::spawn_blocking(move || d.store(&s)).await.map_err(|e| join("store state", e))??;
-    }
+    target.store_state(state_dir, &state).await?;
     let reply = DiskOpened {
         disk: req.disk,
         created,
@@ -252,6 +278,7 @@ async fn reconcile(
             durable_offset: p.durable_offset,
         }),
         source_disk_id: state.source_disk_id.clone(),
+        zero_filled,
     };
     tracing::info!(target = %canonical, agent, ?mode, created, epoch = state.committed_epoch, "disk opened");
     Ok((index, state, reply))

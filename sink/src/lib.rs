@@ -8,6 +8,7 @@ pub mod index;
 pub mod lease;
 pub mod pki;
 pub mod refusal;
+pub mod rollback;
 pub mod server;
 pub mod session;
 pub mod state;

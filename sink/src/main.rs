@@ -6,9 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use blockship_sink::auth::Authorizer;
-use blockship_sink::config::ServeSettings;
+use blockship_sink::config::{CephSettings, ServeSettings};
 use blockship_sink::lease::Leases;
 use blockship_sink::server::{Server, SinkContext};
+use blockship_sink::target::rbd::Ceph;
 use blockship_sink::target::TargetRoots;
 
 #[derive(Parser)]
@@ -31,6 +32,18 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(flatten)]
         settings: Box<ServeSettings>,
+    },
+    /// Roll an RBD target back to the snapshot of its last committed epoch (drops an unfinished
+    /// epoch). Stop any sink writing the target first.
+    Rollback {
+        /// The target, e.g. rbd:volumes/volume-1234.
+        #[arg(long)]
+        target: String,
+        /// The sink's state dir, to drop the target's hash index there too (optional).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        ceph: CephSettings,
     },
     /// Lab certificate authority helpers.
     Pki {
@@ -87,6 +100,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Rollback { target, state_dir, ceph } => {
+            let ceph = ceph.resolve()?.context("rollback needs rbd support (drop --no-rbd)")?;
+            let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let msg = runtime.block_on(blockship_sink::rollback::rollback(
+                &roots,
+                state_dir.as_deref(),
+                &target,
+            ))?;
+            println!("{msg}");
+            Ok(())
+        }
         Cmd::Serve { config, settings } => {
             let file = match &config {
                 Some(path) => ServeSettings::from_file(path)?,
@@ -101,7 +126,10 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::create_dir_all(&r.state_dir)
                 .with_context(|| format!("creating state dir {}", r.state_dir.display()))?;
             let ctx = SinkContext {
-                roots: TargetRoots { file_root: r.file_root.clone() },
+                roots: TargetRoots {
+                    file_root: r.file_root.clone(),
+                    ceph: r.ceph.clone().map(|o| std::sync::Arc::new(Ceph::new(o))),
+                },
                 state_root: r.state_dir.clone(),
                 auth: Authorizer::parse(&r.allow)?,
                 leases: Default::default(),

@@ -36,7 +36,8 @@ impl From<TargetError> for Refusal {
             | TargetError::OutsideRoot { .. }
             | TargetError::Disabled(_) => ErrorCode::BadTarget,
             TargetError::WouldShrink { .. } => ErrorCode::Size,
-            TargetError::Io { .. } => ErrorCode::TargetIo,
+            TargetError::Io { .. } | TargetError::Ceph { .. } => ErrorCode::TargetIo,
+            TargetError::BadState { .. } => ErrorCode::BadTarget,
         };
         Refusal::new(code, e.to_string())
     }

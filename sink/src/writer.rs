@@ -267,6 +267,8 @@ impl EpochWriter {
 
     async fn commit(&mut self, change_point: String) -> Result<(), Refusal> {
         self.checkpoint().await?;
+        // The point in time (a snapshot on RBD) exists before the state says it does.
+        self.disk.target.commit_epoch(self.epoch).await?;
         let epoch = self.epoch;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

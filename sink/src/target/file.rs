@@ -183,6 +183,36 @@ impl FileTarget {
     pub async fn flush(&self) -> Result<(), TargetError> {
         self.blocking("fdatasync", |f| f.sync_data()).await
     }
+
+    /// Data extents (SEEK_DATA / SEEK_HOLE); the whole file where holes cannot be found.
+    pub async fn allocated(&self) -> Result<Vec<(u64, u64)>, TargetError> {
+        let size = self.size;
+        self.blocking("map holes", move |f| {
+            use rustix::fs::{seek, SeekFrom};
+            let mut out = Vec::new();
+            let mut pos = 0;
+            while pos < size {
+                let start = match seek(f, SeekFrom::Data(pos)) {
+                    Ok(p) => p,
+                    Err(Errno::NXIO) => break,
+                    Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => return Ok(vec![(0, size)]),
+                    Err(e) => return Err(e.into()),
+                };
+                let end = match seek(f, SeekFrom::Hole(start)) {
+                    Ok(p) => p.min(size),
+                    Err(Errno::NXIO) => size,
+                    Err(e) => return Err(e.into()),
+                };
+                if start >= end {
+                    break;
+                }
+                out.push((start, end - start));
+                pos = end;
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// Open (creating if allowed) the directory `dir` below the root, one component at a time, each
@@ -228,7 +258,7 @@ mod tests {
 
     fn open(root: &Path, s: &str, size: u64, create: bool) -> Result<(FileTarget, Opened), TargetError> {
         let n = name(s);
-        let TargetName::File(rel) = &n;
+        let TargetName::File(rel) = &n else { panic!("{s} is not a file target") };
         FileTarget::open(root, rel, &n, size, if create { Access::Create } else { Access::Existing })
     }
 

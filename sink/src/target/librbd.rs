@@ -384,36 +384,42 @@ impl Image {
         self.inner.ptr
     }
 
-    /// Submit an aio request built by `start` and wait for its completion.
-    async fn submit(
+    /// Submit an aio request: `start` gets the completion and the request's context (whose
+    /// buffers librbd may use until the callback). Synchronous, so no raw pointer lives across
+    /// an await.
+    fn submit(
         &self,
-        op: String,
+        op: &str,
         write: Option<Bytes>,
         read: Option<Vec<u8>>,
-        start: impl FnOnce(&Api, CompletionT, *mut c_char) -> c_int,
-    ) -> Result<(isize, Option<Vec<u8>>), RbdError> {
+        start: impl FnOnce(&Api, ImageT, CompletionT, &mut AioCtx) -> c_int,
+    ) -> Result<oneshot::Receiver<AioResult>, RbdError> {
         let api = api()?;
         let (tx, rx) = oneshot::channel();
-        let mut ctx = Box::new(AioCtx { tx: Some(tx), _write: write, read, _image: self.inner.clone() });
-        let read_ptr = ctx.read.as_mut().map_or(std::ptr::null_mut(), |v| v.as_mut_ptr() as *mut c_char);
-        let arg = Box::into_raw(ctx) as *mut c_void;
+        let ctx =
+            Box::into_raw(Box::new(AioCtx { tx: Some(tx), _write: write, read, _image: self.inner.clone() }));
         let mut c: CompletionT = std::ptr::null_mut();
-        // SAFETY: arg stays valid until aio_done reclaims it.
-        let r = unsafe { (api.rbd_aio_create_completion)(arg, aio_done, &mut c) };
+        // SAFETY: ctx stays valid until aio_done reclaims it.
+        let r = unsafe { (api.rbd_aio_create_completion)(ctx as *mut c_void, aio_done, &mut c) };
         if r < 0 {
             // SAFETY: the completion was not created, so the callback will never run.
-            drop(unsafe { Box::from_raw(arg as *mut AioCtx) });
-            return Err(RbdError::Call { op, errno: -r });
+            drop(unsafe { Box::from_raw(ctx) });
+            return Err(RbdError::Call { op: op.to_string(), errno: -r });
         }
-        let r = start(api, c, read_ptr);
+        // SAFETY: ctx is exclusively ours until the request is submitted.
+        let r = start(api, self.ptr(), c, unsafe { &mut *ctx });
         if r < 0 {
             // SAFETY: submission failed, so the callback will not run: release both here.
             unsafe {
                 (api.rbd_aio_release)(c);
-                drop(Box::from_raw(arg as *mut AioCtx));
+                drop(Box::from_raw(ctx));
             }
-            return Err(RbdError::Call { op, errno: -r });
+            return Err(RbdError::Call { op: op.to_string(), errno: -r });
         }
+        Ok(rx)
+    }
+
+    async fn wait(op: String, rx: oneshot::Receiver<AioResult>) -> Result<AioResult, RbdError> {
         let (ret, buf) = rx.await.map_err(|_| RbdError::Invalid(format!("{op}: completion lost")))?;
         if ret < 0 {
             return Err(RbdError::Call { op, errno: (-ret) as i32 });
@@ -422,35 +428,34 @@ impl Image {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), RbdError> {
-        let (ptr, len, image) = (data.as_ptr() as *const c_char, data.len(), self.ptr());
-        self.submit(format!("write {len} bytes at {offset}"), Some(data), None, |api, c, _| {
+        let op = format!("write {} bytes at {offset}", data.len());
+        let rx = self.submit(&op, Some(data), None, |api, image, c, ctx| {
+            let buf = ctx._write.as_ref().expect("write buffer");
             // SAFETY: the buffer lives in the completion's context until the callback.
-            unsafe { (api.rbd_aio_write2)(image, offset, len, ptr, c, 0) }
-        })
-        .await
-        .map(|_| ())
+            unsafe { (api.rbd_aio_write2)(image, offset, buf.len(), buf.as_ptr() as *const c_char, c, 0) }
+        })?;
+        Self::wait(op, rx).await.map(|_| ())
     }
 
     /// Make the range read as zeros (deallocating whole objects where possible).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), RbdError> {
-        let image = self.ptr();
         let n = usize::try_from(len).map_err(|_| RbdError::Invalid("zero extent too large".into()))?;
-        self.submit(format!("zero {len} bytes at {offset}"), None, None, |api, c, _| {
+        let op = format!("zero {len} bytes at {offset}");
+        let rx = self.submit(&op, None, None, |api, image, c, _| {
             // SAFETY: valid image and completion.
             unsafe { (api.rbd_aio_write_zeroes)(image, offset, n, c, 0, 0) }
-        })
-        .await
-        .map(|_| ())
+        })?;
+        Self::wait(op, rx).await.map(|_| ())
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, RbdError> {
-        let image = self.ptr();
-        let (n, buf) = self
-            .submit(format!("read {len} bytes at {offset}"), None, Some(vec![0u8; len]), |api, c, dst| {
-                // SAFETY: dst points into the buffer owned by the completion's context.
-                unsafe { (api.rbd_aio_read)(image, offset, len, dst, c) }
-            })
-            .await?;
+        let op = format!("read {len} bytes at {offset}");
+        let rx = self.submit(&op, None, Some(vec![0u8; len]), |api, image, c, ctx| {
+            let dst = ctx.read.as_mut().expect("read buffer").as_mut_ptr() as *mut c_char;
+            // SAFETY: dst points into the buffer owned by the completion's context.
+            unsafe { (api.rbd_aio_read)(image, offset, len, dst, c) }
+        })?;
+        let (n, buf) = Self::wait(op, rx).await?;
         let buf = buf.ok_or_else(|| RbdError::Invalid("read buffer lost".into()))?;
         if n as usize != len {
             return Err(RbdError::Invalid(format!("short read at {offset}: {n} of {len} bytes")));
@@ -460,13 +465,11 @@ impl Image {
 
     /// Flush every completed write to the OSDs.
     pub async fn flush(&self) -> Result<(), RbdError> {
-        let image = self.ptr();
-        self.submit("flush".into(), None, None, |api, c, _| {
+        let rx = self.submit("flush", None, None, |api, image, c, _| {
             // SAFETY: valid image and completion.
             unsafe { (api.rbd_aio_flush)(image, c) }
-        })
-        .await
-        .map(|_| ())
+        })?;
+        Self::wait("flush".into(), rx).await.map(|_| ())
     }
 
     pub fn size(&self) -> Result<u64, RbdError> {

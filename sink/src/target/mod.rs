@@ -1,14 +1,17 @@
-//! Targets: where replicated disks land. A target name (`file:REL/NAME` today, `rbd:` next)
-//! is parsed and checked here; the `Target` enum dispatches positioned writes, zeroing, reads
-//! and flushes to the backend.
+//! Targets: where replicated disks land. A target name (`file:REL/NAME`, `rbd:POOL/IMAGE`) is
+//! parsed and checked here; the `Target` enum dispatches positioned writes, zeroing, reads,
+//! flushes, replication state and per-epoch snapshots to the backend.
 
 pub mod file;
 pub mod librbd;
+pub mod rbd;
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
+
+use crate::state::{ReplicationState, StateDir, StateError};
 
 /// Why a target could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,16 @@ pub enum TargetError {
     WouldShrink { name: String, target: u64, source_size: u64 },
     #[error("{0} targets are not enabled on this sink")]
     Disabled(&'static str),
+    #[error("target {name}: {source}")]
+    Ceph { name: String, source: librbd::RbdError },
+    #[error("target {name}: {reason}")]
+    BadState { name: String, reason: String },
+}
+
+impl From<StateError> for TargetError {
+    fn from(e: StateError) -> Self {
+        TargetError::BadState { name: String::new(), reason: e.to_string() }
+    }
 }
 
 impl TargetError {
@@ -36,8 +49,10 @@ impl TargetError {
 /// A parsed target name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TargetName {
-    /// A regular file (or block device node) below the sink's file root.
+    /// A regular file below the sink's file root.
     File(PathBuf),
+    /// A Ceph RBD image.
+    Rbd(rbd::RbdSpec),
 }
 
 impl TargetName {
@@ -85,7 +100,8 @@ impl TargetName {
                 }
                 Ok(TargetName::File(clean))
             }
-            other => Err(bad(&format!("unknown target type {other:?} (supported: file)"))),
+            "rbd" => Ok(TargetName::Rbd(rbd::RbdSpec::parse(rest).map_err(|r| bad(&r))?)),
+            other => Err(bad(&format!("unknown target type {other:?} (supported: file, rbd)"))),
         }
     }
 
@@ -93,6 +109,7 @@ impl TargetName {
     pub fn kind(&self) -> &'static str {
         match self {
             TargetName::File(_) => "file",
+            TargetName::Rbd(_) => "rbd",
         }
     }
 }
@@ -101,19 +118,22 @@ impl fmt::Display for TargetName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TargetName::File(p) => write!(f, "file:{}", p.display()),
+            TargetName::Rbd(spec) => write!(f, "rbd:{spec}"),
         }
     }
 }
 
 /// Where the sink may put targets.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TargetRoots {
     pub file_root: Option<PathBuf>,
+    pub ceph: Option<std::sync::Arc<rbd::Ceph>>,
 }
 
 /// An open target.
 pub enum Target {
     File(file::FileTarget),
+    Rbd(rbd::RbdTarget),
 }
 
 /// How a target is opened.
@@ -159,12 +179,18 @@ impl Target {
                 })??;
                 Ok((Target::File(t), opened))
             }
+            TargetName::Rbd(spec) => {
+                let ceph = roots.ceph.as_ref().ok_or(TargetError::Disabled("rbd (started with --no-rbd)"))?;
+                let (t, opened) = rbd::RbdTarget::open(ceph, spec, name, size, access).await?;
+                Ok((Target::Rbd(t), opened))
+            }
         }
     }
 
     pub fn size(&self) -> u64 {
         match self {
             Target::File(t) => t.size(),
+            Target::Rbd(t) => t.size(),
         }
     }
 
@@ -172,6 +198,7 @@ impl Target {
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), TargetError> {
         match self {
             Target::File(t) => t.write(offset, data).await,
+            Target::Rbd(t) => t.write(offset, data).await,
         }
     }
 
@@ -179,12 +206,14 @@ impl Target {
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), TargetError> {
         match self {
             Target::File(t) => t.write_zeroes(offset, len).await,
+            Target::Rbd(t) => t.write_zeroes(offset, len).await,
         }
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, TargetError> {
         match self {
             Target::File(t) => t.read(offset, len).await,
+            Target::Rbd(t) => t.read(offset, len).await,
         }
     }
 
@@ -192,6 +221,65 @@ impl Target {
     pub async fn flush(&self) -> Result<(), TargetError> {
         match self {
             Target::File(t) => t.flush().await,
+            Target::Rbd(t) => t.flush().await,
+        }
+    }
+
+    /// Whether a target this open created reads as zeros everywhere. Only file targets vouch for
+    /// it; an RBD image may sit under an encryption layer, so zeros are always written there.
+    pub fn zero_filled_when_created(&self) -> bool {
+        matches!(self, Target::File(_))
+    }
+
+    /// Ranges that may hold data; everything else reads as zeros.
+    pub async fn allocated(&self) -> Result<Vec<(u64, u64)>, TargetError> {
+        match self {
+            Target::File(t) => t.allocated().await,
+            Target::Rbd(t) => t.allocated().await,
+        }
+    }
+
+    /// The replication state kept with the data (RBD: image metadata; files: the state dir).
+    pub async fn load_state(&self, dir: &StateDir) -> Result<Option<ReplicationState>, TargetError> {
+        match self {
+            Target::File(_) => {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || d.load())
+                    .await
+                    .map_err(|e| TargetError::Io {
+                        name: String::new(),
+                        what: "load state",
+                        source: e.into(),
+                    })?
+                    .map_err(TargetError::from)
+            }
+            Target::Rbd(t) => t.load_state().await,
+        }
+    }
+
+    /// Persist the replication state durably.
+    pub async fn store_state(&self, dir: &StateDir, state: &ReplicationState) -> Result<(), TargetError> {
+        match self {
+            Target::File(_) => {
+                let (d, s) = (dir.clone(), state.clone());
+                tokio::task::spawn_blocking(move || d.store(&s))
+                    .await
+                    .map_err(|e| TargetError::Io {
+                        name: String::new(),
+                        what: "store state",
+                        source: e.into(),
+                    })?
+                    .map_err(TargetError::from)
+            }
+            Target::Rbd(t) => t.store_state(state).await,
+        }
+    }
+
+    /// Mark a committed epoch's point in time on the target (RBD: snapshot `blockship-<epoch>`).
+    pub async fn commit_epoch(&self, epoch: u64) -> Result<(), TargetError> {
+        match self {
+            Target::File(_) => Ok(()),
+            Target::Rbd(t) => t.snapshot_epoch(epoch).await,
         }
     }
 }

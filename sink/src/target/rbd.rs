@@ -1,0 +1,335 @@
+//! RBD targets (`rbd:POOL/IMAGE`, `rbd:POOL/NAMESPACE/IMAGE`), written straight into Ceph through
+//! librbd with many asynchronous requests in flight. The image is created when missing (layering,
+//! exclusive-lock, object-map, fast-diff, deep-flatten), grown when smaller than the source,
+//! never shrunk. Replication state lives in the image's metadata (`blockship.state`), so a sink on
+//! another host can resume; every committed epoch becomes a snapshot `blockship-<epoch>`, of
+//! which the newest N are kept.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::librbd::{self, ConnectOptions, Image, IoCtx, Rados, RbdError};
+use super::{Access, Opened, TargetError, TargetName};
+use crate::state::ReplicationState;
+
+/// Image metadata key holding the replication state (JSON).
+pub const STATE_KEY: &str = "blockship.state";
+/// Prefix of the per-epoch snapshots.
+pub const SNAP_PREFIX: &str = "blockship-";
+
+/// Features of images Blockship creates.
+pub const FEATURES: u64 = librbd::FEATURE_LAYERING
+    | librbd::FEATURE_EXCLUSIVE_LOCK
+    | librbd::FEATURE_OBJECT_MAP
+    | librbd::FEATURE_FAST_DIFF
+    | librbd::FEATURE_DEEP_FLATTEN;
+
+/// Pool, optional namespace and image of an `rbd:` target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RbdSpec {
+    pub pool: String,
+    pub namespace: Option<String>,
+    pub image: String,
+}
+
+impl RbdSpec {
+    pub fn parse(rest: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let ok = |s: &&str| !s.is_empty() && !s.contains(['@', '\0']) && s.len() <= 255;
+        if !parts.iter().all(ok) {
+            return Err("expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE (no empty parts, no '@')".into());
+        }
+        match parts.as_slice() {
+            [pool, image] => {
+                Ok(RbdSpec { pool: pool.to_string(), namespace: None, image: image.to_string() })
+            }
+            [pool, ns, image] => Ok(RbdSpec {
+                pool: pool.to_string(),
+                namespace: Some(ns.to_string()),
+                image: image.to_string(),
+            }),
+            _ => Err("expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for RbdSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{}/{}/{}", self.pool, ns, self.image),
+            None => write!(f, "{}/{}", self.pool, self.image),
+        }
+    }
+}
+
+/// How the sink reaches Ceph (Ceph's usual client settings).
+#[derive(Debug, Clone)]
+pub struct CephOptions {
+    pub conf: Option<PathBuf>,
+    pub id: String,
+    pub keyring: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub op_timeout: Duration,
+    /// Per-epoch snapshots kept on each image.
+    pub keep_snapshots: u32,
+}
+
+impl Default for CephOptions {
+    fn default() -> Self {
+        CephOptions {
+            conf: None,
+            id: "admin".into(),
+            keyring: None,
+            connect_timeout: Duration::from_secs(15),
+            op_timeout: Duration::from_secs(300),
+            keep_snapshots: 2,
+        }
+    }
+}
+
+/// The cluster connection, made on first use and shared by all sessions.
+pub struct Ceph {
+    pub opts: CephOptions,
+    cluster: tokio::sync::Mutex<Option<Arc<Rados>>>,
+}
+
+impl Ceph {
+    pub fn new(opts: CephOptions) -> Self {
+        Ceph { opts, cluster: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn cluster(&self, name: &TargetName) -> Result<Arc<Rados>, TargetError> {
+        let mut guard = self.cluster.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = self.opts.clone();
+        let rados = tokio::task::spawn_blocking(move || {
+            Rados::connect(&ConnectOptions {
+                conf: opts.conf.as_deref(),
+                id: &opts.id,
+                keyring: opts.keyring.as_deref(),
+                connect_timeout: opts.connect_timeout,
+                op_timeout: opts.op_timeout,
+            })
+        })
+        .await
+        .map_err(|e| TargetError::io(name, "connect to Ceph", e.into()))?
+        .map_err(|source| TargetError::Ceph { name: name.to_string(), source })?;
+        let rados = Arc::new(rados);
+        *guard = Some(rados.clone());
+        Ok(rados)
+    }
+
+    async fn ioctx(&self, name: &TargetName, spec: &RbdSpec) -> Result<Arc<IoCtx>, TargetError> {
+        let rados = self.cluster(name).await?;
+        let (pool, ns) = (spec.pool.clone(), spec.namespace.clone());
+        let io = blocking(name, move || rados.ioctx(&pool, ns.as_deref())).await;
+        match io {
+            Err(TargetError::Ceph { source, .. }) if source.errno() == Some(libc::ENOENT) => {
+                Err(TargetError::BadName {
+                    name: name.to_string(),
+                    reason: format!("pool {:?} does not exist", spec.pool),
+                })
+            }
+            other => other.map(Arc::new),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    name: &TargetName,
+    f: impl FnOnce() -> Result<T, RbdError> + Send + 'static,
+) -> Result<T, TargetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TargetError::io(name, "librbd call", e.into()))?
+        .map_err(|source| TargetError::Ceph { name: name.to_string(), source })
+}
+
+pub struct RbdTarget {
+    image: Image,
+    size: u64,
+    name: TargetName,
+    keep: u32,
+}
+
+impl RbdTarget {
+    pub async fn open(
+        ceph: &Ceph,
+        spec: &RbdSpec,
+        name: &TargetName,
+        size: u64,
+        access: Access,
+    ) -> Result<(Self, Opened), TargetError> {
+        let io = ceph.ioctx(name, spec).await?;
+        let image_name = spec.image.clone();
+        let (io2, n2) = (io.clone(), image_name.clone());
+        let (image, created) = match blocking(name, move || io2.open(&n2)).await {
+            Ok(img) => (img, false),
+            Err(TargetError::Ceph { source, .. }) if source.errno() == Some(libc::ENOENT) => {
+                if access != Access::Create {
+                    return Err(TargetError::NotFound { name: name.to_string() });
+                }
+                let (io3, n3) = (io.clone(), image_name.clone());
+                blocking(name, move || {
+                    match io3.create(&n3, size, FEATURES) {
+                        // Another session created it first: fine, open it.
+                        Err(e) if e.errno() == Some(libc::EEXIST) => {}
+                        other => other?,
+                    }
+                    io3.open(&n3)
+                })
+                .await
+                .map(|img| (img, true))?
+            }
+            Err(e) => return Err(e),
+        };
+        let img = image.clone();
+        let current = blocking(name, move || img.size()).await?;
+        let opened = if created {
+            Opened::Created
+        } else if access == Access::ReadOnly || current == size {
+            Opened::Existing
+        } else if current < size {
+            let img = image.clone();
+            blocking(name, move || img.resize(size)).await?;
+            Opened::Grown { from: current }
+        } else {
+            return Err(TargetError::WouldShrink {
+                name: name.to_string(),
+                target: current,
+                source_size: size,
+            });
+        };
+        let size = if access == Access::ReadOnly { current } else { size };
+        Ok((RbdTarget { image, size, name: name.clone(), keep: ceph.opts.keep_snapshots }, opened))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn err(&self, source: RbdError) -> TargetError {
+        TargetError::Ceph { name: self.name.to_string(), source }
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), TargetError> {
+        self.image.write(offset, data).await.map_err(|e| self.err(e))
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        // librbd takes a size_t per request; split very large extents to keep requests moderate.
+        const MAX: u64 = 1 << 30;
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(MAX);
+            self.image.write_zeroes(pos, n).await.map_err(|e| self.err(e))?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, TargetError> {
+        self.image.read(offset, len).await.map(Bytes::from).map_err(|e| self.err(e))
+    }
+
+    pub async fn flush(&self) -> Result<(), TargetError> {
+        self.image.flush().await.map_err(|e| self.err(e))
+    }
+
+    /// Allocated extents of the image head.
+    pub async fn allocated(&self) -> Result<Vec<(u64, u64)>, TargetError> {
+        let (img, size) = (self.image.clone(), self.size);
+        let d = blocking(&self.name, move || img.diff(None, 0, size, false)).await?;
+        Ok(d.into_iter().filter(|e| e.exists).map(|e| (e.offset, e.len)).collect())
+    }
+
+    pub async fn load_state(&self) -> Result<Option<ReplicationState>, TargetError> {
+        let img = self.image.clone();
+        let text = blocking(&self.name, move || img.metadata_get(STATE_KEY)).await?;
+        match text {
+            None => Ok(None),
+            Some(t) => serde_json::from_str(&t).map(Some).map_err(|e| TargetError::BadState {
+                name: self.name.to_string(),
+                reason: format!(
+                    "image metadata {STATE_KEY} is not valid JSON ({e}); remove it to start over"
+                ),
+            }),
+        }
+    }
+
+    /// Persist the state in image metadata (a synchronous, durable OSD operation).
+    pub async fn store_state(&self, state: &ReplicationState) -> Result<(), TargetError> {
+        let img = self.image.clone();
+        let text = serde_json::to_string(state).expect("state serializes");
+        blocking(&self.name, move || img.metadata_set(STATE_KEY, &text)).await
+    }
+
+    /// Snapshot the (flushed) image as `blockship-<epoch>` and keep only the newest N.
+    pub async fn snapshot_epoch(&self, epoch: u64) -> Result<(), TargetError> {
+        let (img, keep) = (self.image.clone(), self.keep.max(1) as usize);
+        blocking(&self.name, move || {
+            let name = format!("{SNAP_PREFIX}{epoch}");
+            // Left over from an attempt at this epoch that crashed before it committed.
+            if img.snap_list()?.iter().any(|(_, n)| *n == name) {
+                img.snap_remove(&name)?;
+            }
+            img.snap_create(&name)?;
+            let mut ours: Vec<(u64, String)> = img
+                .snap_list()?
+                .into_iter()
+                .filter_map(|(_, n)| {
+                    n.strip_prefix(SNAP_PREFIX).and_then(|e| e.parse().ok()).map(|e: u64| (e, n))
+                })
+                .collect();
+            ours.sort();
+            let excess = ours.len().saturating_sub(keep);
+            for (_, n) in ours.into_iter().take(excess) {
+                img.snap_remove(&n)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Epochs that have a `blockship-<epoch>` snapshot, oldest first.
+    pub async fn epoch_snapshots(&self) -> Result<Vec<u64>, TargetError> {
+        let img = self.image.clone();
+        let list = blocking(&self.name, move || img.snap_list()).await?;
+        let mut v: Vec<u64> = list
+            .into_iter()
+            .filter_map(|(_, n)| n.strip_prefix(SNAP_PREFIX).and_then(|e| e.parse().ok()))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Roll the image back to snapshot `blockship-<epoch>`.
+    pub async fn rollback_to(&self, epoch: u64) -> Result<(), TargetError> {
+        let img = self.image.clone();
+        blocking(&self.name, move || img.snap_rollback(&format!("{SNAP_PREFIX}{epoch}"))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            RbdSpec::parse("rbd/img").unwrap(),
+            RbdSpec { pool: "rbd".into(), namespace: None, image: "img".into() }
+        );
+        let s = RbdSpec::parse("volumes/tenant-a/volume-1").unwrap();
+        assert_eq!(s.namespace.as_deref(), Some("tenant-a"));
+        assert_eq!(s.to_string(), "volumes/tenant-a/volume-1");
+        for bad in ["rbd", "rbd/", "/img", "a/b/c/d", "rbd/img@snap", ""] {
+            assert!(RbdSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
