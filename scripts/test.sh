@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Blockship's whole test suite on a Debian 12 machine: installs what the tests need, checks
-# formatting and lints, runs every unit and integration test (real sink and agent processes,
-# real QUIC with mutual TLS on loopback), and stops whatever it started, also on failure.
-# `.ci/run` calls exactly this.
+# formatting and lints, starts a throw-away Ceph cluster on 127.0.0.1 (cephx, a restricted
+# client), runs every unit and integration test (real sink and agent processes, real QUIC with
+# mutual TLS on loopback, real librbd), and stops whatever it started, also on failure.
+# `.ci/run` calls exactly this. BLOCKSHIP_CEPH_DIR moves the cluster (default /tmp/blockship-ceph).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -16,6 +17,13 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+
+step "throw-away Ceph cluster (cephx)"
+export BLOCKSHIP_CEPH_AUTH=cephx
+trap 'bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT
+eval "$(bash scripts/ceph-up.sh)"
+export BLOCKSHIP_REQUIRE_CEPH=1
+bash scripts/ceph-smoke.sh >/dev/null
 
 step "cargo test (release: the same build the bench and demo use)"
 cargo test --release --workspace --no-fail-fast --quiet -- --test-threads=2

@@ -3,12 +3,16 @@
 //! state is reset to that epoch and the hash index is invalidated (it is rebuilt from the image).
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::state::StateDir;
 use crate::target::rbd::RbdTarget;
-use crate::target::{Access, TargetName, TargetRoots};
+use crate::target::{Access, TargetError, TargetName, TargetRoots};
+
+/// How long rollback waits for a dead writer's exclusive lock.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 pub async fn rollback(roots: &TargetRoots, state_root: Option<&Path>, target: &str) -> Result<String> {
     let name = TargetName::parse(target)?;
@@ -30,7 +34,20 @@ pub async fn rollback(roots: &TargetRoots, state_root: Option<&Path>, target: &s
         bail!("{name}: the snapshot blockship-{epoch} of the committed epoch is missing (blockship snapshots: {snaps:?})");
     }
     let dropped = state.in_progress.as_ref().map(|p| p.epoch);
-    image.rollback_to(epoch).await?;
+    // A sink that died still owns the image's exclusive lock until its watch expires (about
+    // 30 s); librbd answers EROFS meanwhile.
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match image.rollback_to(epoch).await {
+            Err(TargetError::Ceph { source, .. })
+                if source.errno() == Some(libc::EROFS) && tokio::time::Instant::now() < deadline =>
+            {
+                eprintln!("{name}: waiting for the previous writer's exclusive lock to expire");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            other => break other?,
+        }
+    }
     state.in_progress = None;
     // The image changed under the index: force a rebuild from the data.
     state.index_token.clear();

@@ -1,0 +1,353 @@
+//! Syncs into Ceph RBD through the real sink and a real (throw-away) cluster: full, incremental
+//! and compare epochs checked with `rbd export` of each epoch's snapshot, a sink killed mid-sync,
+//! pre-existing images holding garbage, state kept in image metadata and picked up by a second
+//! sink, and the refusals. Needs `scripts/ceph-up.sh` (CEPH_CONF etc. in the environment);
+//! skipped without it unless BLOCKSHIP_REQUIRE_CEPH=1.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use blockship_bench::image::{self, Profile};
+use common::*;
+
+const DISK: u64 = 1 << 30;
+
+struct Ceph {
+    conf: String,
+    /// Sink flags: the restricted client (cephx when the cluster runs with it).
+    sink_args: Vec<String>,
+}
+
+fn ceph() -> Option<Ceph> {
+    let Ok(conf) = std::env::var("CEPH_CONF") else {
+        assert!(
+            std::env::var("BLOCKSHIP_REQUIRE_CEPH").is_err(),
+            "BLOCKSHIP_REQUIRE_CEPH is set but CEPH_CONF is not"
+        );
+        eprintln!("skipped: no Ceph cluster (source the env printed by scripts/ceph-up.sh)");
+        return None;
+    };
+    let mut sink_args = vec!["--ceph-conf".to_string(), conf.clone()];
+    if let (Ok(id), Ok(keyring)) =
+        (std::env::var("BLOCKSHIP_CEPH_ID"), std::env::var("BLOCKSHIP_CEPH_KEYRING"))
+    {
+        sink_args.extend(["--ceph-id".into(), id, "--keyring".into(), keyring]);
+    }
+    Some(Ceph { conf, sink_args })
+}
+
+impl Ceph {
+    fn rbd(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new("timeout")
+            .arg("120")
+            .arg("rbd")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap();
+        out
+    }
+
+    fn rbd_ok(&self, args: &[&str]) -> String {
+        let out = self.rbd(args);
+        assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// BLAKE3 of `rbd export SPEC` (an image or IMAGE@SNAP).
+    fn export_hash(&self, spec: &str, dir: &Path) -> String {
+        let file = dir.join("export.img");
+        let _ = std::fs::remove_file(&file);
+        self.rbd_ok(&["export", "--no-progress", spec, file.to_str().unwrap()]);
+        let h = sha(&file);
+        std::fs::remove_file(&file).unwrap();
+        h
+    }
+
+    fn sink(&self, lab: &Lab, allow: &[&str], extra: &[&str]) -> Sink {
+        let mut args: Vec<&str> = self.sink_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        lab.sink(allow, &args)
+    }
+}
+
+/// An image name unique to this test run; removed (with its snapshots) at the end.
+struct TestImage<'a> {
+    ceph: &'a Ceph,
+    name: String,
+}
+
+impl<'a> TestImage<'a> {
+    fn new(ceph: &'a Ceph, tag: &str) -> Self {
+        let name = format!("test-{tag}-{}", std::process::id());
+        let img = TestImage { ceph, name };
+        img.remove();
+        img
+    }
+
+    fn spec(&self) -> String {
+        format!("rbd/{}", self.name)
+    }
+
+    fn target(&self) -> String {
+        format!("rbd:rbd/{}", self.name)
+    }
+
+    fn remove(&self) {
+        let _ = self.ceph.rbd(&["snap", "purge", &self.spec()]);
+        let _ = self.ceph.rbd(&["rm", "--no-progress", &self.spec()]);
+    }
+}
+
+impl Drop for TestImage<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn change_list(extents: &[(u64, u64)]) -> String {
+    let areas: Vec<serde_json::Value> =
+        extents.iter().map(|(o, l)| serde_json::json!({"start": o, "length": l})).collect();
+    serde_json::json!({"startOffset": 0, "length": DISK, "changedArea": areas}).to_string()
+}
+
+#[test]
+fn full_incremental_compare_with_snapshots_and_metadata() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "epochs");
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 11).unwrap();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+
+    // Epoch 1: full sync into a new image.
+    let full = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    assert_eq!(full["mode"], "full");
+    let h1 = sha(&src);
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), h1, "image differs from the source");
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-1", img.spec()), lab.dir.path()), h1);
+    // Zero regions are not allocated.
+    let du: serde_json::Value =
+        serde_json::from_str(&ceph.rbd_ok(&["du", "--format", "json", &img.spec()])).unwrap();
+    let used: u64 = du["images"].as_array().unwrap().iter().map(|i| i["used_size"].as_u64().unwrap()).sum();
+    let (zero, _, _) = image::composition(Profile::Mixed, DISK);
+    assert!(used <= DISK - zero + 16 * MIB, "zero regions allocated: {used} bytes used of {DISK}: {du}");
+    println!("full into rbd: {full}; rbd du used {used}");
+
+    // Epoch 2: incremental from a change list (some areas now zero).
+    let mut changed = Vec::new();
+    for i in 0..40u64 {
+        let off = (image::Rng::new(500 + i).next_u64() % (DISK / MIB - 2)) * MIB + 8192;
+        if i % 5 == 0 {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&src)
+                .unwrap()
+                .write_all_at(&[0u8; 65536], off)
+                .unwrap();
+        } else {
+            scribble(&src, off, 65536, i);
+        }
+        changed.push((off, 65536));
+    }
+    let list = lab.path("changes.json");
+    std::fs::write(&list, change_list(&changed)).unwrap();
+    let incr = lab.sync(&sink, "esx01", &src, &img.target(), &["--changed-areas", list.to_str().unwrap()]);
+    assert_eq!((incr["mode"].as_str(), u(&incr, "epoch")), (Some("incremental"), 2));
+    let h2 = sha(&src);
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-2", img.spec()), lab.dir.path()), h2);
+
+    // Epoch 3: compare mode after untold 4 KiB overwrites.
+    for i in 0..100u64 {
+        scribble(&src, (image::Rng::new(900 + i).next_u64() % (DISK / 4096)) * 4096, 4096, 77 + i);
+    }
+    let cmp = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    assert_eq!((cmp["mode"].as_str(), u(&cmp, "epoch")), (Some("compare"), 3));
+    assert!(u(&cmp, "chunks_sent") <= 100, "{cmp}");
+    let h3 = sha(&src);
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-3", img.spec()), lab.dir.path()), h3);
+    // Only the newest two epoch snapshots are kept; the state is in the image metadata.
+    let snaps = ceph.rbd_ok(&["snap", "ls", &img.spec()]);
+    assert!(
+        !snaps.contains("blockship-1") && snaps.contains("blockship-2") && snaps.contains("blockship-3"),
+        "{snaps}"
+    );
+    let meta = ceph.rbd_ok(&["image-meta", "list", &img.spec()]);
+    assert!(meta.contains("blockship.state") && meta.contains("\"committed_epoch\":3"), "{meta}");
+
+    // A second sink with an empty state dir continues from the image metadata alone.
+    drop(sink);
+    let other = Lab::new(&["esx01"]);
+    std::fs::remove_dir_all(other.pki()).unwrap();
+    copy_dir(&lab.pki(), &other.pki());
+    let sink2 = ceph.sink(&other, &["esx01=rbd:rbd/*"], &[]);
+    scribble(&src, 3 * MIB, 4096, 5);
+    std::fs::write(&list, change_list(&[(3 * MIB, 4096)])).unwrap();
+    let resumed =
+        other.sync(&sink2, "esx01", &src, &img.target(), &["--changed-areas", list.to_str().unwrap()]);
+    assert_eq!(u(&resumed, "epoch"), 4, "{resumed}");
+    assert_eq!(u(&resumed, "bytes_read"), 4096);
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-4", img.spec()), lab.dir.path()), sha(&src));
+    let v = other.verify(&sink2, "esx01", &src, &img.target());
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sink_killed_mid_sync_then_resume_and_rollback() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "kill");
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 12).unwrap();
+    let mut sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    let epoch1 = sha(&src);
+    // Rewrite most of the disk, then crash the sink in the middle of epoch 2.
+    for i in 0..800u64 {
+        scribble(&src, i * MIB, MIB as usize, 3000 + i);
+    }
+    let mut agent = lab
+        .agent_cmd(&sink, "esx01", "sync")
+        .arg("--source")
+        .arg(&src)
+        .args(["--target", &img.target(), "--json", "--bwlimit", "100MiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let meta_durable = || {
+        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(60), || meta_durable() >= 100 * MIB), "no durable progress");
+    sink.kill9();
+    assert!(!agent.wait().unwrap().success(), "agent succeeded although the sink died");
+    // The snapshot of the last committed epoch still holds that epoch.
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-1", img.spec()), lab.dir.path()), epoch1);
+
+    // Rolling back drops the partial epoch: the head equals epoch 1 again.
+    let mut cmd = Command::new(bin("blockship-sink"));
+    cmd.args(["rollback", "--target", &img.target()]).args(&ceph.sink_args);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unfinished epoch 2 was dropped"));
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), epoch1);
+
+    // Restart and re-run: the image ends identical to the source.
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let second = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    assert_eq!(u(&second, "epoch"), 2);
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
+    assert_eq!(ceph.export_hash(&format!("{}@blockship-2", img.spec()), lab.dir.path()), sha(&src));
+}
+
+#[test]
+fn sink_killed_then_same_command_resumes_without_resending() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "resume");
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Random, 13).unwrap();
+    let mut sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let mut agent = lab
+        .agent_cmd(&sink, "esx01", "sync")
+        .arg("--source")
+        .arg(&src)
+        .args(["--target", &img.target(), "--json", "--bwlimit", "100MiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || {
+        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
+            .unwrap_or(0)
+            >= 300 * MIB
+    }));
+    sink.kill9();
+    let _ = agent.wait();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let second = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
+    assert!(u(&second, "bytes_sent") < DISK - 250 * MIB, "durable data was resent: {second}");
+}
+
+#[test]
+fn preexisting_volume_with_garbage_is_overwritten_exactly() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "cinder");
+    // A "Cinder volume" full of random bytes, larger chunks of which must become zeros.
+    let junk = lab.path("junk.img");
+    image::generate(&junk, 256 * MIB, Profile::Random, 99).unwrap();
+    ceph.rbd_ok(&["import", "--no-progress", junk.to_str().unwrap(), &img.spec()]);
+    let src = lab.path("src.img");
+    image::generate(&src, 256 * MIB, Profile::Mixed, 14).unwrap();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let s = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    assert_eq!(s["mode"], "compare", "{s}");
+    assert!(u(&s, "zero_extents") > 0, "{s}");
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
+}
+
+#[test]
+fn refusals() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, 64 * MIB, Profile::Mixed, 15).unwrap();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let err = |out: std::process::Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let e = err(lab.try_sync(&sink, "esx01", &src, "rbd:nosuchpool/img", &[]));
+    assert!(e.contains("may not write"), "{e}");
+    let sink_any = ceph.sink(&lab, &["esx01=rbd:**"], &[]);
+    let e = err(lab.try_sync(&sink_any, "esx01", &src, "rbd:nosuchpool/img", &[]));
+    assert!(e.contains("pool \"nosuchpool\" does not exist"), "{e}");
+
+    // An image bigger than the source would have to shrink.
+    let big = TestImage::new(&ceph, "big");
+    ceph.rbd_ok(&["create", "--size", "128M", &big.spec()]);
+    let e = err(lab.try_sync(&sink, "esx01", &src, &big.target(), &[]));
+    assert!(e.contains("never shrinks"), "{e}");
+    // A smaller one is grown.
+    let small = TestImage::new(&ceph, "small");
+    ceph.rbd_ok(&["create", "--size", "16M", &small.spec()]);
+    lab.sync(&sink, "esx01", &src, &small.target(), &[]);
+    assert_eq!(ceph.export_hash(&small.spec(), lab.dir.path()), sha(&src));
+
+    // A cluster that does not answer: a clear timeout, not a hang.
+    let dead = lab.path("dead.conf");
+    std::fs::write(&dead, "[global]\nmon host = 127.0.0.1:1\nauth client required = none\n").unwrap();
+    let lost = lab
+        .sink(&["esx01=rbd:rbd/*"], &["--ceph-conf", dead.to_str().unwrap(), "--ceph-connect-timeout", "3s"]);
+    let started = std::time::Instant::now();
+    let e = err(lab.try_sync(&lost, "esx01", &src, "rbd:rbd/unreachable", &[]));
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(e.contains("timed out") || e.contains("Connection timed out"), "{e}");
+}
