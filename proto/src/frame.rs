@@ -197,6 +197,7 @@ mod tests {
                     durable_offset: 77,
                 }),
                 source_disk_id: "vm-1/2000".into(),
+                zero_filled: true,
             }),
             Body::EpochBegin(EpochBegin {
                 disk: 1,
