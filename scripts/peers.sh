@@ -10,6 +10,9 @@
 # Peers:
 #   qemu-img-rbd  `qemu-img` able to read/write `rbd:POOL/IMG[:conf=FILE][:id=NAME][:keyring=FILE]`.
 #   rbd           Ceph's own `rbd` CLI (`rbd import FILE POOL/IMG`), from Debian's ceph-common.
+#   nbdcopy       libnbd's copy tool (Debian's libnbd-bin), the NBD speed reference.
+#   qemu-nbd      QEMU's NBD server (qemu-utils), serving images to the NBD peers.
+#   qemu-img      plain `qemu-img convert` (qemu-utils).
 #
 # stdout carries only the printed paths, so `QIMG=$(scripts/peers.sh install qemu-img-rbd)` works;
 # progress and errors go to stderr. Safe to run repeatedly and concurrently (one lock).
@@ -33,7 +36,7 @@ set -euo pipefail
 
 PREFIX=${BLOCKSHIP_PEERS_PREFIX:-/opt/blockship-peers}
 ALLOW_INSTALL=${BLOCKSHIP_PEERS_INSTALL:-1}
-PEERS="qemu-img-rbd rbd"
+PEERS="qemu-img-rbd rbd nbdcopy qemu-nbd qemu-img"
 
 CLEANUP=()
 cleanup() { [ ${#CLEANUP[@]} = 0 ] || rm -rf "${CLEANUP[@]}"; }
@@ -206,6 +209,9 @@ install_peer() {
   case $1 in
     qemu-img-rbd) install_qemu_img_rbd ;;
     rbd) apt_peer rbd ceph-common ;;
+    nbdcopy) apt_peer nbdcopy libnbd-bin ;;
+    qemu-nbd) apt_peer qemu-nbd qemu-utils ;;
+    qemu-img) apt_peer qemu-img qemu-utils ;;
     # New apt-only peer: add `NAME) apt_peer CMD DEBIAN-PKG... ;;` here and NAME to PEERS above.
     *) die "unknown peer '$1' (known: $PEERS)" ;;
   esac
@@ -214,7 +220,7 @@ install_peer() {
 path_peer() {
   case $1 in
     qemu-img-rbd) qemu_img_rbd_ok && echo "$QEMU_WRAPPER" ;;
-    rbd) command -v rbd ;;
+    rbd | nbdcopy | qemu-nbd | qemu-img) command -v "$1" ;;
     *) die "unknown peer '$1' (known: $PEERS)" ;;
   esac
 }

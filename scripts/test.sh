@@ -28,4 +28,8 @@ bash scripts/ceph-smoke.sh >/dev/null
 step "cargo test (release: the same build the bench and demo use)"
 cargo test --release --workspace --no-fail-fast --quiet -- --test-threads=2
 
+step "benchmark smoke test (blockship-bench all --quick; no thresholds)"
+cargo run --release --quiet -p blockship-bench -- all --quick --no-build --out target/bench-quick >/dev/null
+grep -q '^| lan' target/bench-quick/results.md
+
 step "done in $(( $(date +%s) - start ))s"

@@ -1,4 +1,12 @@
-//! Blockship's benchmark harness: deterministic test images and (growing) scenarios that run the
-//! real agent and sink next to peer tools in the same run and report ratios.
+//! Blockship's benchmark harness: deterministic test images, measured child processes, and
+//! scenarios that run the real agent and sink next to peer tools in the same run and report
+//! ratios (results.md, results.json, PNG charts).
 
+pub mod charts;
 pub mod image;
+pub mod lab;
+pub mod machine;
+pub mod proc;
+pub mod quic_peer;
+pub mod report;
+pub mod scenario;

@@ -1,17 +1,42 @@
-//! `blockship-bench`: generate test images (`gen-image`); scenarios follow.
+//! `blockship-bench`: run scenarios (`lan`, `rbd`, `incremental`, `memory`, `compression`, or
+//! `all`), generate test images, and serve as the bare-QUIC peer.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use blockship_bench::image::{self, Profile};
+use blockship_bench::lab::{Bins, Lab};
+use blockship_bench::machine::Machine;
+use blockship_bench::report::Report;
+use blockship_bench::scenario::{self, Ctx};
 
 #[derive(Parser)]
-#[command(name = "blockship-bench", about = "Blockship benchmark harness")]
+#[command(
+    name = "blockship-bench",
+    about = "Blockship benchmark harness: real binaries, peers in the same run"
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    /// Scenario to run (lan, rbd, incremental, memory, compression) or `all`.
+    scenario: Option<String>,
+    /// Small sizes and one run per tool (a smoke test, < 2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Output directory for results.md, results.json and charts.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Measured runs per tool (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where images and scratch files go (default: OUT/work).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Do not build the agent and sink first.
+    #[arg(long)]
+    no_build: bool,
 }
 
 #[derive(Subcommand)]
@@ -28,11 +53,37 @@ enum Cmd {
         seed: u64,
         out: PathBuf,
     },
+    /// Bare QUIC bulk transfer with Blockship's transport settings (the lan scenario's ceiling).
+    QuicPeer {
+        #[command(subcommand)]
+        side: QuicSide,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuicSide {
+    Serve {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        pki: PathBuf,
+    },
+    Send {
+        #[arg(long)]
+        sink: String,
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+    },
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
-        Cmd::GenImage { profile, size, seed, out } => {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::GenImage { profile, size, seed, out }) => {
             let size = parse_size::Config::new()
                 .with_binary()
                 .parse_size(&size)
@@ -42,5 +93,51 @@ fn main() -> Result<()> {
             println!("wrote {} ({size} bytes: {z} zero, {t} text, {r} random)", out.display());
             Ok(())
         }
+        Some(Cmd::QuicPeer { side }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            match side {
+                QuicSide::Serve { listen, pki } => {
+                    rt.block_on(blockship_bench::quic_peer::serve(listen, &pki))
+                }
+                QuicSide::Send { sink, pki, bytes, streams } => {
+                    rt.block_on(blockship_bench::quic_peer::send(&sink, &pki, bytes, streams))
+                }
+            }
+        }
+        None => {
+            let which = cli
+                .scenario
+                .context("name a scenario (lan, rbd, incremental, memory, compression) or `all`")?;
+            let names: Vec<&str> = if which == "all" { scenario::ALL.to_vec() } else { vec![which.as_str()] };
+            let bins = Bins::prepare(!cli.no_build)?;
+            let work = cli.work.clone().unwrap_or_else(|| cli.out.join("work"));
+            let lab = Lab::new(&work, bins)?;
+            let runs = if cli.quick { 1 } else { cli.runs.max(1) };
+            let ctx = Ctx { lab: &lab, quick: cli.quick, runs };
+            let mut report = Report {
+                date: date(),
+                machine: Machine::detect(),
+                quick: cli.quick,
+                runs,
+                scenarios: Vec::new(),
+            };
+            for name in names {
+                eprintln!("== {name}");
+                let started = std::time::Instant::now();
+                let r = scenario::run(name, &ctx).with_context(|| format!("scenario {name}"))?;
+                eprintln!("   {} in {:.0} s", name, started.elapsed().as_secs_f64());
+                report.scenarios.push(r);
+                // Partial results survive a later failure.
+                report.write(&cli.out)?;
+            }
+            print!("{}", report.markdown());
+            eprintln!("wrote {}", cli.out.join("results.md").display());
+            Ok(())
+        }
     }
+}
+
+fn date() -> String {
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }

@@ -1,0 +1,140 @@
+//! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target, against the
+//! transport's ceiling (bare QUIC with the same settings) and against `nbdcopy` and
+//! `qemu-img convert` copying the same image from a `qemu-nbd` TCP export into a local file.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{fresh_sync, side, Ctx};
+use crate::image::Profile;
+use crate::lab::{free_port, wait_tcp};
+use crate::proc::{self, Server};
+use crate::report::{Ratio, Row, Sample, ScenarioResult};
+
+/// A read-only `qemu-nbd` TCP export of `image` on 127.0.0.1 (like a hypervisor's NBD server).
+pub struct NbdExport {
+    pub server: Server,
+    pub uri: String,
+}
+
+pub fn export(ctx: &Ctx, image: &str) -> Result<NbdExport> {
+    let qemu_nbd = ctx.lab.bins.peer("qemu-nbd")?;
+    let port = free_port()?;
+    let server = Server::start_detached(
+        Command::new(qemu_nbd)
+            .args(["-t", "-r", "-f", "raw", "-x", "img", "--shared", "32", "--bind", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg(image),
+    )?;
+    wait_tcp(port, Duration::from_secs(10))?;
+    Ok(NbdExport { server, uri: format!("nbd://127.0.0.1:{port}/img") })
+}
+
+pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
+    let size: u64 = if ctx.quick { 512 << 20 } else { 4 << 30 };
+    let src = ctx.lab.image(Profile::Mixed, size, 31)?;
+    let src_s = src.to_string_lossy().to_string();
+    let mut result = ScenarioResult::new(
+        "lan",
+        "agent → sink on loopback, file target",
+        format!(
+            "{} MiB `mixed` image (30 % zero holes, 40 % text, 30 % random) in the page cache; agent and sink share the machine's cores. Peers copy the same image from a `qemu-nbd` TCP export on 127.0.0.1 into a local file.",
+            size >> 20
+        ),
+    );
+
+    let mut ours = Row::new("blockship");
+    ctx.repeat(|measured| {
+        let (sample, _) = fresh_sync(ctx, &src_s, "file:lan.img", size, &[])?;
+        if measured {
+            ours.samples.push(sample);
+        }
+        Ok(())
+    })?;
+
+    // The transport's ceiling, moving as many bytes as Blockship put on the wire.
+    let wire = ours.median_wire().unwrap_or(size as f64) as u64;
+    let mut bare = Row::new("bare quinn");
+    ctx.repeat(|measured| {
+        let pki = ctx.lab.dir.join("pki");
+        let server = Server::start(
+            Command::new(&ctx.lab.bins.bench)
+                .args(["quic-peer", "serve", "--listen", "127.0.0.1:0", "--pki"])
+                .arg(&pki),
+            |l| l.starts_with("listening on "),
+            Duration::from_secs(10),
+        )?;
+        let addr = server.ready_line.trim_start_matches("listening on ").to_string();
+        let f = proc::run_ok(
+            Command::new(&ctx.lab.bins.bench)
+                .args(["quic-peer", "send", "--sink", &addr, "--bytes", &wire.to_string(), "--pki"])
+                .arg(&pki),
+        )?;
+        let srv = server.stop()?;
+        if measured {
+            bare.samples.push(Sample {
+                wall_s: f.usage.wall_s,
+                disk_bytes: wire,
+                wire_bytes: Some(wire),
+                sides: vec![side("sender", &f.usage), side("receiver", &srv)],
+            });
+        }
+        Ok(())
+    })?;
+
+    let out = ctx.lab.dir.join("peer-copy.img");
+    let nbdcopy = ctx.lab.bins.peer("nbdcopy")?;
+    let qemu_img = ctx.lab.bins.peer("qemu-img")?;
+    let mut nc = Row::new("nbdcopy");
+    let mut qi = Row::new("qemu-img convert");
+    for (row, is_nbdcopy) in [(&mut nc, true), (&mut qi, false)] {
+        ctx.repeat(|measured| {
+            let _ = std::fs::remove_file(&out);
+            let nbd = export(ctx, &src_s)?;
+            let mut cmd = if is_nbdcopy {
+                let mut c = Command::new(&nbdcopy);
+                c.arg(&nbd.uri).arg(&out);
+                c
+            } else {
+                let mut c = Command::new(&qemu_img);
+                c.args(["convert", "-f", "raw", "-O", "raw", &nbd.uri]).arg(&out);
+                c
+            };
+            let f = proc::run_ok(&mut cmd)?;
+            let srv = nbd.server.stop()?;
+            if measured {
+                row.samples.push(Sample {
+                    wall_s: f.usage.wall_s,
+                    disk_bytes: size,
+                    wire_bytes: None,
+                    sides: vec![
+                        side(if is_nbdcopy { "nbdcopy" } else { "qemu-img" }, &f.usage),
+                        side("qemu-nbd", &srv),
+                    ],
+                });
+            }
+            Ok(())
+        })?;
+    }
+    let _ = std::fs::remove_file(&out);
+
+    result.rows = vec![ours, bare, nc, qi];
+    if let (Some(o), Some(b)) = (result.row("blockship"), result.row("bare quinn")) {
+        // Same bytes on the wire: the share of the transport's ceiling Blockship reaches.
+        result.ratios.push(Ratio::at_least(
+            "blockship / bare quinn (same wire bytes, time)",
+            b.median_wall() / o.median_wall(),
+            0.8,
+        ));
+    }
+    if let Some(r) = result.speed_ratio("blockship", "nbdcopy") {
+        result.ratios.push(Ratio::at_least("blockship / nbdcopy", r, 1.0));
+    }
+    if let Some(r) = result.speed_ratio("blockship", "qemu-img convert") {
+        result.ratios.push(Ratio::at_least("blockship / qemu-img convert", r, 2.0));
+    }
+    result.notes.push("`bare quinn` moves as many bytes as Blockship put on the wire (after zero skipping and compression) with the same QUIC/TLS settings; its ratio compares times for the same wire bytes.".into());
+    Ok(result)
+}

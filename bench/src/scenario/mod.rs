@@ -1,0 +1,74 @@
+//! Scenarios: each measures Blockship and its peers in the same run, on the same data.
+
+pub mod compression;
+pub mod incremental;
+pub mod lan;
+pub mod memory;
+pub mod rbd;
+
+use anyhow::Result;
+
+use crate::lab::{AgentRun, Lab};
+use crate::proc::Usage;
+use crate::report::{Sample, ScenarioResult, Side};
+
+pub struct Ctx<'a> {
+    pub lab: &'a Lab,
+    pub quick: bool,
+    pub runs: usize,
+}
+
+impl Ctx<'_> {
+    /// Runs per tool: one untimed warm-up (first touches of page cache and guest memory are
+    /// much slower on VMs) followed by `runs` measured ones; --quick measures once, no warm-up.
+    pub fn repeat(&self, mut f: impl FnMut(bool) -> Result<()>) -> Result<()> {
+        if !self.quick {
+            f(false)?;
+        }
+        for _ in 0..self.runs {
+            f(true)?;
+        }
+        Ok(())
+    }
+}
+
+pub const ALL: &[&str] = &["lan", "rbd", "incremental", "memory", "compression"];
+
+pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
+    match name {
+        "lan" => lan::run(ctx),
+        "rbd" => rbd::run(ctx),
+        "incremental" => incremental::run(ctx),
+        "memory" => memory::run(ctx),
+        "compression" => compression::run(ctx),
+        other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
+    }
+}
+
+pub fn side(name: &str, u: &Usage) -> Side {
+    Side { name: name.into(), cpu_s: u.cpu_s, max_rss_kib: u.max_rss_kib }
+}
+
+/// A sample from an agent run and the sink that served it.
+pub fn blockship_sample(run: &AgentRun, sink: &Usage, disk_bytes: u64) -> Sample {
+    Sample {
+        wall_s: run.usage.wall_s,
+        disk_bytes,
+        wire_bytes: run.summary["bytes_sent"].as_u64(),
+        sides: vec![side("agent", &run.usage), side("sink", sink)],
+    }
+}
+
+/// One fresh-target Blockship sync of `source` into `target` with a fresh sink.
+pub fn fresh_sync(
+    ctx: &Ctx,
+    source: &str,
+    target: &str,
+    disk_bytes: u64,
+    extra: &[&str],
+) -> Result<(Sample, AgentRun)> {
+    let sink = ctx.lab.sink(&[])?;
+    let run = ctx.lab.sync(&sink.addr, source, target, extra)?;
+    let usage = sink.server.stop()?;
+    Ok((blockship_sample(&run, &usage, disk_bytes), run))
+}
