@@ -3,8 +3,9 @@
 //! flushes, replication state and per-epoch snapshots to the backend.
 
 pub mod file;
-pub mod librbd;
 pub mod rbd;
+
+pub use blockship_ceph as librbd;
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Minimal safe bindings to librados/librbd, the only `unsafe` code in Blockship. The library is
+//! Minimal safe bindings to librados/librbd, Blockship's only FFI. The library is
 //! loaded with `dlopen` on first use (`librbd.so.1`), so the sink builds without Ceph headers
 //! and runs without Ceph unless an `rbd:` target is used. No crate fits: `librbd-sys` lacks
 //! `rbd_diff_iterate2`/`rbd_write2`, the bindgen crates need libclang at build time. The C API
