@@ -14,6 +14,7 @@ pub mod source;
 pub mod streams;
 pub mod sync;
 pub mod verify;
+pub mod vsphere;
 
 use blockship_proto::pb::ErrorCode;
 
