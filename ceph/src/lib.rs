@@ -295,12 +295,22 @@ impl IoCtx {
 
     /// Open an image for I/O (blocking).
     pub fn open(self: &Arc<Self>, name: &str) -> Result<Image, RbdError> {
+        self.open_at(name, None)
+    }
+
+    /// Open an image's head, or (read-only) one of its snapshots (blocking).
+    pub fn open_at(self: &Arc<Self>, name: &str, snapshot: Option<&str>) -> Result<Image, RbdError> {
         let api = api()?;
         let n = cstr(name)?;
+        let snap = snapshot.map(cstr).transpose()?;
         let mut ptr: ImageT = std::ptr::null_mut();
-        // SAFETY: valid ioctx, C string, out-pointer; NULL snapshot = the head.
-        check(format!("opening image {name:?}"), unsafe {
-            (api.rbd_open)(self.ptr, n.as_ptr(), &mut ptr, std::ptr::null())
+        let what = match snapshot {
+            Some(s) => format!("opening image {name:?} at snapshot {s:?}"),
+            None => format!("opening image {name:?}"),
+        };
+        // SAFETY: valid ioctx, C strings, out-pointer; NULL snapshot = the head.
+        check(what, unsafe {
+            (api.rbd_open)(self.ptr, n.as_ptr(), &mut ptr, snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()))
         })?;
         Ok(Image { inner: Arc::new(ImageInner { ptr, _ioctx: self.clone() }) })
     }
@@ -696,6 +706,10 @@ mod tests {
         assert!(img.read(4096, 4096).await.unwrap().iter().all(|&b| b == 0));
         let changed = img.diff(Some("s1"), 0, 8 << 20, false).unwrap();
         assert!(changed.iter().any(|e| !e.exists), "{changed:?}");
+        let at_s1 = io.open_at(&name, Some("s1")).unwrap();
+        assert_eq!(at_s1.read(4096, 16).await.unwrap(), vec![0x42; 16], "snapshot does not hold the old data");
+        assert!(at_s1.write(0, Bytes::from_static(b"x")).await.is_err(), "a snapshot accepted a write");
+        drop(at_s1);
         img.snap_rollback("s1").unwrap();
         assert_eq!(img.read(4096, 16).await.unwrap(), vec![0x42; 16]);
         let allocated = img.diff(None, 0, 8 << 20, false).unwrap();
