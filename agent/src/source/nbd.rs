@@ -196,6 +196,9 @@ impl NbdUri {
         let (rest, query) = rest.split_once('?').map_or((rest, None), |(r, q)| (r, Some(q)));
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let export = percent_decode(path).ok_or_else(|| bad("bad percent-encoding in the export name"))?;
+        if export.len() > 4096 {
+            return Err(bad("the export name is longer than 4096 bytes"));
+        }
         let mut socket = None;
         for param in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
@@ -1044,7 +1047,6 @@ async fn read_chunk(
 pub struct NbdSource {
     client: NbdClient,
     uri: NbdUri,
-    bitmap: Option<String>,
 }
 
 pub fn dirty_bitmap_context(bitmap: &str) -> String {
@@ -1071,7 +1073,7 @@ impl NbdSource {
             let _ = client.disconnect().await;
             return Err(e);
         }
-        Ok(NbdSource { client, uri, bitmap: bitmap.map(str::to_string) })
+        Ok(NbdSource { client, uri })
     }
 
     pub fn size(&self) -> u64 {
@@ -1101,14 +1103,13 @@ impl NbdSource {
 
     /// Ranges written since the dirty bitmap `bitmap` (the one given to `connect`) was enabled.
     pub async fn dirty(&self, bitmap: &str) -> Result<Vec<Extent>, NbdError> {
-        let name = dirty_bitmap_context(bitmap);
-        if self.bitmap.as_deref() != Some(bitmap) {
-            return Err(NbdError::ContextUnavailable { name });
-        }
-        self.extents(&name, |flags| flags & STATE_DIRTY != 0).await
+        self.extents(&dirty_bitmap_context(bitmap), |flags| flags & STATE_DIRTY != 0).await
     }
 
     async fn extents(&self, context: &str, wanted: impl Fn(u32) -> bool) -> Result<Vec<Extent>, NbdError> {
+        if !self.client.has_context(context) {
+            return Err(NbdError::ContextUnavailable { name: context.to_string() });
+        }
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < self.size() {
@@ -1328,6 +1329,7 @@ mod tests {
             ("nbd://h/x#frag", "fragment"),
             ("nbd://h/x%zz", "percent"),
             ("nbd://h/x%ff", "percent"),
+            (&format!("nbd://h/{}", "x".repeat(4097)), "longer than 4096"),
         ] {
             let err = NbdUri::parse(bad).expect_err(bad).to_string();
             assert!(err.contains(why) && err.contains(bad), "{bad}: {err}");
@@ -1606,6 +1608,14 @@ mod tests {
         // Block status is not a read: still fine.
         assert_eq!(s.allocated().await.unwrap(), vec![Extent::new(0, 64 << 20)]);
         s.disconnect().await.unwrap();
+
+        // A server that insists on TLS says so during the handshake.
+        let psk = dir.path().join("psk");
+        std::fs::write(&psk, format!("agent:{}\n", "ab".repeat(32))).unwrap();
+        let tls = format!("--tls-psk={}", psk.display());
+        let srv = nbdkit(dir.path(), Via::Unix, &["--tls=require", &tls, "memory", "1M"]);
+        let err = NbdSource::connect(&srv.uri, None).await.err().unwrap();
+        assert!(matches!(err, NbdError::Refused { .. }) && err.to_string().contains("requires TLS"), "{err}");
     }
 
     #[tokio::test]
