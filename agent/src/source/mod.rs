@@ -3,6 +3,7 @@
 //! block devices; NBD and RBD sources plug in beside them.
 
 pub mod file;
+pub mod nbd;
 
 use bytes::Bytes;
 
