@@ -8,6 +8,11 @@ use blockship_proto::codec::Compression;
 use blockship_transport::TlsFiles;
 use serde::Deserialize;
 
+use crate::source::rbd::CephClient;
+use crate::source::vmware::VmwareOptions;
+use crate::source::SourceOptions;
+use crate::vsphere::Trust;
+
 #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSettings {
@@ -53,6 +58,45 @@ pub struct AgentSettings {
     /// Give up on a silent sink after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// Read files with pread even where io_uring is available.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_io_uring: bool,
+    /// Ceph configuration for rbd: sources (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+    #[arg(long, env = "CEPH_CONF")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client id for rbd: sources, without "client." (default admin).
+    #[arg(long)]
+    pub ceph_id: Option<String>,
+    /// Ceph keyring for rbd: sources.
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
+    /// vSphere user for vmware:// sources.
+    #[arg(long)]
+    pub vcenter_user: Option<String>,
+    /// File holding the vSphere password (or set BLOCKSHIP_VCENTER_PASSWORD).
+    #[arg(long)]
+    pub vcenter_password_file: Option<PathBuf>,
+    /// CA certificate that signed the vCenter certificate (default: the web PKI roots).
+    #[arg(long)]
+    pub vcenter_ca: Option<PathBuf>,
+    /// Do not verify the vCenter certificate (labs only).
+    #[arg(long)]
+    #[serde(default)]
+    pub vcenter_insecure: bool,
+    /// VM to replicate: BIOS UUID or inventory path (DC/vm/FOLDER/NAME).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// VM disk: device key (2000) or label ("Hard disk 1"); default: the VM's only disk.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Shell command serving the snapshot disk over NBD on $BLOCKSHIP_NBD_SOCKET (see README).
+    #[arg(long)]
+    pub nbd_command: Option<String>,
+    /// Quiesce guest file systems when snapshotting the VM.
+    #[arg(long)]
+    #[serde(default)]
+    pub quiesce: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +110,7 @@ pub struct Resolved {
     pub bwlimit: Option<u64>,
     pub depth: usize,
     pub tuning: blockship_transport::QuicTuning,
+    settings: AgentSettings,
 }
 
 /// "1MiB", "64K" (binary units), or plain bytes.
@@ -97,10 +142,23 @@ impl AgentSettings {
             bwlimit: self.bwlimit.or(file.bwlimit),
             depth: self.depth.or(file.depth),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            no_io_uring: self.no_io_uring || file.no_io_uring,
+            ceph_conf: self.ceph_conf.or(file.ceph_conf),
+            ceph_id: self.ceph_id.or(file.ceph_id),
+            keyring: self.keyring.or(file.keyring),
+            vcenter_user: self.vcenter_user.or(file.vcenter_user),
+            vcenter_password_file: self.vcenter_password_file.or(file.vcenter_password_file),
+            vcenter_ca: self.vcenter_ca.or(file.vcenter_ca),
+            vcenter_insecure: self.vcenter_insecure || file.vcenter_insecure,
+            vm: self.vm.or(file.vm),
+            disk: self.disk.or(file.disk),
+            nbd_command: self.nbd_command.or(file.nbd_command),
+            quiesce: self.quiesce || file.quiesce,
         }
     }
 
     pub fn resolve(self) -> Result<Resolved> {
+        let settings = self.clone();
         let sink = self.sink.context("--sink HOST:PORT is required")?;
         let tls = match (self.pki, self.name, self.ca, self.cert, self.key) {
             (Some(pki), Some(name), None, None, None) => TlsFiles::agent_in_pki(&pki, &name),
@@ -162,7 +220,57 @@ impl AgentSettings {
             bwlimit,
             depth,
             tuning,
+            settings,
         })
+    }
+}
+
+impl Resolved {
+    /// What the source named `spec` needs: Ceph client settings for rbd:, vSphere settings for
+    /// vmware://HOST (checked here, so a missing setting is reported before anything starts).
+    pub fn source_options(&self, spec: &str) -> Result<SourceOptions> {
+        let s = &self.settings;
+        let mut opts = SourceOptions {
+            ceph: CephClient { conf: s.ceph_conf.clone(), id: s.ceph_id.clone(), keyring: s.keyring.clone() },
+            vmware: None,
+            io_uring: !s.no_io_uring,
+        };
+        if let Some(host) = spec.strip_prefix("vmware://") {
+            let host = host.trim_end_matches('/');
+            if host.is_empty() {
+                bail!("--source vmware://HOST[:PORT]: name the vCenter or ESXi host");
+            }
+            let user = s.vcenter_user.clone().context("a vmware:// source needs --vcenter-user")?;
+            let password = match (&s.vcenter_password_file, std::env::var("BLOCKSHIP_VCENTER_PASSWORD")) {
+                (Some(f), _) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading --vcenter-password-file {}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                (None, Ok(p)) => p,
+                (None, Err(_)) => {
+                    bail!("a vmware:// source needs --vcenter-password-file or BLOCKSHIP_VCENTER_PASSWORD")
+                }
+            };
+            let trust = match (&s.vcenter_ca, s.vcenter_insecure) {
+                (Some(_), true) => bail!("give --vcenter-ca or --vcenter-insecure, not both"),
+                (Some(ca), false) => Trust::Ca(ca.clone()),
+                (None, true) => Trust::Insecure,
+                (None, false) => Trust::WebPki,
+            };
+            opts.vmware = Some(VmwareOptions {
+                host: host.to_string(),
+                user,
+                password,
+                trust,
+                vm: s.vm.clone().context("a vmware:// source needs --vm (BIOS UUID or inventory path)")?,
+                disk: s.disk.clone(),
+                nbd_command: s.nbd_command.clone().context(
+                    "a vmware:// source needs --nbd-command (e.g. nbdkit ... vddk ...; see README)",
+                )?,
+                quiesce: s.quiesce,
+            });
+        }
+        Ok(opts)
     }
 }
 

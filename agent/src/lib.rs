@@ -43,3 +43,15 @@ pub enum AgentError {
     #[error("internal: {0}")]
     Internal(String),
 }
+
+macro_rules! via_source {
+    ($($t:ty),*) => {$(
+        impl From<$t> for AgentError {
+            fn from(e: $t) -> Self {
+                AgentError::Source(e.into())
+            }
+        }
+    )*};
+}
+
+via_source!(source::nbd::NbdError, source::rbd::RbdSourceError, source::vmware::VmwareError);

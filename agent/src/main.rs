@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use blockship_agent::config::AgentSettings;
-use blockship_agent::sync::{sync, SyncRequest};
+use blockship_agent::sync::{changes_from_flags, sync, SyncRequest};
 use blockship_agent::verify::verify;
 
 #[derive(Parser)]
@@ -24,7 +24,8 @@ struct Common {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: AgentSettings,
-    /// Source disk: a raw image file or block device.
+    /// Source disk: an image file or block device, nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH, rbd:POOL[/NAMESPACE]/IMAGE, or vmware://VCENTER.
     #[arg(long)]
     source: String,
     /// Target on the sink, e.g. file:vm1/disk0.
@@ -41,9 +42,17 @@ enum Cmd {
     Sync {
         #[command(flatten)]
         common: Common,
-        /// VMware DiskChangeInfo JSON: send only these changed areas (incremental epoch).
+        /// How changed extents are found: auto, full, compare, cbt-file:FILE, nbd-bitmap:NAME,
+        /// vmware or rbd-snap (default auto).
+        #[arg(long)]
+        changes: Option<String>,
+        /// VMware DiskChangeInfo JSON: send only these changed areas (= --changes cbt-file:FILE).
         #[arg(long, value_name = "FILE")]
         changed_areas: Option<PathBuf>,
+        /// Change point to record with this epoch where the source does not define one (e.g. the
+        /// dirty bitmap that started when the source was frozen).
+        #[arg(long)]
+        change_point: Option<String>,
         /// Identity of the source disk recorded with the replica (default: file:CANONICAL_PATH).
         #[arg(long)]
         disk_id: Option<String>,
@@ -87,14 +96,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build()?;
     match cli.cmd {
-        Cmd::Sync { common, changed_areas, disk_id, no_progress } => {
+        Cmd::Sync { common, changes, changed_areas, change_point, disk_id, no_progress } => {
             let cfg = settings(&common)?;
             let req = SyncRequest {
                 source: common.source.clone(),
                 target: common.target.clone(),
-                changed_areas,
+                changes: changes_from_flags(changes.as_deref(), changed_areas)?,
+                change_point,
                 disk_id,
                 progress: !no_progress && !common.json,
+                source_opts: cfg.source_options(&common.source)?,
             };
             let summary = runtime.block_on(sync(&cfg, &req, &cfg.tuning))?;
             if common.json {
@@ -106,7 +117,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Verify { common } => {
             let cfg = settings(&common)?;
-            let summary = runtime.block_on(verify(&cfg, &common.source, &common.target, &cfg.tuning))?;
+            let opts = cfg.source_options(&common.source)?;
+            let summary =
+                runtime.block_on(verify(&cfg, &common.source, &common.target, &opts, &cfg.tuning))?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -8,6 +8,12 @@ pub struct SyncSummary {
     pub epoch: u64,
     /// "full", "compare" or "incremental".
     pub mode: String,
+    /// Why a full or compare sync ran instead of the platform's change tracking ("" otherwise).
+    pub note: String,
+    /// Change point recorded with this epoch (changeId, bitmap, snapshot; "" if none).
+    pub change_point: String,
+    /// How the source was read: io_uring, pread, nbd, librbd.
+    pub reader: String,
     /// Offset an interrupted incremental epoch resumed from (0: from the start).
     pub resumed_from: u64,
     pub disk_size: u64,

@@ -1,24 +1,28 @@
-//! One sync run = one epoch: open the source, work out what to send (everything allocated for a
-//! new target, the changed extents of a change list, or whatever differs from the target's hash
-//! index), stream it, commit, and succeed only on the sink's durable commit acknowledgement.
+//! One sync run = one epoch: open the source, learn from the sink what the target holds (its
+//! committed epoch and change point), freeze a point in time, decide what to send (everything
+//! allocated for a new target, the platform's changed extents since the change point, or
+//! whatever differs from the target's hash index), stream it, commit with the new change point,
+//! and succeed only on the sink's durable commit acknowledgement. Snapshots are released after.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockship_proto::pb::{self, EpochBegin, EpochCommit, OpenDisk, SyncMode};
+use blockship_proto::pb::{self, DiskOpened, EpochBegin, EpochCommit, OpenDisk, SyncMode};
 use blockship_proto::Body;
 use blockship_transport::framed::unexpected;
 use blockship_transport::QuicTuning;
 
-use crate::changes::{cbt_file, plan_digest};
+use crate::changes::{cbt_file, plan_digest, Changes};
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
+use crate::extents::Extent;
 use crate::pipeline::{self, Mode, Stats};
 use crate::progress::Progress;
 use crate::report::SyncSummary;
 use crate::session::{transport, Session};
-use crate::source::Source;
+use crate::source::nbd::{NbdError, NbdSource};
+use crate::source::{Hold, Origin, PointInTime, Source, SourceOptions};
 use crate::streams::{Limiter, Streams};
 use crate::AgentError;
 
@@ -27,92 +31,271 @@ const DISK: u32 = 1;
 pub struct SyncRequest {
     pub source: String,
     pub target: String,
-    pub changed_areas: Option<PathBuf>,
+    pub changes: Changes,
+    /// Change point to record with this epoch where the platform does not define one (e.g. the
+    /// dirty bitmap that started tracking when the source was frozen).
+    pub change_point: Option<String>,
     pub disk_id: Option<String>,
     pub progress: bool,
+    pub source_opts: SourceOptions,
+}
+
+/// What this epoch sends.
+enum Plan {
+    /// New target known to read as zeros: allocated data only.
+    Fresh(Vec<Extent>),
+    /// Every chunk, zero ones as zero extents (new RBD image, or `--changes full`).
+    Everything(Vec<Extent>),
+    /// Chunks whose digest differs from the target's hash index.
+    Compare(Vec<Extent>),
+    /// Exactly these changed extents.
+    Incremental(Vec<Extent>),
+}
+
+impl Plan {
+    fn mode(&self) -> SyncMode {
+        match self {
+            Plan::Fresh(_) | Plan::Everything(_) => SyncMode::Full,
+            Plan::Compare(_) => SyncMode::Compare,
+            Plan::Incremental(_) => SyncMode::Incremental,
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> AgentError {
+    AgentError::Usage(msg.into())
 }
 
 pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Result<SyncSummary, AgentError> {
     let started = Instant::now();
-    let source = Arc::new(Source::open(&req.source)?);
-    let size = source.size();
-    // A bad change list is refused before anything is sent.
-    let changed = match &req.changed_areas {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| AgentError::ChangeList {
-                path: path.display().to_string(),
-                err: cbt_file::ChangeListError::Shape(e.to_string()),
-            })?;
-            Some(
-                cbt_file::parse(&text, size)
-                    .map_err(|err| AgentError::ChangeList { path: path.display().to_string(), err })?,
-            )
+    let origin = Origin::open(&req.source, &req.source_opts).await?;
+    let result = sync_origin(cfg, req, tuning, &origin, started).await;
+    origin.close().await;
+    result
+}
+
+async fn sync_origin(
+    cfg: &Resolved,
+    req: &SyncRequest,
+    tuning: &QuicTuning,
+    origin: &Origin,
+    started: Instant,
+) -> Result<SyncSummary, AgentError> {
+    let size = origin.size();
+    let is_nbd = matches!(origin, Origin::Plain { source, .. } if matches!(source.as_ref(), Source::Nbd(_)));
+    match (&req.changes, origin) {
+        (Changes::NbdBitmap(_), _) if !is_nbd => {
+            return Err(usage("--changes nbd-bitmap needs an nbd:// or nbd+unix:// source"))
         }
-        None => None,
+        (Changes::Vmware, o) if !matches!(o, Origin::Vmware(_)) => {
+            return Err(usage("--changes vmware needs a vmware source"))
+        }
+        (Changes::RbdSnap, o) if !matches!(o, Origin::Rbd(_)) => {
+            return Err(usage("--changes rbd-snap needs an rbd: source"))
+        }
+        _ => {}
+    }
+    // A bad change list is refused before anything is sent.
+    let file_extents = match &req.changes {
+        Changes::CbtFile(path) => {
+            let err = |err| AgentError::ChangeList { path: path.display().to_string(), err };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(cbt_file::ChangeListError::Shape(e.to_string())))?;
+            Some(cbt_file::parse(&text, size).map_err(err)?)
+        }
+        _ => None,
     };
 
     let mut session = Session::connect(&cfg.sink, &cfg.tls, cfg.server_name.as_deref(), tuning).await?;
-    let requested = if changed.is_some() { SyncMode::Incremental } else { SyncMode::Compare };
+    let requested =
+        if req.changes.needs_existing_target() { SyncMode::Incremental } else { SyncMode::Compare };
     let opened = session
         .open_disk(OpenDisk {
             disk: DISK,
-            disk_id: req.disk_id.clone().unwrap_or_else(|| source.disk_id()),
+            disk_id: req.disk_id.clone().unwrap_or_else(|| origin.disk_id()),
             size,
             target: req.target.clone(),
             mode: requested as i32,
             chunk_size: cfg.chunk_size,
         })
         .await?;
-    let cs = opened.chunk_size;
-    if !blockship_proto::valid_chunk_size(cs) {
-        return Err(AgentError::Protocol(format!("sink reported chunk size {cs}")));
+    if !blockship_proto::valid_chunk_size(opened.chunk_size) {
+        return Err(AgentError::Protocol(format!("sink reported chunk size {}", opened.chunk_size)));
     }
     if opened.target_size < size {
         return Err(AgentError::Protocol(format!("target has {} bytes, source {size}", opened.target_size)));
     }
-    if !opened.created && cs != cfg.chunk_size {
-        tracing::info!(target_chunk_size = cs, "using the existing target's chunk size");
+    if !opened.created && opened.chunk_size != cfg.chunk_size {
+        tracing::info!(target_chunk_size = opened.chunk_size, "using the existing target's chunk size");
     }
     let epoch = opened.committed_epoch + 1;
+    let point = origin.freeze(epoch).await?;
+    let outcome = run_epoch(cfg, req, origin, &point, &mut session, &opened, file_extents, started).await;
+    let committed = outcome.is_ok();
+    if let Err(e) = origin.finish(point, committed).await {
+        if committed {
+            // The epoch is durable; a snapshot that could not be dropped is the operator's to clean.
+            tracing::warn!("epoch {epoch} committed, but releasing the source point in time failed: {e}");
+        } else {
+            tracing::warn!("releasing the source point in time failed: {e}");
+        }
+    }
+    let summary = outcome?;
+    session.close().await;
+    Ok(summary)
+}
 
-    let mut resumed_from = 0;
-    let (mode, sync_mode, digest, planned, works): (
-        Mode,
-        SyncMode,
-        Vec<u8>,
-        u64,
-        Box<dyn Iterator<Item = Work> + Send>,
-    ) = match changed {
-        Some(extents) => {
-            let digest = plan_digest(SyncMode::Incremental as i32, cs, size, &extents);
-            if let Some(ip) = &opened.in_progress {
-                if ip.epoch == epoch && ip.plan_digest[..] == digest[..] {
-                    resumed_from = ip.durable_offset;
+/// Where the source holds data: VMware asks CBT for the allocated areas ("*"), other sources
+/// report their holes themselves.
+async fn allocation(origin: &Origin, point: &PointInTime) -> Result<Vec<Extent>, AgentError> {
+    if let (Origin::Vmware(v), Hold::Vmware(view)) = (origin, &point.hold) {
+        if v.cbt_enabled() && view.change_id.is_some() {
+            return Ok(v.allocated(view).await?);
+        }
+    }
+    Ok(point.source.allocated().await?)
+}
+
+/// The platform's changed extents since `stored`, or why there are none to use.
+async fn delta(
+    req: &SyncRequest,
+    origin: &Origin,
+    point: &PointInTime,
+    stored: &str,
+) -> Result<Result<Vec<Extent>, String>, AgentError> {
+    let explicit = req.changes != Changes::Auto;
+    match (origin, &point.hold) {
+        (Origin::Plain { spec, source }, _) if matches!(source.as_ref(), Source::Nbd(_)) => {
+            if stored.is_empty() {
+                return Ok(Err("the target has no change point (no dirty bitmap to read)".into()));
+            }
+            match NbdSource::connect(spec, Some(stored)).await {
+                Ok(n) => {
+                    let dirty = n.dirty(stored).await;
+                    let _ = n.disconnect().await;
+                    Ok(Ok(dirty?))
+                }
+                Err(NbdError::ContextUnavailable { .. }) => Ok(Err(format!(
+                    "the export does not offer dirty bitmap {stored:?} (missing, or left in-use by a crash)"
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        }
+        (Origin::Rbd(r), Hold::Rbd(view)) => {
+            if stored.is_empty() {
+                return Ok(Err("the target has no change point (no source snapshot to diff against)".into()));
+            }
+            if !r.has_snapshot(stored).await? {
+                return Ok(Err(format!("source snapshot {stored:?} of the last replicated epoch is gone")));
+            }
+            Ok(Ok(view.changed_since(stored).await?))
+        }
+        (Origin::Vmware(v), Hold::Vmware(view)) => {
+            if let Some(why) = v.unusable(view, stored) {
+                return Ok(Err(why));
+            }
+            match v.changes(view, stored).await {
+                Ok((extents, pages)) => {
+                    tracing::info!(pages, extents = extents.len(), "changed areas from vCenter");
+                    Ok(Ok(extents))
+                }
+                Err(e) if explicit => Err(e.into()),
+                Err(e) => Ok(Err(format!("vCenter could not list the changed areas: {e}"))),
+            }
+        }
+        _ => Ok(Err("this source has no change tracking".into())),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_epoch(
+    cfg: &Resolved,
+    req: &SyncRequest,
+    origin: &Origin,
+    point: &PointInTime,
+    session: &mut Session,
+    opened: &DiskOpened,
+    file_extents: Option<Vec<Extent>>,
+    started: Instant,
+) -> Result<SyncSummary, AgentError> {
+    let size = origin.size();
+    let cs = opened.chunk_size;
+    let epoch = opened.committed_epoch + 1;
+    let stored = opened.change_point.as_str();
+    let mut note = String::new();
+    let plan = if opened.created {
+        let alloc = allocation(origin, point).await?;
+        if opened.zero_filled {
+            Plan::Fresh(alloc)
+        } else {
+            Plan::Everything(alloc)
+        }
+    } else {
+        match &req.changes {
+            Changes::Full => Plan::Everything(allocation(origin, point).await?),
+            Changes::Compare => Plan::Compare(allocation(origin, point).await?),
+            Changes::CbtFile(_) => Plan::Incremental(file_extents.unwrap_or_default()),
+            Changes::NbdBitmap(name) => {
+                if stored != name {
+                    return Err(usage(format!(
+                        "the target's change point is {stored:?}, not bitmap {name:?}: that bitmap does not cover the time since the last epoch (use --changes auto or compare)"
+                    )));
+                }
+                match delta(req, origin, point, stored).await? {
+                    Ok(extents) => Plan::Incremental(extents),
+                    Err(why) => return Err(usage(why)),
                 }
             }
-            let (planned, works) = chunker::incremental(extents, cs, resumed_from);
-            (Mode::Incremental, SyncMode::Incremental, digest.to_vec(), planned, Box::new(works))
-        }
-        None if opened.created && opened.zero_filled => {
-            let allocated = source.allocated().await?;
-            let (planned, works) = chunker::fresh(&allocated, cs, size);
-            (Mode::Fresh, SyncMode::Full, Vec::new(), planned, Box::new(works))
-        }
-        None if opened.created => {
-            // A new target that may not read as zeros (RBD): every chunk is written, zero ones
-            // as zero extents.
-            let allocated = source.allocated().await?;
-            let (planned, works) = chunker::compare(allocated, cs, size);
-            (Mode::Incremental, SyncMode::Full, Vec::new(), planned, Box::new(works))
-        }
-        None => {
-            let chunks = blockship_proto::chunk_count(size, cs);
-            let index = session.fetch_index(DISK, chunks).await?;
-            let allocated = source.allocated().await?;
-            let (planned, works) = chunker::compare(allocated, cs, size);
-            (Mode::Compare(Arc::new(index)), SyncMode::Compare, Vec::new(), planned, Box::new(works))
+            Changes::Auto | Changes::Vmware | Changes::RbdSnap => {
+                match delta(req, origin, point, stored).await? {
+                    Ok(extents) => Plan::Incremental(extents),
+                    Err(why) => {
+                        note = format!("full resync (compare): {why}");
+                        eprintln!("blockship-agent: {note}");
+                        Plan::Compare(allocation(origin, point).await?)
+                    }
+                }
+            }
         }
     };
+    let sync_mode = plan.mode();
+    let change_point = match (&point.change_point, &req.change_point) {
+        (Some(p), Some(flag)) if p != flag => {
+            tracing::warn!(platform = %p, flag = %flag, "the platform defines the change point; --change-point ignored");
+            p.clone()
+        }
+        (Some(p), _) => p.clone(),
+        (None, Some(flag)) => flag.clone(),
+        (None, None) => String::new(),
+    };
+
+    let mut resumed_from = 0;
+    let (mode, digest, planned, works): (Mode, Vec<u8>, u64, Box<dyn Iterator<Item = Work> + Send>) =
+        match plan {
+            Plan::Fresh(alloc) => {
+                let (planned, works) = chunker::fresh(&alloc, cs, size);
+                (Mode::Fresh, Vec::new(), planned, Box::new(works))
+            }
+            Plan::Everything(alloc) => {
+                let (planned, works) = chunker::compare(alloc, cs, size);
+                (Mode::Incremental, Vec::new(), planned, Box::new(works))
+            }
+            Plan::Compare(alloc) => {
+                let index = session.fetch_index(DISK, blockship_proto::chunk_count(size, cs)).await?;
+                let (planned, works) = chunker::compare(alloc, cs, size);
+                (Mode::Compare(Arc::new(index)), Vec::new(), planned, Box::new(works))
+            }
+            Plan::Incremental(extents) => {
+                let digest = plan_digest(SyncMode::Incremental as i32, cs, size, &extents);
+                if let Some(ip) = &opened.in_progress {
+                    if ip.epoch == epoch && ip.plan_digest[..] == digest[..] {
+                        resumed_from = ip.durable_offset;
+                    }
+                }
+                let (planned, works) = chunker::incremental(extents, cs, resumed_from);
+                (Mode::Incremental, digest.to_vec(), planned, Box::new(works))
+            }
+        };
     session
         .begin_epoch(EpochBegin {
             disk: DISK,
@@ -135,18 +318,12 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
     let streams = Streams::start(&session.conn, cfg.streams, rx, limiter).await?;
 
     let ack = {
-        let Session { writer, reader, .. } = &mut session;
+        let Session { writer, reader, .. } = &mut *session;
         let data = async {
-            let items = pipeline::run(
-                source.clone(),
-                works,
-                pipeline::Plan { mode, compression: cfg.compression, depth: cfg.depth, disk: DISK },
-                stats.clone(),
-                tx,
-            )
-            .await?;
+            let plan = pipeline::Plan { mode, compression: cfg.compression, depth: cfg.depth, disk: DISK };
+            let items = pipeline::run(point.source.clone(), works, plan, stats.clone(), tx).await?;
             streams.finish().await?;
-            let commit = EpochCommit { disk: DISK, epoch, items, change_point: String::new() };
+            let commit = EpochCommit { disk: DISK, epoch, items, change_point: change_point.clone() };
             writer.send(&Body::EpochCommit(commit)).await.map_err(transport)?;
             Ok::<u64, AgentError>(items)
         };
@@ -161,7 +338,7 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
         };
         tokio::pin!(data, acks);
         let mut items = None;
-        let ack = loop {
+        loop {
             tokio::select! {
                 r = &mut data, if items.is_none() => match r {
                     Ok(n) => {
@@ -182,14 +359,12 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
                     break a;
                 }
             }
-        };
-        ack
+        }
     };
     progress.finish();
     if ack.epoch != epoch {
         return Err(AgentError::Protocol(format!("sink committed epoch {}, we sent {epoch}", ack.epoch)));
     }
-    session.close().await;
 
     let seconds = started.elapsed().as_secs_f64();
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
@@ -202,6 +377,9 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
             _ => "compare",
         }
         .to_string(),
+        note,
+        change_point,
+        reader: point.source.reader().to_string(),
         resumed_from,
         disk_size: size,
         bytes_scanned: g(&stats.bytes_done),
@@ -215,4 +393,17 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest, tuning: &QuicTuning) -> Res
         seconds,
         mb_per_s: g(&stats.bytes_done) as f64 / seconds.max(1e-9) / 1e6,
     })
+}
+
+/// `--changed-areas FILE` is `--changes cbt-file:FILE`.
+pub fn changes_from_flags(
+    changes: Option<&str>,
+    changed_areas: Option<PathBuf>,
+) -> Result<Changes, AgentError> {
+    match (changes, changed_areas) {
+        (Some(_), Some(_)) => Err(usage("give --changes or --changed-areas, not both")),
+        (None, Some(f)) => Ok(Changes::CbtFile(f)),
+        (Some(c), None) => c.parse().map_err(usage),
+        (None, None) => Ok(Changes::Auto),
+    }
 }

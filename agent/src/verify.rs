@@ -13,7 +13,7 @@ use crate::chunker::{self, Work};
 use crate::config::Resolved;
 use crate::report::VerifySummary;
 use crate::session::{transport, Session};
-use crate::source::Source;
+use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
 
 const DISK: u32 = 1;
@@ -24,22 +24,40 @@ pub async fn verify(
     cfg: &Resolved,
     source_spec: &str,
     target: &str,
+    opts: &SourceOptions,
     tuning: &blockship_transport::QuicTuning,
 ) -> Result<VerifySummary, AgentError> {
     let started = Instant::now();
-    let source = Arc::new(Source::open(source_spec)?);
-    let size = source.size();
+    let origin = Origin::open(source_spec, opts).await?;
+    let size = origin.size();
     let mut session = Session::connect(&cfg.sink, &cfg.tls, cfg.server_name.as_deref(), tuning).await?;
     let opened = session
         .open_disk(OpenDisk {
             disk: DISK,
-            disk_id: source.disk_id(),
+            disk_id: origin.disk_id(),
             size,
             target: target.to_string(),
             mode: SyncMode::Verify as i32,
             chunk_size: cfg.chunk_size,
         })
         .await?;
+    // An RBD source is compared at the snapshot of the target's last committed epoch.
+    let source: Arc<Source> = match &origin {
+        Origin::Plain { source, .. } => source.clone(),
+        Origin::Rbd(r) if !opened.change_point.is_empty() => {
+            Arc::new(Source::Rbd(r.view(&opened.change_point).await?))
+        }
+        Origin::Rbd(_) => return Err(AgentError::Usage(
+            "the target names no source snapshot to compare with (no committed epoch from an rbd: source)"
+                .into(),
+        )),
+        Origin::Vmware(_) => {
+            return Err(AgentError::Usage(
+                "verify reads a VMware disk through an NBD export of a snapshot: use --source nbd+unix://..."
+                    .into(),
+            ))
+        }
+    };
     let cs = opened.chunk_size;
     let compared = size.min(opened.target_size);
     session.writer.send(&Body::VerifyRequest(VerifyRequest { disk: DISK })).await.map_err(transport)?;
@@ -102,6 +120,9 @@ pub async fn verify(
         return Err(AgentError::Protocol(format!("sink verified {chunk} chunks, expected {chunks}")));
     }
     session.close().await;
+    drop(ours);
+    drop(source);
+    origin.close().await;
     Ok(VerifySummary {
         target: target.to_string(),
         equal: differing == 0 && size == opened.target_size,

@@ -310,7 +310,12 @@ impl IoCtx {
         };
         // SAFETY: valid ioctx, C strings, out-pointer; NULL snapshot = the head.
         check(what, unsafe {
-            (api.rbd_open)(self.ptr, n.as_ptr(), &mut ptr, snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()))
+            (api.rbd_open)(
+                self.ptr,
+                n.as_ptr(),
+                &mut ptr,
+                snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            )
         })?;
         Ok(Image { inner: Arc::new(ImageInner { ptr, _ioctx: self.clone() }) })
     }
@@ -707,7 +712,11 @@ mod tests {
         let changed = img.diff(Some("s1"), 0, 8 << 20, false).unwrap();
         assert!(changed.iter().any(|e| !e.exists), "{changed:?}");
         let at_s1 = io.open_at(&name, Some("s1")).unwrap();
-        assert_eq!(at_s1.read(4096, 16).await.unwrap(), vec![0x42; 16], "snapshot does not hold the old data");
+        assert_eq!(
+            at_s1.read(4096, 16).await.unwrap(),
+            vec![0x42; 16],
+            "snapshot does not hold the old data"
+        );
         assert!(at_s1.write(0, Bytes::from_static(b"x")).await.is_err(), "a snapshot accepted a write");
         drop(at_s1);
         img.snap_rollback("s1").unwrap();

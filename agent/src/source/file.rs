@@ -20,10 +20,13 @@ pub struct FileSource {
     path: PathBuf,
     /// Regular files support SEEK_DATA/SEEK_HOLE; devices are read in full.
     sparse_aware: bool,
+    /// io_uring reader where the kernel allows it; pread on the blocking pool otherwise.
+    ring: Option<super::uring::Ring>,
 }
 
 impl FileSource {
-    pub fn open(path: &Path) -> Result<Self, SourceError> {
+    /// Open `path`; with `io_uring`, reads go through a ring when the kernel offers one.
+    pub fn open(path: &Path, io_uring: bool) -> Result<Self, SourceError> {
         let io = |what, err| SourceError::Io { source_name: path.display().to_string(), what, err };
         let mut file = File::open(path).map_err(|e| io("open", e))?;
         let meta = file.metadata().map_err(|e| io("stat", e))?;
@@ -38,7 +41,19 @@ impl FileSource {
             return Err(SourceError::Empty(path.display().to_string()));
         }
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Ok(FileSource { file: Arc::new(file), size, path, sparse_aware })
+        let file = Arc::new(file);
+        let ring = if io_uring {
+            match super::uring::Ring::new(file.clone(), 64) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::info!("io_uring unavailable ({e}); reading with pread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(FileSource { file, size, path, sparse_aware, ring })
     }
 
     pub fn size(&self) -> u64 {
@@ -53,7 +68,18 @@ impl FileSource {
         SourceError::Io { source_name: self.path.display().to_string(), what, err }
     }
 
+    pub fn reader(&self) -> &'static str {
+        if self.ring.is_some() {
+            "io_uring"
+        } else {
+            "pread"
+        }
+    }
+
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, SourceError> {
+        if let Some(ring) = &self.ring {
+            return ring.read(offset, len).await.map_err(|e| self.err("read", e));
+        }
         let file = self.file.clone();
         let r = tokio::task::spawn_blocking(move || read_at(&file, offset, len)).await;
         match r {
@@ -131,7 +157,7 @@ mod tests {
         f.write_all_at(&[1u8; 4096], 8 << 20).unwrap();
         f.write_all_at(&[2u8; 4096], 40 << 20).unwrap();
         f.sync_all().unwrap();
-        let s = FileSource::open(&p).unwrap();
+        let s = FileSource::open(&p, false).unwrap();
         assert_eq!(s.size(), 64 << 20);
         let ext = s.allocated().await.unwrap();
         let total: u64 = ext.iter().map(|e| e.len).sum();
@@ -149,8 +175,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("empty");
         File::create(&p).unwrap();
-        assert!(matches!(FileSource::open(&p), Err(SourceError::Empty(_))));
-        let err = FileSource::open(&dir.path().join("nope")).err().unwrap().to_string();
+        assert!(matches!(FileSource::open(&p, true), Err(SourceError::Empty(_))));
+        let err = FileSource::open(&dir.path().join("nope"), true).err().unwrap().to_string();
         assert!(err.contains("nope") && err.contains("open"), "{err}");
     }
 }

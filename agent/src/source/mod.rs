@@ -1,9 +1,16 @@
-//! Sources: where the agent reads disks from. A source knows its size, reads byte ranges, and
-//! reports which ranges hold data at all (holes need not be read). Today: raw image files and
-//! block devices; NBD and RBD sources plug in beside them.
+//! Sources: where the agent reads disks from. `Source` reads byte ranges and reports which
+//! ranges hold data at all (holes need not be read): raw files and block devices, NBD exports,
+//! RBD snapshots. `Origin` is the disk being replicated and its life cycle per epoch: probe it
+//! (size, identity), freeze a point in time (a VMware or RBD snapshot; files and NBD exports are
+//! read as they are), then finish (drop the snapshot once the sink made the epoch durable).
 
 pub mod file;
 pub mod nbd;
+pub mod rbd;
+pub mod uring;
+pub mod vmware;
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -15,41 +22,191 @@ pub enum SourceError {
     Io { source_name: String, what: &'static str, err: std::io::Error },
     #[error("source {0}: size is 0")]
     Empty(String),
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
+    #[error(transparent)]
+    Rbd(#[from] rbd::RbdSourceError),
+    #[error(transparent)]
+    Vmware(#[from] vmware::VmwareError),
 }
 
+/// Something the agent can read a disk from.
 pub enum Source {
     File(file::FileSource),
+    Nbd(Arc<nbd::NbdSource>),
+    Rbd(rbd::RbdView),
 }
 
 impl Source {
-    /// Open a source by its command-line name (a path).
-    pub fn open(spec: &str) -> Result<Source, SourceError> {
-        Ok(Source::File(file::FileSource::open(std::path::Path::new(spec))?))
+    pub fn size(&self) -> u64 {
+        match self {
+            Source::File(f) => f.size(),
+            Source::Nbd(n) => n.size(),
+            Source::Rbd(r) => r.size(),
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, SourceError> {
+        Ok(match self {
+            Source::File(f) => f.read(offset, len).await?,
+            Source::Nbd(n) => n.read(offset, len).await?,
+            Source::Rbd(r) => r.read(offset, len).await?,
+        })
+    }
+
+    /// Ranges that may hold non-zero data (sorted, merged); everything else reads as zeros.
+    pub async fn allocated(&self) -> Result<Vec<Extent>, SourceError> {
+        Ok(match self {
+            Source::File(f) => f.allocated().await?,
+            Source::Nbd(n) => n.allocated().await?,
+            Source::Rbd(r) => r.allocated().await?,
+        })
+    }
+
+    /// How reads are done, for the summary ("io_uring", "pread", "nbd", "librbd").
+    pub fn reader(&self) -> &'static str {
+        match self {
+            Source::File(f) => f.reader(),
+            Source::Nbd(_) => "nbd",
+            Source::Rbd(_) => "librbd",
+        }
+    }
+}
+
+/// Settings for the source kinds that need them.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    pub ceph: rbd::CephClient,
+    pub vmware: Option<vmware::VmwareOptions>,
+    /// Use io_uring for file reads where the kernel allows it.
+    pub io_uring: bool,
+}
+
+/// The disk being replicated.
+pub enum Origin {
+    /// A file, block device or NBD export, read as it is (the caller froze it if needed).
+    Plain {
+        spec: String,
+        source: Arc<Source>,
+    },
+    Rbd(rbd::RbdOrigin),
+    Vmware(Box<vmware::VmwareOrigin>),
+}
+
+/// What a frozen point in time needs undone or kept when the epoch ends.
+pub enum Hold {
+    Nothing,
+    Rbd(rbd::RbdView),
+    Vmware(vmware::VmwareView),
+}
+
+/// A point in time to replicate.
+pub struct PointInTime {
+    pub source: Arc<Source>,
+    /// The change point this epoch establishes, when the platform defines it.
+    pub change_point: Option<String>,
+    pub hold: Hold,
+}
+
+impl Origin {
+    /// Open a source by its command-line name: a path, `nbd://...`, `nbd+unix://...`,
+    /// `rbd:POOL/IMAGE`, or `vmware` (with `SourceOptions::vmware`).
+    pub async fn open(spec: &str, opts: &SourceOptions) -> Result<Origin, SourceError> {
+        if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+            let n = nbd::NbdSource::connect(spec, None).await?;
+            return Ok(Origin::Plain { spec: spec.into(), source: Arc::new(Source::Nbd(Arc::new(n))) });
+        }
+        if spec.starts_with("rbd:") {
+            return Ok(Origin::Rbd(rbd::RbdOrigin::open(rbd::RbdSpec::parse(spec)?, &opts.ceph).await?));
+        }
+        if spec == "vmware" || spec.starts_with("vmware://") {
+            let v = opts.vmware.clone().ok_or_else(|| {
+                vmware::VmwareError::Config("a vmware source needs --vcenter, --vm and credentials".into())
+            })?;
+            return Ok(Origin::Vmware(Box::new(vmware::VmwareOrigin::open(v).await?)));
+        }
+        let path = spec.strip_prefix("file:").unwrap_or(spec);
+        let f = file::FileSource::open(std::path::Path::new(path), opts.io_uring)?;
+        Ok(Origin::Plain { spec: spec.into(), source: Arc::new(Source::File(f)) })
     }
 
     pub fn size(&self) -> u64 {
         match self {
-            Source::File(f) => f.size(),
+            Origin::Plain { source, .. } => source.size(),
+            Origin::Rbd(r) => r.size(),
+            Origin::Vmware(v) => v.size(),
         }
     }
 
     /// A stable identity of the disk, recorded by the sink with the replica.
     pub fn disk_id(&self) -> String {
         match self {
-            Source::File(f) => f.disk_id(),
+            Origin::Plain { source, spec } => match source.as_ref() {
+                Source::File(f) => f.disk_id(),
+                Source::Nbd(n) => n.disk_id(),
+                Source::Rbd(_) => spec.clone(),
+            },
+            Origin::Rbd(r) => r.disk_id(),
+            Origin::Vmware(v) => v.disk_id(),
         }
     }
 
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, SourceError> {
-        match self {
-            Source::File(f) => f.read(offset, len).await,
-        }
+    /// Freeze the point in time of epoch `epoch`.
+    pub async fn freeze(&self, epoch: u64) -> Result<PointInTime, SourceError> {
+        Ok(match self {
+            Origin::Plain { source, .. } => {
+                PointInTime { source: source.clone(), change_point: None, hold: Hold::Nothing }
+            }
+            Origin::Rbd(r) => {
+                let view = r.freeze(epoch).await?;
+                PointInTime {
+                    source: Arc::new(Source::Rbd(view.clone())),
+                    change_point: Some(view.name.clone()),
+                    hold: Hold::Rbd(view),
+                }
+            }
+            Origin::Vmware(v) => {
+                let view = v.freeze(epoch).await?;
+                PointInTime {
+                    source: Arc::new(Source::Nbd(view.reader.clone())),
+                    change_point: view.change_id.clone(),
+                    hold: Hold::Vmware(view),
+                }
+            }
+        })
     }
 
-    /// Ranges that may hold non-zero data (sorted, merged); everything else reads as zeros.
-    pub async fn allocated(&self) -> Result<Vec<Extent>, SourceError> {
+    /// End of an epoch: on success keep the new point and drop older ones; on failure drop the
+    /// new point (RBD) or keep it for the next run to remove (VMware).
+    pub async fn finish(&self, point: PointInTime, committed: bool) -> Result<(), SourceError> {
+        let PointInTime { source, hold, .. } = point;
+        drop(source);
+        match (self, hold) {
+            (Origin::Rbd(r), Hold::Rbd(view)) => {
+                if committed {
+                    let removed = r.prune(&view.name).await?;
+                    if !removed.is_empty() {
+                        tracing::info!(?removed, "older source snapshots removed");
+                    }
+                } else {
+                    r.discard(view).await?;
+                }
+            }
+            (Origin::Vmware(v), Hold::Vmware(view)) => v.finish(view, committed).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
         match self {
-            Source::File(f) => f.allocated().await,
+            Origin::Plain { source, .. } => {
+                if let Source::Nbd(n) = source.as_ref() {
+                    let _ = n.disconnect().await;
+                }
+            }
+            Origin::Vmware(v) => v.logout().await,
+            Origin::Rbd(_) => {}
         }
     }
 }

@@ -50,7 +50,9 @@ impl RbdSpec {
         }
         match parts.as_slice() {
             [p, i] => Ok(RbdSpec { pool: p.to_string(), namespace: None, image: i.to_string() }),
-            [p, n, i] => Ok(RbdSpec { pool: p.to_string(), namespace: Some(n.to_string()), image: i.to_string() }),
+            [p, n, i] => {
+                Ok(RbdSpec { pool: p.to_string(), namespace: Some(n.to_string()), image: i.to_string() })
+            }
             _ => Err(RbdSourceError::BadName(s.into())),
         }
     }
@@ -74,6 +76,7 @@ pub struct RbdOrigin {
 }
 
 /// A frozen point in time: the image opened at snapshot `blockship-src-<epoch>`.
+#[derive(Clone)]
 pub struct RbdView {
     pub name: String,
     image: Image,
@@ -124,7 +127,8 @@ impl RbdOrigin {
     /// and open that snapshot for reading.
     pub async fn freeze(&self, epoch: u64) -> Result<RbdView, RbdSourceError> {
         let name = format!("{SNAP_PREFIX}{epoch}");
-        let (head, io, image, n) = (self.head.clone(), self.io.clone(), self.spec.image.clone(), name.clone());
+        let (head, io, image, n) =
+            (self.head.clone(), self.io.clone(), self.spec.image.clone(), name.clone());
         let view = blocking(&self.spec, move || {
             if head.snap_list()?.iter().any(|(_, s)| *s == n) {
                 head.snap_remove(&n)?;
@@ -136,6 +140,15 @@ impl RbdOrigin {
         let v = view.clone();
         let size = blocking(&self.spec, move || v.size()).await?;
         Ok(RbdView { name, image: view, size, spec: self.spec.clone() })
+    }
+
+    /// Open existing snapshot `name` for reading (verification of a replicated epoch).
+    pub async fn view(&self, name: &str) -> Result<RbdView, RbdSourceError> {
+        let (io, image, n) = (self.io.clone(), self.spec.image.clone(), name.to_string());
+        let img = blocking(&self.spec, move || io.open_at(&image, Some(&n))).await?;
+        let i = img.clone();
+        let size = blocking(&self.spec, move || i.size()).await?;
+        Ok(RbdView { name: name.to_string(), image: img, size, spec: self.spec.clone() })
     }
 
     /// Whether snapshot `name` still exists on the source.
@@ -204,7 +217,10 @@ mod tests {
     #[test]
     fn names() {
         let s = RbdSpec::parse("rbd:volumes/volume-1").unwrap();
-        assert_eq!((s.pool.as_str(), s.namespace.as_deref(), s.image.as_str()), ("volumes", None, "volume-1"));
+        assert_eq!(
+            (s.pool.as_str(), s.namespace.as_deref(), s.image.as_str()),
+            ("volumes", None, "volume-1")
+        );
         assert_eq!(RbdSpec::parse("rbd:p/ns/i").unwrap().to_string(), "rbd:p/ns/i");
         for bad in ["rbd:", "rbd:pool", "rbd:p/i@s", "file:x", "rbd:a/b/c/d"] {
             assert!(RbdSpec::parse(bad).is_err(), "{bad}");

@@ -1,0 +1,306 @@
+//! VMware sources: the vSphere API tells what changed (Changed Block Tracking), an NBD endpoint
+//! produced by a configurable command reads the data of a VM snapshot. Each epoch snapshots the
+//! VM, takes the snapshot disk's `changeId` as the new change point, asks
+//! `QueryChangedDiskAreas` what changed since the change point the sink stored (`"*"`: what is
+//! allocated, for a first sync), and removes the snapshot after the sink's durable ack. The data
+//! command (in production `nbdkit vddk ... snapshot=... --unix SOCKET`) is a shell command line
+//! that receives its parameters as environment variables, so the agent never links VDDK.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::extents::Extent;
+use crate::source::nbd::NbdSource;
+use crate::vsphere::{change_id_uuid, MoRef, Trust, VirtualDisk, Vsphere, VsphereError};
+
+/// Prefix of the snapshots Blockship creates on VMs.
+pub const SNAP_PREFIX: &str = "blockship-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmwareError {
+    #[error(transparent)]
+    Vsphere(#[from] VsphereError),
+    #[error("VMware source: {0}")]
+    Config(String),
+    #[error("VMware data command: {0}")]
+    DataCommand(String),
+    #[error("VMware source: {0}")]
+    Nbd(#[from] crate::source::nbd::NbdError),
+}
+
+/// Settings of a VMware source.
+#[derive(Debug, Clone)]
+pub struct VmwareOptions {
+    /// vCenter or ESXi host[:port].
+    pub host: String,
+    pub user: String,
+    pub password: String,
+    pub trust: Trust,
+    /// VM BIOS UUID or inventory path.
+    pub vm: String,
+    /// Disk device key ("2000") or label ("Hard disk 1"); None: the VM's only disk.
+    pub disk: Option<String>,
+    /// Shell command serving the snapshot disk over NBD on $BLOCKSHIP_NBD_SOCKET.
+    pub nbd_command: String,
+    /// Quiesce the guest file systems when snapshotting (VMware Tools).
+    pub quiesce: bool,
+}
+
+/// A VM disk, before a point in time is frozen.
+pub struct VmwareOrigin {
+    opts: VmwareOptions,
+    api: Arc<Mutex<Vsphere>>,
+    vm: MoRef,
+    disk: VirtualDisk,
+    cbt: bool,
+}
+
+/// A frozen point in time: a VM snapshot, its disk's changeId, and the NBD reader of its data.
+pub struct VmwareView {
+    pub snapshot: MoRef,
+    pub change_id: Option<String>,
+    pub reader: Arc<NbdSource>,
+    process: Child,
+    _dir: tempfile::TempDir,
+}
+
+async fn call<T: Send + 'static>(
+    api: &Arc<Mutex<Vsphere>>,
+    f: impl FnOnce(&mut Vsphere) -> Result<T, VsphereError> + Send + 'static,
+) -> Result<T, VmwareError> {
+    let api = api.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = api.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| VmwareError::Config(format!("vSphere call: {e}")))?
+    .map_err(VmwareError::from)
+}
+
+impl VmwareOrigin {
+    /// Log in, find the VM and its disk. Snapshots left by earlier failed runs are removed.
+    pub async fn open(opts: VmwareOptions) -> Result<VmwareOrigin, VmwareError> {
+        let o = opts.clone();
+        let api =
+            tokio::task::spawn_blocking(move || Vsphere::login(&o.host, &o.user, &o.password, &o.trust))
+                .await
+                .map_err(|e| VmwareError::Config(e.to_string()))??;
+        let api = Arc::new(Mutex::new(api));
+        let vm_name = opts.vm.clone();
+        let vm = call(&api, move |a| a.find_vm(&vm_name)).await?;
+        let v = vm.clone();
+        let (disks, cbt) = call(&api, move |a| a.vm_disks(&v)).await?;
+        let disk = pick_disk(&disks, opts.disk.as_deref())?;
+        let v = vm.clone();
+        let stale = call(&api, move |a| a.snapshots_named(&v, SNAP_PREFIX)).await?;
+        for (name, snap) in stale {
+            tracing::warn!(snapshot = %name, "removing a Blockship snapshot left by an earlier run that did not commit");
+            call(&api, move |a| a.remove_snapshot(&snap)).await?;
+        }
+        Ok(VmwareOrigin { opts, api, vm, disk, cbt })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.disk.capacity
+    }
+
+    pub fn disk_id(&self) -> String {
+        format!("vmware:{}/{}", self.opts.vm, self.disk.key)
+    }
+
+    pub fn cbt_enabled(&self) -> bool {
+        self.cbt
+    }
+
+    /// Snapshot the VM, read the new changeId, start the data command and connect to it.
+    pub async fn freeze(&self, epoch: u64) -> Result<VmwareView, VmwareError> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let name = format!("{SNAP_PREFIX}{epoch}-{stamp}");
+        let (vm, quiesce) = (self.vm.clone(), self.opts.quiesce);
+        let snapshot = call(&self.api, move |a| a.create_snapshot(&vm, &name, quiesce)).await?;
+        let s = snapshot.clone();
+        let key = self.disk.key;
+        let disks = call(&self.api, move |a| a.snapshot_disks(&s)).await?;
+        let snap_disk = disks
+            .into_iter()
+            .find(|d| d.key == key)
+            .ok_or_else(|| VmwareError::Config(format!("the snapshot has no disk with key {key}")))?;
+        match self.start_reader(&snapshot, &snap_disk).await {
+            Ok((process, reader, dir)) => Ok(VmwareView {
+                snapshot,
+                change_id: snap_disk.change_id,
+                reader: Arc::new(reader),
+                process,
+                _dir: dir,
+            }),
+            Err(e) => {
+                let s = snapshot.clone();
+                let _ = call(&self.api, move |a| a.remove_snapshot(&s)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_reader(
+        &self,
+        snapshot: &MoRef,
+        disk: &VirtualDisk,
+    ) -> Result<(Child, NbdSource, tempfile::TempDir), VmwareError> {
+        let dir = tempfile::Builder::new()
+            .prefix("blockship-vddk-")
+            .tempdir()
+            .map_err(|e| VmwareError::DataCommand(format!("temp dir: {e}")))?;
+        let socket: PathBuf = dir.path().join("nbd.sock");
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, &self.opts.password)
+            .map_err(|e| VmwareError::DataCommand(format!("password file: {e}")))?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(&self.opts.nbd_command)
+            .env("BLOCKSHIP_NBD_SOCKET", &socket)
+            .env("BLOCKSHIP_VCENTER", &self.opts.host)
+            .env("BLOCKSHIP_VCENTER_USER", &self.opts.user)
+            .env("BLOCKSHIP_VCENTER_PASSWORD_FILE", &password_file)
+            .env("BLOCKSHIP_VM", &self.vm.value)
+            .env("BLOCKSHIP_SNAPSHOT", &snapshot.value)
+            .env("BLOCKSHIP_DISK_FILE", &disk.file_name)
+            .env("BLOCKSHIP_DISK_KEY", disk.key.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Its own process group, so stopping it also stops whatever it started.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(|e| VmwareError::DataCommand(format!("starting sh -c: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(VmwareError::DataCommand(format!(
+                    "exited ({status}) before serving NBD: {}",
+                    err.trim()
+                )));
+            }
+            if socket.exists() {
+                match NbdSource::connect(&uri, None).await {
+                    Ok(r) => return Ok((child, r, dir)),
+                    Err(e) if Instant::now() > deadline => {
+                        stop(&mut child);
+                        return Err(e.into());
+                    }
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                stop(&mut child);
+                return Err(VmwareError::DataCommand("no NBD socket after 60 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Extents allocated in the snapshot (`QueryChangedDiskAreas` with changeId "*").
+    pub async fn allocated(&self, view: &VmwareView) -> Result<Vec<Extent>, VmwareError> {
+        self.changes(view, "*").await.map(|(e, _)| e)
+    }
+
+    /// Changes in `view` since `change_id`, paging through `QueryChangedDiskAreas`; returns the
+    /// extents and the number of pages.
+    pub async fn changes(
+        &self,
+        view: &VmwareView,
+        change_id: &str,
+    ) -> Result<(Vec<Extent>, usize), VmwareError> {
+        let (vm, snap, key, cap, cid) = (
+            self.vm.clone(),
+            view.snapshot.clone(),
+            self.disk.key,
+            self.disk.capacity,
+            change_id.to_string(),
+        );
+        call(&self.api, move |a| a.changed_areas(&vm, &snap, key, cap, &cid)).await
+    }
+
+    /// Why the stored change point cannot be used with this view, if it cannot.
+    pub fn unusable(&self, view: &VmwareView, stored: &str) -> Option<String> {
+        if !self.cbt {
+            return Some("changed block tracking is off on this VM (enable ctkEnabled)".into());
+        }
+        let Some(new) = &view.change_id else {
+            return Some("the snapshot's disk carries no changeId (changed block tracking off?)".into());
+        };
+        if stored.is_empty() {
+            return Some("the target has no changeId yet".into());
+        }
+        if change_id_uuid(stored) != change_id_uuid(new) {
+            return Some(format!(
+                "changed block tracking was reset (changeId {} → {}): earlier changes are unknown",
+                change_id_uuid(stored),
+                change_id_uuid(new)
+            ));
+        }
+        None
+    }
+
+    /// Stop the data command; remove the snapshot once the epoch is durable. A snapshot of an
+    /// epoch that failed stays until the next run removes it, so nothing is lost in between.
+    pub async fn finish(&self, mut view: VmwareView, committed: bool) -> Result<(), VmwareError> {
+        let _ = view.reader.disconnect().await;
+        stop(&mut view.process);
+        if committed {
+            let s = view.snapshot.clone();
+            call(&self.api, move |a| a.remove_snapshot(&s)).await?;
+        } else {
+            tracing::warn!(snapshot = %view.snapshot.value, "epoch not committed: the VM snapshot is kept (the next run removes it)");
+        }
+        Ok(())
+    }
+
+    pub async fn logout(&self) {
+        let _ = call(&self.api, |a| {
+            a.logout();
+            Ok(())
+        })
+        .await;
+    }
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: signalling the process group we created for the command.
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+fn pick_disk(disks: &[VirtualDisk], wanted: Option<&str>) -> Result<VirtualDisk, VmwareError> {
+    let list = || disks.iter().map(|d| format!("{} ({})", d.key, d.label)).collect::<Vec<_>>().join(", ");
+    match wanted {
+        Some(w) => disks
+            .iter()
+            .find(|d| d.key.to_string() == w || d.label == w)
+            .cloned()
+            .ok_or_else(|| VmwareError::Config(format!("the VM has no disk {w:?} (disks: {})", list()))),
+        None if disks.len() == 1 => Ok(disks[0].clone()),
+        None if disks.is_empty() => Err(VmwareError::Config("the VM has no virtual disk".into())),
+        None => {
+            Err(VmwareError::Config(format!("the VM has several disks; pick one with --disk ({})", list())))
+        }
+    }
+}
