@@ -3,10 +3,14 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod qemu;
+pub mod vcenter;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -105,7 +109,7 @@ impl Lab {
         &self,
         sink: &Sink,
         name: &str,
-        source: &Path,
+        source: impl AsRef<OsStr>,
         target: &str,
         extra: &[&str],
     ) -> serde_json::Value {
@@ -119,7 +123,14 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    pub fn try_sync(&self, sink: &Sink, name: &str, source: &Path, target: &str, extra: &[&str]) -> Output {
+    pub fn try_sync(
+        &self,
+        sink: &Sink,
+        name: &str,
+        source: impl AsRef<OsStr>,
+        target: &str,
+        extra: &[&str],
+    ) -> Output {
         self.agent_cmd(sink, name, "sync")
             .arg("--source")
             .arg(source)
@@ -129,7 +140,7 @@ impl Lab {
             .unwrap()
     }
 
-    pub fn verify(&self, sink: &Sink, name: &str, source: &Path, target: &str) -> Output {
+    pub fn verify(&self, sink: &Sink, name: &str, source: impl AsRef<OsStr>, target: &str) -> Output {
         self.agent_cmd(sink, name, "verify")
             .arg("--source")
             .arg(source)

@@ -27,7 +27,7 @@ pub struct State {
     pub seq: u64,
     /// Writes, each tagged with the snapshot sequence current when it happened.
     pub writes: Vec<(u64, u64, u64)>,
-    /// Answer to changeId "*".
+    /// Areas in use before any recorded write (changeId "*" adds the writes).
     pub allocated: Vec<(u64, u64)>,
     /// (moref, name, changeId)
     pub snapshots: Vec<(String, String, String)>,
@@ -51,7 +51,8 @@ impl FakeVcenter {
     pub fn start(capacity: u64, page_size: u64) -> FakeVcenter {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         let cert = params.self_signed(&key).unwrap();
         let ca = dir.path().join("vcenter.pem");
         std::fs::write(&ca, cert.pem()).unwrap();
@@ -88,10 +89,16 @@ impl FakeVcenter {
                             xml.len()
                         );
                         if let Some(c) = cookie {
-                            head.push_str(&format!("Set-Cookie: vmware_soap_session=\"{c}\"; Path=/; HttpOnly; Secure\r\n"));
+                            head.push_str(&format!(
+                                "Set-Cookie: vmware_soap_session=\"{c}\"; Path=/; HttpOnly; Secure\r\n"
+                            ));
                         }
                         head.push_str("\r\n");
-                        if stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(xml.as_bytes())).is_err() {
+                        if stream
+                            .write_all(head.as_bytes())
+                            .and_then(|_| stream.write_all(xml.as_bytes()))
+                            .is_err()
+                        {
                             return;
                         }
                         let _ = stream.flush();
@@ -176,7 +183,11 @@ fn disk_xml(s: &State, change_id: Option<&str>) -> String {
     )
 }
 
-fn handle(st: &Arc<Mutex<State>>, cookie: Option<&str>, body: &str) -> (&'static str, Option<String>, String) {
+fn handle(
+    st: &Arc<Mutex<State>>,
+    cookie: Option<&str>,
+    body: &str,
+) -> (&'static str, Option<String>, String) {
     let Ok(doc) = Node::parse(body) else { return fault("InvalidRequest", "unparsable request") };
     let Some(req) = doc.find("Body").and_then(|b| b.children.first()) else {
         return fault("InvalidRequest", "no body");
@@ -285,7 +296,8 @@ fn handle(st: &Arc<Mutex<State>>, cookie: Option<&str>, body: &str) -> (&'static
             let start: u64 = req.text_of("startOffset").and_then(|v| v.parse().ok()).unwrap_or(0);
             let change_id = req.text_of("changeId").unwrap_or("").to_string();
             let extents: Vec<(u64, u64)> = if change_id == "*" {
-                s.allocated.clone()
+                // Everything in use: the initial layout plus whatever was written since.
+                s.allocated.iter().copied().chain(s.writes.iter().map(|(_, o, l)| (*o, *l))).collect()
             } else {
                 let (uuid, seq) = change_id.rsplit_once('/').unwrap_or(("", ""));
                 let (snap_uuid, snap_seq) = snap_cid.rsplit_once('/').unwrap_or(("", ""));
