@@ -23,6 +23,8 @@ export BLOCKSHIP_CEPH_AUTH=cephx
 trap 'bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT
 eval "$(bash scripts/ceph-up.sh)"
 export BLOCKSHIP_REQUIRE_CEPH=1
+# QEMU and NBD tools come from deps.sh: their tests must run, not skip.
+export BLOCKSHIP_REQUIRE_NBD=1
 bash scripts/ceph-smoke.sh >/dev/null
 
 step "cargo test (release: the same build the bench and demo use)"

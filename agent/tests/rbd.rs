@@ -351,3 +351,80 @@ fn refusals() {
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
     assert!(e.contains("timed out") || e.contains("Connection timed out"), "{e}");
 }
+
+#[test]
+fn rbd_source_full_then_two_incrementals() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let src = TestImage::new(&ceph, "src");
+    let dst = TestImage::new(&ceph, "dst");
+    let raw = lab.path("src.img");
+    image::generate(&raw, 256 * MIB, Profile::Mixed, 16).unwrap();
+    ceph.rbd_ok(&["import", "--no-progress", raw.to_str().unwrap(), &src.spec()]);
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    // The agent reads the source cluster with the same restricted client.
+    let agent_args: Vec<&str> = ceph.sink_args.iter().map(String::as_str).collect();
+    let source = src.target();
+
+    let s1 = lab.sync(&sink, "esx01", &source, &dst.target(), &agent_args);
+    assert_eq!(
+        (s1["mode"].as_str(), s1["change_point"].as_str(), s1["reader"].as_str()),
+        (Some("full"), Some("blockship-src-1"), Some("librbd")),
+        "{s1}"
+    );
+    let snap = |img: &TestImage, s: &str| ceph.export_hash(&format!("{}@{s}", img.spec()), lab.dir.path());
+    assert_eq!(snap(&dst, "blockship-1"), snap(&src, "blockship-src-1"));
+
+    for epoch in 2..=3u64 {
+        // Random 64 KiB writes to the source's head.
+        ceph.rbd_ok(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "64K",
+            "--io-total",
+            "16M",
+            "--io-pattern",
+            "rand",
+            &src.spec(),
+        ]);
+        // What librbd reports changed since the last replicated snapshot (the head will not
+        // change before the agent snapshots it).
+        let diff: serde_json::Value = serde_json::from_str(&ceph.rbd_ok(&[
+            "diff",
+            "--format",
+            "json",
+            "--from-snap",
+            &format!("blockship-src-{}", epoch - 1),
+            &src.spec(),
+        ]))
+        .unwrap();
+        let changed: u64 = diff.as_array().unwrap().iter().map(|e| e["length"].as_u64().unwrap()).sum();
+        let s = lab.sync(&sink, "esx01", &source, &dst.target(), &agent_args);
+        assert_eq!((s["mode"].as_str(), u(&s, "epoch")), (Some("incremental"), epoch), "{s}");
+        assert_eq!(u(&s, "bytes_read"), changed, "read other than librbd's diff: {s}");
+        assert!((16 * MIB..256 * MIB / 2).contains(&changed), "diff of {changed} bytes");
+        assert_eq!(
+            snap(&dst, &format!("blockship-{epoch}")),
+            snap(&src, &format!("blockship-src-{epoch}")),
+            "epoch {epoch}"
+        );
+        // Only the newest source snapshot (the next change point) is kept.
+        let snaps = ceph.rbd_ok(&["snap", "ls", &src.spec()]);
+        assert!(
+            snaps.contains(&format!("blockship-src-{epoch}"))
+                && !snaps.contains(&format!("blockship-src-{}", epoch - 1)),
+            "{snaps}"
+        );
+    }
+    let mut args = agent_args.clone();
+    args.extend(["--source", &source, "--target"]);
+    let v = lab.agent_cmd(&sink, "esx01", "verify").args(&args).arg(dst.target()).output().unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}

@@ -84,6 +84,19 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         Ok(())
     })?;
 
+    // The same agent reading the same qemu-nbd export the NBD peers read.
+    let mut via_nbd = Row::new("blockship (nbd source)");
+    ctx.repeat(|measured| {
+        let nbd = export(ctx, &src_s)?;
+        let (mut sample, _) = fresh_sync(ctx, &nbd.uri, "file:lan-nbd.img", size, &[])?;
+        let srv = nbd.server.stop()?;
+        if measured {
+            sample.sides.push(side("qemu-nbd", &srv));
+            via_nbd.samples.push(sample);
+        }
+        Ok(())
+    })?;
+
     let out = ctx.lab.dir.join("peer-copy.img");
     let nbdcopy = ctx.lab.bins.peer("nbdcopy")?;
     let qemu_img = ctx.lab.bins.peer("qemu-img")?;
@@ -120,7 +133,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     }
     let _ = std::fs::remove_file(&out);
 
-    result.rows = vec![ours, bare, nc, qi];
+    result.rows = vec![ours, via_nbd, bare, nc, qi];
     if let (Some(o), Some(b)) = (result.row("blockship"), result.row("bare quinn")) {
         // Same bytes on the wire: the share of the transport's ceiling Blockship reaches.
         result.ratios.push(Ratio::at_least(
@@ -134,6 +147,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     }
     if let Some(r) = result.speed_ratio("blockship", "qemu-img convert") {
         result.ratios.push(Ratio::at_least("blockship / qemu-img convert", r, 2.0));
+    }
+    if let Some(r) = result.speed_ratio("blockship (nbd source)", "nbdcopy") {
+        result.ratios.push(Ratio::info("blockship reading the qemu-nbd export / nbdcopy", r));
     }
     result.notes.push("`bare quinn` moves as many bytes as Blockship put on the wire (after zero skipping and compression) with the same QUIC/TLS settings; its ratio compares times for the same wire bytes.".into());
     Ok(result)
