@@ -58,6 +58,9 @@ pub struct AgentSettings {
     /// Give up on a silent sink after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// QUIC congestion controller: bbr (default; holds up on lossy long links), cubic, newreno.
+    #[arg(long)]
+    pub congestion: Option<String>,
     /// Read files with pread even where io_uring is available.
     #[arg(long)]
     #[serde(default)]
@@ -142,6 +145,7 @@ impl AgentSettings {
             bwlimit: self.bwlimit.or(file.bwlimit),
             depth: self.depth.or(file.depth),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            congestion: self.congestion.or(file.congestion),
             no_io_uring: self.no_io_uring || file.no_io_uring,
             ceph_conf: self.ceph_conf.or(file.ceph_conf),
             ceph_id: self.ceph_id.or(file.ceph_id),
@@ -209,6 +213,9 @@ impl AgentSettings {
         let mut tuning = blockship_transport::QuicTuning::default();
         if let Some(t) = &self.idle_timeout {
             tuning.set_idle_timeout(t).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(c) = &self.congestion {
+            tuning.congestion = c.parse().map_err(anyhow::Error::msg)?;
         }
         Ok(Resolved {
             sink,

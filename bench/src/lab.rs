@@ -141,8 +141,13 @@ impl Lab {
         Ok(p)
     }
 
-    /// Start a fresh sink with an empty file root and state dir.
+    /// Start a fresh sink with an empty file root and state dir, on loopback.
     pub fn sink(&self, extra: &[&str]) -> Result<Sink> {
+        self.sink_with(None, "127.0.0.1:0", extra)
+    }
+
+    /// Start a fresh sink listening on `listen`, optionally inside a network namespace.
+    pub fn sink_with(&self, ns: Option<&crate::netns::Link>, listen: &str, extra: &[&str]) -> Result<Sink> {
         for d in ["root", "state"] {
             let p = self.dir.join(d);
             if p.exists() {
@@ -150,16 +155,14 @@ impl Lab {
             }
         }
         std::fs::create_dir_all(self.dir.join("root"))?;
-        self.sink_keep_state(extra)
-    }
-
-    /// Start a sink over the existing file root and state dir.
-    pub fn sink_keep_state(&self, extra: &[&str]) -> Result<Sink> {
-        let mut cmd = Command::new(&self.bins.sink);
+        let mut cmd = match ns {
+            Some(link) => link.inside(&self.bins.sink),
+            None => Command::new(&self.bins.sink),
+        };
         cmd.args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--allow",
             "bench=file:**",
             "--allow",

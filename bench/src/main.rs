@@ -20,7 +20,7 @@ use blockship_bench::scenario::{self, Ctx};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Scenario to run (lan, rbd, incremental, memory, compression) or `all`.
+    /// Scenario to run (lan, wan, rbd, incremental, memory, compression) or `all`.
     scenario: Option<String>,
     /// Small sizes and one run per tool (a smoke test, < 2 minutes).
     #[arg(long)]
@@ -57,6 +57,19 @@ enum Cmd {
     QuicPeer {
         #[command(subcommand)]
         side: QuicSide,
+    },
+    /// Impairment relay: delay (and for UDP, drop) traffic between clients and an upstream.
+    Relay {
+        /// udp or tcp.
+        kind: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
     },
 }
 
@@ -104,10 +117,22 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Some(Cmd::Relay { kind, listen, upstream, delay_ms, loss }) => {
+            let imp = blockship_bench::relay::Impairment {
+                delay: std::time::Duration::from_millis(delay_ms),
+                loss,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            match kind.as_str() {
+                "udp" => rt.block_on(blockship_bench::relay::udp(listen, upstream, imp)),
+                "tcp" => rt.block_on(blockship_bench::relay::tcp(listen, upstream, imp)),
+                other => anyhow::bail!("relay kind {other:?}: udp or tcp"),
+            }
+        }
         None => {
             let which = cli
                 .scenario
-                .context("name a scenario (lan, rbd, incremental, memory, compression) or `all`")?;
+                .context("name a scenario (lan, wan, rbd, incremental, memory, compression) or `all`")?;
             let names: Vec<&str> = if which == "all" { scenario::ALL.to_vec() } else { vec![which.as_str()] };
             let bins = Bins::prepare(!cli.no_build)?;
             let work = cli.work.clone().unwrap_or_else(|| cli.out.join("work"));

@@ -8,7 +8,7 @@ pub mod quic;
 pub mod tls;
 
 pub use framed::{FrameReader, FrameWriter};
-pub use quic::QuicTuning;
+pub use quic::{Congestion, QuicTuning};
 pub use tls::TlsFiles;
 
 use blockship_proto::pb;

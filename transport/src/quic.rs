@@ -34,6 +34,28 @@ pub struct QuicTuning {
     pub keep_alive: Duration,
     /// Concurrent unidirectional data streams a peer may open.
     pub max_uni_streams: u32,
+    pub congestion: Congestion,
+}
+
+/// Congestion controller of the connections this side sends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    Cubic,
+    /// Model-based, not loss-based: keeps lossy long-distance links full.
+    Bbr,
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" => Ok(Congestion::NewReno),
+            other => Err(format!("congestion controller {other:?}: use bbr, cubic or newreno")),
+        }
+    }
 }
 
 /// Largest UDP payload quinn may put in one GSO batch of 10 segments without exceeding 65507.
@@ -51,6 +73,7 @@ impl Default for QuicTuning {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             max_uni_streams: 64,
+            congestion: Congestion::Bbr,
         }
     }
 }
@@ -88,6 +111,17 @@ impl QuicTuning {
                 self.idle_timeout.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?,
             ))
             .enable_segmentation_offload(self.gso);
+        match self.congestion {
+            Congestion::Cubic => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+            }
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            }
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+            }
+        };
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.mtu());
         t.mtu_discovery_config(Some(mtu));

@@ -5,6 +5,7 @@ pub mod incremental;
 pub mod lan;
 pub mod memory;
 pub mod rbd;
+pub mod wan;
 
 use anyhow::Result;
 
@@ -32,11 +33,12 @@ impl Ctx<'_> {
     }
 }
 
-pub const ALL: &[&str] = &["lan", "rbd", "incremental", "memory", "compression"];
+pub const ALL: &[&str] = &["lan", "wan", "rbd", "incremental", "memory", "compression"];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
     match name {
         "lan" => lan::run(ctx),
+        "wan" => wan::run(ctx),
         "rbd" => rbd::run(ctx),
         "incremental" => incremental::run(ctx),
         "memory" => memory::run(ctx),

@@ -1,0 +1,190 @@
+//! `wan`: agent → sink across a rate-limited link (veth between two network namespaces, `tc tbf`
+//! on both ends), first as it is, then through a userspace relay adding 20 ms of round-trip time
+//! and 0.1 % datagram loss. Blockship with incompressible (`random`) and `mixed` images against
+//! `nbdcopy` and `qemu-img convert` reading a `qemu-nbd` export over the same link.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{blockship_sample, side, Ctx};
+use crate::image::Profile;
+use crate::lab::{free_port, Sink};
+use crate::netns::Link;
+use crate::proc::{self, Server};
+use crate::report::{Ratio, Row, Sample, ScenarioResult};
+
+pub const RATE_MBIT: u64 = 500;
+const RTT_MS: u64 = 20;
+const LOSS: f64 = 0.001;
+
+/// Where the agent reaches the sink (and the NBD peers reach qemu-nbd).
+pub struct Path<'a> {
+    pub link: &'a Link,
+    pub impaired: bool,
+}
+
+impl Path<'_> {
+    fn label(&self) -> String {
+        if self.impaired {
+            format!("{} Mbit/s + {RTT_MS} ms RTT, {} % loss", self.link.rate_mbit, LOSS * 100.0)
+        } else {
+            format!("{} Mbit/s", self.link.rate_mbit)
+        }
+    }
+
+    fn relay(&self, ctx: &Ctx, kind: &str, upstream: &str) -> Result<Server> {
+        let mut cmd = self.link.inside(&ctx.lab.bins.bench);
+        cmd.args(["relay", kind, "--listen", &format!("{}:0", self.link.ns_ip), "--upstream", upstream])
+            .args([
+                "--delay-ms",
+                &(RTT_MS / 2).to_string(),
+                "--loss",
+                if kind == "udp" { "0.001" } else { "0" },
+            ]);
+        Server::start(&mut cmd, |l| l.starts_with("listening on "), Duration::from_secs(10))
+    }
+
+    /// Start a sink in the namespace; returns it, an optional relay, and the agent's address.
+    pub fn sink(&self, ctx: &Ctx) -> Result<(Sink, Option<Server>, String)> {
+        let listen = if self.impaired { "127.0.0.1:0".to_string() } else { format!("{}:0", self.link.ns_ip) };
+        let sink = ctx.lab.sink_with(Some(self.link), &listen, &[])?;
+        if !self.impaired {
+            let addr = sink.addr.clone();
+            return Ok((sink, None, addr));
+        }
+        let relay = self.relay(ctx, "udp", &sink.addr)?;
+        let addr = relay.ready_line.trim_start_matches("listening on ").to_string();
+        Ok((sink, Some(relay), addr))
+    }
+
+    /// One Blockship sync across the link.
+    pub fn sync(&self, ctx: &Ctx, source: &str, size: u64, extra: &[&str]) -> Result<Sample> {
+        let (sink, relay, addr) = self.sink(ctx)?;
+        let mut args = vec!["--server-name", "localhost"];
+        args.extend_from_slice(extra);
+        let run = ctx.lab.sync(&addr, source, "file:wan.img", &args)?;
+        let usage = sink.server.stop()?;
+        drop(relay);
+        Ok(blockship_sample(&run, &usage, size))
+    }
+
+    /// An NBD peer copying `image` over the link into a local file.
+    fn peer(&self, ctx: &Ctx, image: &str, tool: &str, size: u64) -> Result<Sample> {
+        let port = free_port()?;
+        let qemu_nbd = ctx.lab.bins.peer("qemu-nbd")?;
+        let bind = if self.impaired { "127.0.0.1".to_string() } else { self.link.ns_ip.clone() };
+        let mut cmd = self.link.inside(&qemu_nbd);
+        cmd.args([
+            "-t",
+            "-r",
+            "-f",
+            "raw",
+            "-x",
+            "img",
+            "--shared",
+            "32",
+            "--bind",
+            &bind,
+            "--port",
+            &port.to_string(),
+            image,
+        ]);
+        let nbd = Server::start_detached(&mut cmd)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let relay =
+            if self.impaired { Some(self.relay(ctx, "tcp", &format!("127.0.0.1:{port}"))?) } else { None };
+        let addr = match &relay {
+            Some(r) => r.ready_line.trim_start_matches("listening on ").to_string(),
+            None => format!("{bind}:{port}"),
+        };
+        let uri = format!("nbd://{addr}/img");
+        let out = ctx.lab.dir.join("wan-peer.img");
+        let _ = std::fs::remove_file(&out);
+        let f = if tool == "nbdcopy" {
+            proc::run_ok(Command::new(ctx.lab.bins.peer("nbdcopy")?).arg(&uri).arg(&out))?
+        } else {
+            proc::run_ok(
+                Command::new(ctx.lab.bins.peer("qemu-img")?)
+                    .args(["convert", "-f", "raw", "-O", "raw", &uri])
+                    .arg(&out),
+            )?
+        };
+        drop(relay);
+        let srv = nbd.stop()?;
+        let _ = std::fs::remove_file(&out);
+        Ok(Sample {
+            wall_s: f.usage.wall_s,
+            disk_bytes: size,
+            wire_bytes: None,
+            sides: vec![side(tool, &f.usage), side("qemu-nbd", &srv)],
+        })
+    }
+}
+
+pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
+    let title = "agent → sink across a rate-limited link";
+    let link = match Link::new(RATE_MBIT) {
+        Ok(l) => l,
+        Err(e) => return Ok(ScenarioResult::skipped("wan", title, format!("no network namespace: {e}"))),
+    };
+    let size: u64 = if ctx.quick { 64 << 20 } else { 512 << 20 };
+    let random = ctx.lab.image(Profile::Random, size, 71)?.to_string_lossy().to_string();
+    let mixed = ctx.lab.image(Profile::Mixed, size, 72)?.to_string_lossy().to_string();
+    let mut result = ScenarioResult::new(
+        "wan",
+        title,
+        format!(
+            "{} MiB images; a veth pair into a network namespace shaped with `tc tbf` to {RATE_MBIT} Mbit/s each way; the impaired path adds a userspace relay ({RTT_MS} ms RTT, {} % UDP datagram loss; the TCP relay of the NBD peers adds the delay only).",
+            size >> 20,
+            LOSS * 100.0
+        ),
+    );
+    for impaired in [false, true] {
+        let path = Path { link: &link, impaired };
+        let label = path.label();
+        for (profile, image) in [("random", &random), ("mixed", &mixed)] {
+            let mut row = Row::new(format!("blockship {profile}, {label}"));
+            ctx.repeat(|measured| {
+                let s = path.sync(ctx, image, size, &[])?;
+                if measured {
+                    row.samples.push(s);
+                }
+                Ok(())
+            })?;
+            if profile == "random" {
+                if let Some(w) = row.median_wire() {
+                    let util = w / row.median_wall() / link.bytes_per_s();
+                    result.ratios.push(Ratio::at_least(
+                        format!("link utilisation, random, {label}"),
+                        util,
+                        0.9,
+                    ));
+                }
+            }
+            result.rows.push(row);
+        }
+        for tool in ["nbdcopy", "qemu-img convert"] {
+            let mut row = Row::new(format!("{tool} mixed, {label}"));
+            ctx.repeat(|measured| {
+                let s =
+                    path.peer(ctx, &mixed, if tool == "nbdcopy" { "nbdcopy" } else { "qemu-img" }, size)?;
+                if measured {
+                    row.samples.push(s);
+                }
+                Ok(())
+            })?;
+            result.rows.push(row);
+        }
+        for tool in ["nbdcopy", "qemu-img convert"] {
+            if let Some(r) =
+                result.speed_ratio(&format!("blockship mixed, {label}"), &format!("{tool} mixed, {label}"))
+            {
+                result.ratios.push(Ratio::at_least(format!("blockship / {tool}, mixed, {label}"), r, 2.0));
+            }
+        }
+    }
+    result.notes.push("Link utilisation = payload bytes on the wire / (link rate × time); QUIC, TLS and UDP headers come on top.".into());
+    Ok(result)
+}
