@@ -66,7 +66,9 @@ pub struct AgentSettings {
     #[serde(default)]
     pub no_io_uring: bool,
     /// Ceph configuration for rbd: sources (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
-    #[arg(long, env = "CEPH_CONF")]
+    // No clap `env`: librados reads $CEPH_CONF itself, so a config file's value beats the
+    // environment and a flag beats both.
+    #[arg(long)]
     pub ceph_conf: Option<PathBuf>,
     /// Ceph client id for rbd: sources, without "client." (default admin).
     #[arg(long)]

@@ -203,7 +203,8 @@ async fn delta(
                 Err(e) => Ok(Err(format!("vCenter could not list the changed areas: {e}"))),
             }
         }
-        _ => Ok(Err("this source has no change tracking".into())),
+        // A plain file or device has no change tracking: compare is its normal mode, not a resync.
+        _ => Ok(Err(String::new())),
     }
 }
 
@@ -250,8 +251,10 @@ async fn run_epoch(
                 match delta(req, origin, point, stored).await? {
                     Ok(extents) => Plan::Incremental(extents),
                     Err(why) => {
-                        note = format!("full resync (compare): {why}");
-                        eprintln!("blockship-agent: {note}");
+                        if !why.is_empty() {
+                            note = format!("full resync (compare): {why}");
+                            eprintln!("blockship-agent: {note}");
+                        }
                         Plan::Compare(allocation(origin, point).await?)
                     }
                 }

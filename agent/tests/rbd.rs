@@ -287,7 +287,7 @@ fn sink_killed_then_same_command_resumes_without_resending() {
             >= 300 * MIB
     }));
     sink.kill9();
-    let _ = agent.wait();
+    assert!(!agent.wait().unwrap().success(), "agent claimed success although the sink died");
     let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
     let second = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
     assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
@@ -333,8 +333,13 @@ fn refusals() {
     // An image bigger than the source would have to shrink.
     let big = TestImage::new(&ceph, "big");
     ceph.rbd_ok(&["create", "--size", "128M", &big.spec()]);
+    ceph.rbd_ok(&["bench", "--io-type", "write", "--io-size", "1M", "--io-total", "8M", &big.spec()]);
+    let before = ceph.export_hash(&big.spec(), lab.dir.path());
     let e = err(lab.try_sync(&sink, "esx01", &src, &big.target(), &[]));
     assert!(e.contains("never shrinks"), "{e}");
+    assert_eq!(ceph.export_hash(&big.spec(), lab.dir.path()), before, "the refused image was written");
+    let meta = ceph.rbd(&["image-meta", "list", &big.spec()]);
+    assert!(!String::from_utf8_lossy(&meta.stdout).contains("blockship"), "state written to a refused image");
     // A smaller one is grown.
     let small = TestImage::new(&ceph, "small");
     ceph.rbd_ok(&["create", "--size", "16M", &small.spec()]);

@@ -112,10 +112,12 @@ fn targets_outside_the_root_and_forbidden_targets_are_refused() {
     assert!(!std::path::Path::new("/etc/blockship-test").exists());
 
     let out = lab.try_sync(&sink, "esx02", &src, "file:esx01/vm", &[]);
+    assert!(!out.status.success(), "a forbidden target was accepted");
     assert!(stderr(&out).contains("may not write file:esx01/vm"), "{}", stderr(&out));
     assert!(!lab.target("esx01/vm").exists());
 
     let out = lab.try_sync(&sink, "stranger", &src, "file:stranger/vm", &[]);
+    assert!(!out.status.success(), "an unknown agent was accepted");
     assert!(stderr(&out).contains("not known to this sink"), "{}", stderr(&out));
     assert!(!lab.target("stranger").exists());
 }

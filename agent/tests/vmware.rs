@@ -196,6 +196,7 @@ fn vcenter_errors_are_clear() {
     let i = args.iter().position(|a| *a == "--vcenter-password-file").unwrap();
     args[i + 1] = bad_pw.to_str().unwrap();
     let out = lab.try_sync(&sink, "esx01", vm.source(), "file:x", &args);
+    assert!(!out.status.success(), "a wrong vCenter password was accepted");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("incorrect user name or password"),
         "{}",
@@ -208,6 +209,7 @@ fn vcenter_errors_are_clear() {
         "file:x",
         &vm.args(&["--vm", "4213c2d5-0000-0000-0000-000000000000"]),
     );
+    assert!(!out.status.success(), "an unknown VM was accepted");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no VM"),
         "{}",

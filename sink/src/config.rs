@@ -61,7 +61,9 @@ pub struct ServeSettings {
 #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 pub struct CephSettings {
     /// Ceph configuration file (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
-    #[arg(long, env = "CEPH_CONF")]
+    // No clap `env`: librados reads $CEPH_CONF itself, so a config file's value beats the
+    // environment and a flag beats both.
+    #[arg(long)]
     pub ceph_conf: Option<PathBuf>,
     /// Ceph client id, without "client." (default admin).
     #[arg(long)]

@@ -35,6 +35,13 @@ impl Ring {
     /// Set up a ring with `depth` entries for `file`; an error means "use pread instead".
     pub fn new(file: Arc<File>, depth: u32) -> io::Result<Ring> {
         let ring = IoUring::new(depth)?;
+        // Setup can succeed where reads are not offered (kernels before 5.6 lack IORING_OP_READ,
+        // seccomp profiles may filter it): ask the kernel which operations it supports.
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::Read::CODE) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring offers no IORING_OP_READ"));
+        }
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("blockship-uring".into())
@@ -44,11 +51,14 @@ impl Ring {
 
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request { offset, len, reply })
-            .map_err(|_| io::Error::other("io_uring thread stopped"))?;
-        rx.await.map_err(|_| io::Error::other("io_uring thread stopped"))?
+        self.tx.send(Request { offset, len, reply }).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
+}
+
+/// The ring's thread is gone (its ring failed); the caller reads with pread instead.
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "io_uring thread stopped")
 }
 
 fn submit(ring: &mut IoUring, fd: types::Fd, slot: usize, r: &mut InFlight) -> io::Result<()> {

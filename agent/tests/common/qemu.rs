@@ -12,9 +12,14 @@ use std::time::Duration;
 /// Whether the QEMU/NBD tools are here; without them the tests skip unless
 /// BLOCKSHIP_REQUIRE_NBD=1 makes that a failure.
 pub fn available() -> bool {
-    let ok = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdcopy"].iter().all(|t| {
-        Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success())
-    });
+    let ok =
+        ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdcopy", "nbdkit"].iter().all(|t| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {t}"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
     if !ok {
         assert!(
             std::env::var("BLOCKSHIP_REQUIRE_NBD").is_err(),
@@ -59,15 +64,32 @@ impl Export {
         if let Some(b) = bitmap {
             cmd.args(["-B", b]);
         }
-        let child = cmd.arg(image).spawn().unwrap();
-        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        cmd.arg(image);
+        Export::spawn(cmd, sock, "")
+    }
+
+    /// Read-only export of a raw `image` by nbdkit's file plugin, under export name `name`.
+    pub fn nbdkit(dir: &Path, image: &Path, name: &str) -> Export {
+        let sock = dir.join(format!(
+            "nbdkit-{}.sock",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "--readonly", "-U"]).arg(&sock).arg("--exportname").arg(name).arg("file").arg(image);
+        Export::spawn(cmd, sock, name)
+    }
+
+    fn spawn(mut cmd: Command, sock: PathBuf, name: &str) -> Export {
+        let image = format!("{cmd:?}");
+        let child = cmd.spawn().unwrap();
+        let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
         let mut e = Export { child, uri };
         for _ in 0..200 {
             if sock.exists() {
                 return e;
             }
             if let Ok(Some(st)) = e.child.try_wait() {
-                panic!("qemu-nbd exited {st} before serving {}", image.display());
+                panic!("{image} exited {st} before serving");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
