@@ -134,18 +134,23 @@ impl Decoder {
                 payload
             }
             Ok(Codec::Zstd) => {
-                let mut out = Vec::with_capacity(header.length as usize);
+                // Straight into an aligned buffer: the sink can write it with O_DIRECT as is.
+                // (A Cursor, because zstd writes a plain Vec from its start, padding included.)
+                let (out, skip) = crate::buffer::aligned_vec(header.length as usize);
+                let mut out = std::io::Cursor::new(out);
+                out.set_position(skip as u64);
                 let n = self
                     .zstd
                     .decompress_to_buffer(&payload, &mut out)
                     .map_err(|e| bad(format!("zstd data does not decode to {} bytes: {e}", header.length)))?;
+                let out = out.into_inner();
                 if n != header.length as usize {
                     return Err(bad(format!(
                         "zstd data decodes to {n} bytes, header says {}",
                         header.length
                     )));
                 }
-                Bytes::from(out)
+                crate::buffer::finish(out, skip)
             }
             Err(_) => return Err(bad(format!("unknown codec {}", header.codec))),
         };
@@ -236,6 +241,7 @@ mod tests {
         assert!(e.payload.len() <= max_encoded_len(raw.len()));
         let out = Decoder::new().unwrap().decode(&header_for(0, raw.len(), &e), e.payload.clone()).unwrap();
         assert_eq!(out, raw);
+        assert!(crate::buffer::is_aligned(&out), "decompressed chunks land in aligned buffers");
     }
 
     #[test]

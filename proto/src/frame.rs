@@ -129,12 +129,27 @@ impl FrameDecoder {
         }
         let plen = self.pending.as_ref().map_or(0, |(_, n)| *n);
         if buf.len() < plen {
-            buf.reserve(plen - buf.len());
+            // No reserve here: a reader that knows the payload length can read it into a buffer
+            // of its own (`awaiting_payload` / `complete`) instead of growing this one.
             return Ok(None);
         }
         let (body, _) = self.pending.take().expect("pending header checked above");
         let payload = buf.split_to(plen).freeze();
         Ok(Some(Frame { body, payload }))
+    }
+
+    /// Length of the payload the decoded header announced, while it has not been taken.
+    pub fn awaiting_payload(&self) -> Option<usize> {
+        self.pending.as_ref().map(|(_, n)| *n)
+    }
+
+    /// Finish the pending frame with a payload the caller read itself.
+    pub fn complete(&mut self, payload: Bytes) -> Result<Frame, FrameError> {
+        match self.pending.take() {
+            Some((body, n)) if n == payload.len() => Ok(Frame { body, payload }),
+            Some((_, n)) => Err(FrameError::Truncated(n.saturating_sub(payload.len()))),
+            None => Err(FrameError::Truncated(0)),
+        }
     }
 
     /// Call at end of stream: an error if a frame was left incomplete.

@@ -3,6 +3,7 @@
 //! optional zstd) and protocol version negotiation. Agents, sinks, fuzzers and tests all drive
 //! the same code with plain byte buffers.
 
+pub mod buffer;
 pub mod codec;
 pub mod frame;
 pub mod version;

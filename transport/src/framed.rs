@@ -2,30 +2,44 @@
 //! crate's limits) and a writer for QUIC send streams that hands chunk payloads to quinn as
 //! `Bytes`, so bulk data is not copied on the way out.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use blockship_proto::{frame, Body, Frame, FrameDecoder};
 
 use crate::{body_name, TransportError};
 
+/// Payloads at least this big are read into a buffer of their own (chunks are 64 KiB or more).
+const OWN_BUFFER_FROM: usize = 16 * 1024;
+
 /// Reads frames from a stream.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     decoder: FrameDecoder,
+    /// A large payload being read into its own buffer.
+    payload: Option<BytesMut>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(64 * 1024), decoder: FrameDecoder::new() }
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(),
+            payload: None,
+        }
     }
 
-    /// The next frame, or `None` at a clean end of stream (between frames).
+    /// The next frame, or `None` at a clean end of stream (between frames). Cancel-safe: bytes
+    /// of a frame read before the future was dropped stay in the reader.
     pub async fn next(&mut self) -> Result<Option<Frame>, TransportError> {
         loop {
             if let Some(frame) = self.decoder.decode(&mut self.buf)? {
                 return Ok(Some(frame));
+            }
+            if let Some(len) = self.decoder.awaiting_payload().filter(|&n| n >= OWN_BUFFER_FROM) {
+                return self.read_payload(len).await.map(Some);
             }
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(64 * 1024);
@@ -35,6 +49,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(None);
             }
         }
+    }
+
+    /// Read a large payload into an aligned buffer of exactly its size: one copy out of the
+    /// transport, no regrowth of the frame buffer, and ready for O_DIRECT writes.
+    /// The partial payload lives in `self`, so `next` stays cancel-safe.
+    async fn read_payload(&mut self, len: usize) -> Result<Frame, TransportError> {
+        let payload = match &mut self.payload {
+            Some(p) => p,
+            None => {
+                let mut p = blockship_proto::buffer::aligned(len);
+                p.extend_from_slice(&self.buf.split());
+                self.payload.insert(p)
+            }
+        };
+        while payload.len() < len {
+            let want = len - payload.len();
+            if self.inner.read_buf(&mut payload.limit(want)).await? == 0 {
+                return Err(blockship_proto::FrameError::Truncated(payload.len()).into());
+            }
+        }
+        let payload = self.payload.take().map(BytesMut::freeze).unwrap_or_default();
+        Ok(self.decoder.complete(payload)?)
     }
 
     /// The next frame's body; a received `Error` becomes `TransportError::Remote`, end of stream
@@ -120,6 +156,71 @@ mod tests {
 
         let cut = &bytes[..bytes.len() - 1];
         let mut r = FrameReader::new(cut);
+        assert!(matches!(r.next().await, Err(TransportError::Frame(_))));
+    }
+
+    #[tokio::test]
+    async fn large_payloads_arrive_whole_and_aligned() {
+        let data: Vec<u8> = (0..(1 << 20) + 4096).map(|i| (i % 253) as u8).collect();
+        let body = |offset| {
+            Body::Chunk(pb::ChunkHeader {
+                disk: 1,
+                seq: offset,
+                offset,
+                length: data.len() as u32,
+                blake3: Bytes::from(vec![0u8; 32]),
+                codec: pb::Codec::None as i32,
+                encoded_length: data.len() as u32,
+            })
+        };
+        let mut wire = Vec::new();
+        for off in [0, 1 << 20] {
+            wire.extend_from_slice(&frame::encode(&body(off), &data));
+        }
+        // Delivered in odd-sized pieces, as a network would.
+        let (mut tx, rx) = tokio::io::duplex(7919);
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(&wire).await.unwrap();
+        });
+        let mut r = FrameReader::new(rx);
+        for off in [0, 1 << 20] {
+            let f = r.next().await.unwrap().unwrap();
+            assert_eq!(f.body, body(off));
+            assert_eq!(&f.payload[..], &data[..]);
+            assert!(blockship_proto::buffer::is_aligned(&f.payload));
+        }
+        feed.await.unwrap();
+        assert!(r.next().await.unwrap().is_none());
+
+        // Dropping `next` mid-payload (as `select!` does) loses nothing.
+        let (mut tx, rx) = tokio::io::duplex(4096);
+        let wire2 = [frame::encode(&body(0), &data), frame::encode(&body(1 << 20), &data)].concat();
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in wire2.chunks(100_003) {
+                tx.write_all(piece).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        });
+        let mut r = FrameReader::new(rx);
+        let (mut got, mut cancelled) = (Vec::new(), 0);
+        while got.len() < 2 {
+            match tokio::time::timeout(std::time::Duration::from_millis(1), r.next()).await {
+                Ok(f) => got.push(f.unwrap().unwrap()),
+                Err(_) => cancelled += 1,
+            }
+        }
+        feed.await.unwrap();
+        assert!(cancelled > 0, "the test never cancelled a read");
+        for (f, off) in got.iter().zip([0, 1 << 20]) {
+            assert_eq!((&f.body, &f.payload[..]), (&body(off), &data[..]));
+        }
+
+        // A stream cut inside a large payload is an error, not a short frame.
+        let mut cut = frame::encode(&body(0), &data).to_vec();
+        cut.truncate(cut.len() - 10);
+        let mut r = FrameReader::new(&cut[..]);
         assert!(matches!(r.next().await, Err(TransportError::Frame(_))));
     }
 

@@ -1,6 +1,7 @@
 //! File targets below the sink's `--file-root`. Every path is resolved with `openat2` and
 //! `RESOLVE_BENEATH` relative to the root directory, so `..`, absolute symlinks and symlinks
-//! leading out of the root are refused by the kernel, race-free. Zero extents punch holes (or
+//! leading out of the root are refused by the kernel, race-free. Block-aligned writes go through
+//! a second, `O_DIRECT` descriptor of the same file (see `direct`); zero extents punch holes (or
 //! write zeros where the filesystem cannot punch); durability is `fdatasync`.
 
 use std::fs::File;
@@ -13,10 +14,20 @@ use bytes::{Bytes, BytesMut};
 use rustix::fs::{FallocateFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
+use super::direct::{self, BufferPool};
 use super::{Access, Opened, TargetError, TargetName};
+
+/// The O_DIRECT descriptor and what it needs.
+struct Direct {
+    file: Arc<File>,
+    pool: Arc<BufferPool>,
+    /// Cleared if the kernel refuses a direct write after all; buffered writes take over.
+    usable: Arc<AtomicBool>,
+}
 
 pub struct FileTarget {
     file: Arc<File>,
+    direct: Option<Direct>,
     size: u64,
     name: TargetName,
     /// Cleared when the filesystem refuses FALLOC_FL_PUNCH_HOLE; zeros are written instead.
@@ -80,6 +91,7 @@ impl FileTarget {
             return Ok((
                 FileTarget {
                     file: Arc::new(file),
+                    direct: None,
                     size: meta.len(),
                     name: name.clone(),
                     can_punch: Arc::new(AtomicBool::new(false)),
@@ -115,8 +127,14 @@ impl FileTarget {
             .and_then(rustix::fs::fsync);
             dir.map_err(|e| TargetError::io(name, "sync directory", e.into()))?;
         }
+        let direct = open_direct(&root_fd, rel, &meta).map(|file| Direct {
+            file: Arc::new(file),
+            pool: Arc::new(BufferPool::new(2 * crate::writer::BATCH)),
+            usable: Arc::new(AtomicBool::new(true)),
+        });
         let target = FileTarget {
             file: Arc::new(file),
+            direct,
             size,
             name: name.clone(),
             can_punch: Arc::new(AtomicBool::new(true)),
@@ -141,7 +159,29 @@ impl FileTarget {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), TargetError> {
-        self.blocking("write", move |f| f.write_all_at(&data, offset)).await
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|d| direct::aligned(offset, data.len()) && d.usable.load(Ordering::Relaxed));
+        let Some(d) = direct else {
+            return self.blocking("write", move |f| f.write_all_at(&data, offset)).await;
+        };
+        let (dfile, pool, usable) = (d.file.clone(), d.pool.clone(), d.usable.clone());
+        self.blocking("write", move |f| match direct::write_at(&dfile, &pool, &data, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Stricter alignment than ours (or no direct I/O after all): stay buffered.
+                tracing::info!("direct I/O refused ({e}); writing through the page cache");
+                usable.store(false, Ordering::Relaxed);
+                f.write_all_at(&data, offset)
+            }
+            r => r,
+        })
+        .await
+    }
+
+    /// Whether aligned writes bypass the page cache.
+    pub fn direct_io(&self) -> bool {
+        self.direct.as_ref().is_some_and(|d| d.usable.load(Ordering::Relaxed))
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), TargetError> {
@@ -215,6 +255,24 @@ impl FileTarget {
     }
 }
 
+/// A second descriptor of the file just opened, with O_DIRECT, resolved the same confined way
+/// and checked to be the same inode. None where the filesystem has no direct I/O.
+fn open_direct(root_fd: &rustix::fd::OwnedFd, rel: &Path, meta: &std::fs::Metadata) -> Option<File> {
+    use std::os::unix::fs::MetadataExt;
+    let flags = OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC;
+    match rustix::fs::openat2(root_fd, rel, flags, Mode::empty(), RESOLVE) {
+        Ok(fd) => {
+            let f = File::from(fd);
+            let same = f.metadata().is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
+            same.then_some(f)
+        }
+        Err(e) => {
+            tracing::info!("no direct I/O for {} ({e}); writing through the page cache", rel.display());
+            None
+        }
+    }
+}
+
 /// Open (creating if allowed) the directory `dir` below the root, one component at a time, each
 /// resolved beneath the root.
 fn open_dir(
@@ -267,12 +325,15 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let (t, opened) = open(root.path(), "file:vm1/disk0", 1 << 20, true).unwrap();
         assert_eq!(opened, Opened::Created);
+        // Aligned: the direct descriptor (where the filesystem has one); then an unaligned write.
         t.write(4096, Bytes::from(vec![7u8; 8192])).await.unwrap();
+        t.write(20_000, Bytes::from(vec![9u8; 100])).await.unwrap();
         t.write_zeroes(8192, 4096).await.unwrap();
         t.flush().await.unwrap();
         let back = t.read(4096, 8192).await.unwrap();
         assert!(back[..4096].iter().all(|&b| b == 7));
         assert!(back[4096..].iter().all(|&b| b == 0));
+        assert_eq!(t.read(20_000, 100).await.unwrap(), vec![9u8; 100]);
         assert_eq!(std::fs::metadata(root.path().join("vm1/disk0")).unwrap().len(), 1 << 20);
     }
 

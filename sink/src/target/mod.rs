@@ -2,6 +2,7 @@
 //! parsed and checked here; the `Target` enum dispatches positioned writes, zeroing, reads,
 //! flushes, replication state and per-epoch snapshots to the backend.
 
+pub mod direct;
 pub mod file;
 pub mod rbd;
 
@@ -168,9 +169,9 @@ impl Target {
         match name {
             TargetName::File(rel) => {
                 let root = roots.file_root.clone().ok_or(TargetError::Disabled("file (no --file-root)"))?;
-                let (rel, name) = (rel.clone(), name.clone());
+                let (rel, n) = (rel.clone(), name.clone());
                 let (t, opened) = tokio::task::spawn_blocking(move || {
-                    file::FileTarget::open(&root, &rel, &name, size, access)
+                    file::FileTarget::open(&root, &rel, &n, size, access)
                 })
                 .await
                 .map_err(|e| TargetError::Io {
@@ -178,6 +179,7 @@ impl Target {
                     what: "open",
                     source: e.into(),
                 })??;
+                tracing::debug!(target = %name, direct_io = t.direct_io(), "file target opened");
                 Ok((Target::File(t), opened))
             }
             TargetName::Rbd(spec) => {
