@@ -32,6 +32,12 @@ cargo test --release --workspace --no-fail-fast --quiet -- --test-threads=2
 
 step "benchmark smoke test (blockship-bench all --quick; no thresholds)"
 cargo run --release --quiet -p blockship-bench -- all --quick --no-build --out target/bench-quick >/dev/null
-grep -q '^| lan' target/bench-quick/results.md
+# Every scenario ran (CI has root for the wan namespaces and the Ceph cluster for rbd).
+for s in lan wan rbd incremental memory compression; do
+  grep -q "^## $s " target/bench-quick/results.md || { echo "bench: scenario $s missing" >&2; exit 1; }
+done
+if grep -q '^Skipped:' target/bench-quick/results.md; then
+  grep -B2 '^Skipped:' target/bench-quick/results.md >&2; exit 1
+fi
 
 step "done in $(( $(date +%s) - start ))s"

@@ -2,6 +2,7 @@
 //! chunks over QUIC with mutual TLS to a sink, and reports success only once the sink has made
 //! the epoch durable.
 
+pub mod adaptive;
 pub mod changes;
 pub mod chunker;
 pub mod config;

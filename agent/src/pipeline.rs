@@ -13,6 +13,7 @@ use blockship_proto::{HASH_LEN, ZERO_HASH};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::adaptive::Adaptive;
 use crate::chunker::Work;
 use crate::source::Source;
 use crate::AgentError;
@@ -76,6 +77,11 @@ thread_local! {
 }
 
 fn encode(compression: Compression, raw: Bytes, hash: Option<[u8; HASH_LEN]>) -> Result<Encoded, AgentError> {
+    if compression == Compression::None {
+        // No zstd context needed (auto mode switches per chunk; keep the thread's encoder).
+        let hash = hash.unwrap_or_else(|| *blake3::hash(&raw).as_bytes());
+        return Ok(Encoded { hash, codec: blockship_proto::pb::Codec::None, payload: raw });
+    }
     ENCODER.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.as_ref().is_none_or(|(c, _)| *c != compression) {
@@ -146,6 +152,8 @@ fn decide(
 pub struct Plan {
     pub mode: Mode,
     pub compression: Compression,
+    /// With `Compression::Auto`: whether to compress right now (see `adaptive`).
+    pub adaptive: Option<Arc<Adaptive>>,
     /// Pieces read and encoded concurrently.
     pub depth: usize,
     /// Disk handle the items are for.
@@ -160,10 +168,14 @@ pub async fn run(
     stats: Arc<Stats>,
     out: async_channel::Sender<Out>,
 ) -> Result<u64, AgentError> {
-    let Plan { mode, compression, depth, disk } = plan;
+    let Plan { mode, compression, adaptive, depth, disk } = plan;
     let mut decisions = futures::stream::iter(works)
         .map(|work| {
             let (source, mode, stats) = (source.clone(), mode.clone(), stats.clone());
+            let compression = match (&adaptive, compression) {
+                (Some(a), Compression::Auto { .. }) if !a.compress() => Compression::None,
+                (_, c) => c,
+            };
             async move {
                 let p = work.piece();
                 let data = match work {

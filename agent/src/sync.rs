@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockship_proto::codec::Compression;
 use blockship_proto::pb::{self, DiskOpened, EpochBegin, EpochCommit, OpenDisk, SyncMode};
 use blockship_proto::Body;
 use blockship_transport::framed::unexpected;
 use blockship_transport::QuicTuning;
 
+use crate::adaptive::{Adaptive, CpuMeter};
 use crate::changes::{cbt_file, plan_digest, Changes};
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
@@ -318,12 +320,35 @@ async fn run_epoch(
     let progress = Progress::start(req.progress, &format!("epoch {epoch}"), planned, stats.clone());
     let limiter = cfg.bwlimit.map(Limiter::new).transpose()?.map(Arc::new);
     let (tx, rx) = async_channel::bounded(cfg.streams * 2);
+    let adaptive = matches!(cfg.compression, Compression::Auto { .. })
+        .then(|| Arc::new(Adaptive::new(cfg.bwlimit.is_some())));
+    let _monitor = adaptive.as_ref().map(|a| {
+        // A receiver, not a sender: the streams must still see the queue close at the end.
+        let queue = rx.clone();
+        let (conn, st) = (session.conn.clone(), stats.clone());
+        let mut cpu = CpuMeter::default();
+        let capacity = queue.capacity().unwrap_or(1).max(1) as f64;
+        // Data waits either in our queue or, once written, in QUIC's send buffer (sized for the
+        // bandwidth-delay product, so it holds seconds of a slow link): payload produced minus
+        // UDP bytes transmitted.
+        let backlog = move || {
+            let buffered = Stats::get(&st.bytes_sent).saturating_sub(conn.stats().udp_tx.bytes);
+            (queue.len() as f64 / capacity).max(buffered as f64 / SEND_BACKLOG)
+        };
+        a.monitor(backlog, move || cpu.sample())
+    });
     let streams = Streams::start(&session.conn, cfg.streams, rx, limiter).await?;
 
     let ack = {
         let Session { writer, reader, .. } = &mut *session;
         let data = async {
-            let plan = pipeline::Plan { mode, compression: cfg.compression, depth: cfg.depth, disk: DISK };
+            let plan = pipeline::Plan {
+                mode,
+                compression: cfg.compression,
+                adaptive: adaptive.clone(),
+                depth: cfg.depth,
+                disk: DISK,
+            };
             let items = pipeline::run(point.source.clone(), works, plan, stats.clone(), tx).await?;
             streams.finish().await?;
             let commit = EpochCommit { disk: DISK, epoch, items, change_point: change_point.clone() };
@@ -370,6 +395,12 @@ async fn run_epoch(
     }
 
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(a) = &adaptive {
+        tracing::info!(
+            share_on = a.share_on(),
+            "adaptive compression (on while the link was the bottleneck)"
+        );
+    }
     let g = |c: &std::sync::atomic::AtomicU64| Stats::get(c);
     Ok(SyncSummary {
         target: req.target.clone(),
@@ -397,6 +428,9 @@ async fn run_epoch(
         mb_per_s: g(&stats.bytes_done) as f64 / seconds.max(1e-9) / 1e6,
     })
 }
+
+/// Bytes waiting in QUIC's send buffer that count as a full backlog for adaptive compression.
+const SEND_BACKLOG: f64 = (8 << 20) as f64;
 
 /// `--changed-areas FILE` is `--changes cbt-file:FILE`.
 pub fn changes_from_flags(

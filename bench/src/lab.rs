@@ -205,6 +205,30 @@ impl Lab {
     }
 }
 
+/// Fail unless `copy` holds exactly the bytes of `source`: a benchmark figure of a wrong copy is
+/// worthless, whoever made it.
+pub fn check_copy(copy: &Path, source: &Path) -> Result<()> {
+    use std::io::Read;
+    let (mut a, mut b) = (std::fs::File::open(copy)?, std::fs::File::open(source)?);
+    let (la, lb) = (a.metadata()?.len(), b.metadata()?.len());
+    if la != lb {
+        bail!("{} has {la} bytes, its source {} has {lb}", copy.display(), source.display());
+    }
+    let (mut x, mut y) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut at = 0u64;
+    while at < la {
+        let n = (la - at).min(x.len() as u64) as usize;
+        a.read_exact(&mut x[..n])?;
+        b.read_exact(&mut y[..n])?;
+        if x[..n] != y[..n] {
+            let i = x[..n].iter().zip(&y[..n]).position(|(p, q)| p != q).unwrap_or(0);
+            bail!("{} differs from {} at byte {}", copy.display(), source.display(), at + i as u64);
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1 (for peers that need one up front).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -90,6 +90,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         let nbd = export(ctx, &src_s)?;
         let (mut sample, _) = fresh_sync(ctx, &nbd.uri, "file:lan-nbd.img", size, &[])?;
         let srv = nbd.server.stop()?;
+        crate::lab::check_copy(&ctx.lab.target_path("lan-nbd.img"), &src)?;
         if measured {
             sample.sides.push(side("qemu-nbd", &srv));
             via_nbd.samples.push(sample);
@@ -117,6 +118,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             };
             let f = proc::run_ok(&mut cmd)?;
             let srv = nbd.server.stop()?;
+            crate::lab::check_copy(&out, &src)?;
             if measured {
                 row.samples.push(Sample {
                     wall_s: f.usage.wall_s,

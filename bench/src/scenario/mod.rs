@@ -72,5 +72,10 @@ pub fn fresh_sync(
     let sink = ctx.lab.sink(&[])?;
     let run = ctx.lab.sync(&sink.addr, source, target, extra)?;
     let usage = sink.server.stop()?;
+    if let Some(rel) = target.strip_prefix("file:") {
+        if std::path::Path::new(source).is_file() {
+            crate::lab::check_copy(&ctx.lab.target_path(rel), std::path::Path::new(source))?;
+        }
+    }
     Ok((blockship_sample(&run, &usage, disk_bytes), run))
 }

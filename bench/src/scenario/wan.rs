@@ -67,6 +67,7 @@ impl Path<'_> {
         let run = ctx.lab.sync(&addr, source, "file:wan.img", &args)?;
         let usage = sink.server.stop()?;
         drop(relay);
+        crate::lab::check_copy(&ctx.lab.target_path("wan.img"), std::path::Path::new(source))?;
         Ok(blockship_sample(&run, &usage, size))
     }
 
@@ -113,6 +114,7 @@ impl Path<'_> {
         };
         drop(relay);
         let srv = nbd.stop()?;
+        crate::lab::check_copy(&out, std::path::Path::new(image))?;
         let _ = std::fs::remove_file(&out);
         Ok(Sample {
             wall_s: f.usage.wall_s,
