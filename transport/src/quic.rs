@@ -184,7 +184,12 @@ pub fn server_endpoint(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(tuning.transport()?);
     let socket = udp_socket(listen, tuning.socket_buffer)?;
-    Ok(quinn::Endpoint::new(tuning.endpoint_config()?, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
+    // Accept the large datagrams an agent on a large-MTU path sends (see `connect`).
+    let mut endpoint = tuning.endpoint_config()?;
+    endpoint
+        .max_udp_payload_size(LARGE_DATAGRAM.max(tuning.mtu()))
+        .map_err(|e| TlsError::Config(format!("max UDP payload: {e}")))?;
+    Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
 }
 
 /// A client endpoint (ephemeral port) presenting `tls`.
@@ -203,6 +208,34 @@ pub fn client_endpoint(
         quinn::Endpoint::new(tuning.endpoint_config()?, None, socket, Arc::new(quinn::TokioRuntime))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// Route MTUs from this size up (loopback's 65536) make plain large datagrams the better choice.
+const LARGE_MTU_FROM: u32 = 16 * 1024;
+/// UDP payload bound used then (measured on loopback: fastest of 9000..60000, ~25 % over GSO).
+pub const LARGE_DATAGRAM: u16 = 32 * 1024;
+
+/// The MTU of the route to `addr` as the kernel knows it (IP_MTU of a connected socket), or None.
+pub fn route_mtu(addr: SocketAddr) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse().ok()? } else { "0.0.0.0:0".parse().ok()? };
+    let s = UdpSocket::bind(bind).ok()?;
+    s.connect(addr).ok()?;
+    let (level, name) =
+        if addr.is_ipv6() { (libc::IPPROTO_IPV6, libc::IPV6_MTU) } else { (libc::IPPROTO_IP, libc::IP_MTU) };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a valid fd with a pointer to a c_int and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            &mut mtu as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0 && mtu > 0).then_some(mtu as u32)
 }
 
 /// Split "HOST:PORT" (or "[V6]:PORT") into the host (for certificate checks) and port.
@@ -231,6 +264,16 @@ pub async fn connect(
         .map_err(|e| TransportError::Resolve(format!("{target}: {e}")))?
         .next()
         .ok_or_else(|| TransportError::Resolve(format!("{target}: no address")))?;
+    let tuned;
+    let tuning = match route_mtu(addr) {
+        Some(mtu) if tuning.gso && mtu >= LARGE_MTU_FROM => {
+            // Loopback or a huge-MTU fabric: fewer, bigger datagrams beat GSO batches of 6500.
+            tuned = QuicTuning { gso: false, mtu_upper_bound: LARGE_DATAGRAM, ..tuning.clone() };
+            tracing::debug!(mtu, "large path MTU: GSO off, datagrams up to {LARGE_DATAGRAM} bytes");
+            &tuned
+        }
+        _ => tuning,
+    };
     let endpoint = client_endpoint(tls, tuning, addr.is_ipv6())?;
     let name = server_name.unwrap_or(&host);
     let conn = endpoint.connect(addr, name)?.await?;
@@ -248,6 +291,13 @@ mod tests {
         assert!(split_host_port("sink.lab").is_err());
         assert!(split_host_port(":7443").is_err());
         assert!(split_host_port("h:99999").is_err());
+    }
+
+    #[test]
+    fn loopback_route_mtu_is_known() {
+        let mtu = route_mtu("127.0.0.1:9".parse().unwrap());
+        // Linux loopback: 65536 (a container may differ, but never below the IPv4 minimum).
+        assert!(mtu.is_some_and(|m| m >= 576), "{mtu:?}");
     }
 
     #[test]
