@@ -58,6 +58,11 @@ enum Cmd {
         #[command(subcommand)]
         side: QuicSide,
     },
+    /// Render results.md and the charts again from a results.json (same directory).
+    Report {
+        /// The results.json of an earlier run.
+        json: PathBuf,
+    },
     /// Impairment relay: delay (and for UDP, drop) traffic between clients and an upstream.
     Relay {
         /// udp or tcp.
@@ -116,6 +121,13 @@ fn main() -> Result<()> {
                     rt.block_on(blockship_bench::quic_peer::send(&sink, &pki, bytes, streams))
                 }
             }
+        }
+        Some(Cmd::Report { json }) => {
+            let report = blockship_bench::report::Report::load(&json)?;
+            let out = json.parent().map(PathBuf::from).unwrap_or_default();
+            report.write(&out)?;
+            println!("wrote {}", out.join("results.md").display());
+            Ok(())
         }
         Some(Cmd::Relay { kind, listen, upstream, delay_ms, loss }) => {
             let imp = blockship_bench::relay::Impairment {

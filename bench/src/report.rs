@@ -4,12 +4,12 @@
 use std::path::Path;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::machine::Machine;
 
 /// Resources of one process of a run (agent, sink, nbdcopy, qemu-nbd ...).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Side {
     pub name: String,
     pub cpu_s: f64,
@@ -17,7 +17,7 @@ pub struct Side {
 }
 
 /// One measured run of one tool.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     pub wall_s: f64,
     /// Bytes of disk the run covered (what MB/s is measured in).
@@ -28,7 +28,7 @@ pub struct Sample {
 }
 
 /// A tool (or variant) in a scenario.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub tool: String,
     pub samples: Vec<Sample>,
@@ -102,7 +102,7 @@ impl Row {
 }
 
 /// A ratio the project has a target for (or just reports).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ratio {
     pub name: String,
     pub value: f64,
@@ -128,7 +128,7 @@ impl Ratio {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub name: String,
     pub title: String,
@@ -168,7 +168,7 @@ impl ScenarioResult {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub date: String,
     pub machine: Machine,
@@ -178,6 +178,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report written earlier (`results.json`), to render its markdown and charts again.
+    pub fn load(json: &Path) -> Result<Report> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(json)?)?)
+    }
+
     pub fn write(&self, out: &Path) -> Result<()> {
         std::fs::create_dir_all(out)?;
         std::fs::write(out.join("results.json"), serde_json::to_string_pretty(self)?)?;
