@@ -14,13 +14,12 @@ use bytes::{Bytes, BytesMut};
 use rustix::fs::{FallocateFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use super::direct::{self, BufferPool};
+use super::direct;
 use super::{Access, Opened, TargetError, TargetName};
 
 /// The O_DIRECT descriptor and what it needs.
 struct Direct {
     file: Arc<File>,
-    pool: Arc<BufferPool>,
     /// Cleared if the kernel refuses a direct write after all; buffered writes take over.
     usable: Arc<AtomicBool>,
 }
@@ -127,11 +126,8 @@ impl FileTarget {
             .and_then(rustix::fs::fsync);
             dir.map_err(|e| TargetError::io(name, "sync directory", e.into()))?;
         }
-        let direct = open_direct(&root_fd, rel, &meta).map(|file| Direct {
-            file: Arc::new(file),
-            pool: Arc::new(BufferPool::new(2 * crate::writer::BATCH)),
-            usable: Arc::new(AtomicBool::new(true)),
-        });
+        let direct = open_direct(&root_fd, rel, &meta)
+            .map(|file| Direct { file: Arc::new(file), usable: Arc::new(AtomicBool::new(true)) });
         let target = FileTarget {
             file: Arc::new(file),
             direct,
@@ -166,8 +162,8 @@ impl FileTarget {
         let Some(d) = direct else {
             return self.blocking("write", move |f| f.write_all_at(&data, offset)).await;
         };
-        let (dfile, pool, usable) = (d.file.clone(), d.pool.clone(), d.usable.clone());
-        self.blocking("write", move |f| match direct::write_at(&dfile, &pool, &data, offset) {
+        let (dfile, usable) = (d.file.clone(), d.usable.clone());
+        self.blocking("write", move |f| match direct::write_at(&dfile, &data, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Stricter alignment than ours (or no direct I/O after all): stay buffered.
                 tracing::info!("direct I/O refused ({e}); writing through the page cache");
