@@ -128,9 +128,10 @@ impl QuicTuning {
         Ok(Arc::new(t))
     }
 
-    fn endpoint_config(&self) -> Result<EndpointConfig, TransportError> {
+    /// Endpoint settings; `accept` is the largest UDP payload taken from peers.
+    fn endpoint_config(&self, accept: u16) -> Result<EndpointConfig, TransportError> {
         let mut cfg = EndpointConfig::default();
-        cfg.max_udp_payload_size(self.mtu().max(1472))
+        cfg.max_udp_payload_size(accept.max(self.mtu()).max(1472))
             .map_err(|e| TlsError::Config(format!("max UDP payload: {e}")))?;
         Ok(cfg)
     }
@@ -185,10 +186,7 @@ pub fn server_endpoint(
     server.transport_config(tuning.transport()?);
     let socket = udp_socket(listen, tuning.socket_buffer)?;
     // Accept the large datagrams an agent on a large-MTU path sends (see `connect`).
-    let mut endpoint = tuning.endpoint_config()?;
-    endpoint
-        .max_udp_payload_size(LARGE_DATAGRAM.max(tuning.mtu()))
-        .map_err(|e| TlsError::Config(format!("max UDP payload: {e}")))?;
+    let endpoint = tuning.endpoint_config(LARGE_DATAGRAM)?;
     Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
 }
 
@@ -205,7 +203,7 @@ pub fn client_endpoint(
         if ipv6 { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("literal socket address");
     let socket = udp_socket(bind, tuning.socket_buffer)?;
     let mut endpoint =
-        quinn::Endpoint::new(tuning.endpoint_config()?, None, socket, Arc::new(quinn::TokioRuntime))?;
+        quinn::Endpoint::new(tuning.endpoint_config(0)?, None, socket, Arc::new(quinn::TokioRuntime))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
