@@ -81,7 +81,7 @@ impl FileSource {
             match ring.read(offset, len).await {
                 Ok(b) => return Ok(b),
                 // The kernel refused the operation itself (not the file's data): pread instead.
-                Err(e) if ring_refused(&e) => {
+                Err(e) if super::uring::refused(&e) => {
                     tracing::debug!(offset, "io_uring read refused ({e}); reading with pread");
                 }
                 Err(e) => return Err(self.err("read", e)),
@@ -106,13 +106,6 @@ impl FileSource {
             .map_err(|e| self.err("map holes", e.into()))?
             .map_err(|e| self.err("map holes", e))
     }
-}
-
-/// Errors that say io_uring cannot do this read at all, as opposed to an I/O error of the file.
-fn ring_refused(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EPERM))
-        || e.kind() == std::io::ErrorKind::Unsupported
-        || e.kind() == std::io::ErrorKind::BrokenPipe
 }
 
 /// Read exactly `len` bytes at `offset` into a fresh buffer (without zero-filling it first).

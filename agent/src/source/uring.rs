@@ -61,6 +61,13 @@ fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "io_uring thread stopped")
 }
 
+/// Whether a `Ring::read` error says io_uring cannot do the read at all (the kernel refused the
+/// operation, or the ring's thread is gone), as opposed to an I/O error of the file.
+pub fn refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EPERM))
+        || matches!(e.kind(), io::ErrorKind::Unsupported | io::ErrorKind::BrokenPipe)
+}
+
 fn submit(ring: &mut IoUring, fd: types::Fd, slot: usize, r: &mut InFlight) -> io::Result<()> {
     let remaining = r.buf.capacity() - r.done;
     // SAFETY: the buffer's capacity is reserved and not touched until this read completes.
