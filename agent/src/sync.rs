@@ -158,26 +158,37 @@ async fn allocation(origin: &Origin, point: &PointInTime) -> Result<Vec<Extent>,
     Ok(point.source.allocated().await?)
 }
 
+/// What the platform's change tracking says about the time since the last epoch.
+enum Delta {
+    Changed(Vec<Extent>),
+    /// The source tracks changes, but not usably now (the reason is shown to the operator).
+    Unusable(String),
+    /// A plain file or device: no change tracking, so compare is its normal mode.
+    Untracked,
+}
+
 /// The platform's changed extents since `stored`, or why there are none to use.
 async fn delta(
     req: &SyncRequest,
     origin: &Origin,
     point: &PointInTime,
     stored: &str,
-) -> Result<Result<Vec<Extent>, String>, AgentError> {
+) -> Result<Delta, AgentError> {
     let explicit = req.changes != Changes::Auto;
     match (origin, &point.hold) {
         (Origin::Plain { spec, source }, _) if matches!(source.as_ref(), Source::Nbd(_)) => {
             if stored.is_empty() {
-                return Ok(Err("the target has no change point (no dirty bitmap to read)".into()));
+                return Ok(Delta::Unusable(
+                    "the target has no change point (no dirty bitmap to read)".into(),
+                ));
             }
             match NbdSource::connect(spec, Some(stored)).await {
                 Ok(n) => {
                     let dirty = n.dirty(stored).await;
                     let _ = n.disconnect().await;
-                    Ok(Ok(dirty?))
+                    Ok(Delta::Changed(dirty?))
                 }
-                Err(NbdError::ContextUnavailable { .. }) => Ok(Err(format!(
+                Err(NbdError::ContextUnavailable { .. }) => Ok(Delta::Unusable(format!(
                     "the export does not offer dirty bitmap {stored:?} (missing, or left in-use by a crash)"
                 ))),
                 Err(e) => Err(e.into()),
@@ -185,28 +196,31 @@ async fn delta(
         }
         (Origin::Rbd(r), Hold::Rbd(view)) => {
             if stored.is_empty() {
-                return Ok(Err("the target has no change point (no source snapshot to diff against)".into()));
+                return Ok(Delta::Unusable(
+                    "the target has no change point (no source snapshot to diff against)".into(),
+                ));
             }
             if !r.has_snapshot(stored).await? {
-                return Ok(Err(format!("source snapshot {stored:?} of the last replicated epoch is gone")));
+                return Ok(Delta::Unusable(format!(
+                    "source snapshot {stored:?} of the last replicated epoch is gone"
+                )));
             }
-            Ok(Ok(view.changed_since(stored).await?))
+            Ok(Delta::Changed(view.changed_since(stored).await?))
         }
         (Origin::Vmware(v), Hold::Vmware(view)) => {
             if let Some(why) = v.unusable(view, stored) {
-                return Ok(Err(why));
+                return Ok(Delta::Unusable(why));
             }
             match v.changes(view, stored).await {
                 Ok((extents, pages)) => {
                     tracing::info!(pages, extents = extents.len(), "changed areas from vCenter");
-                    Ok(Ok(extents))
+                    Ok(Delta::Changed(extents))
                 }
                 Err(e) if explicit => Err(e.into()),
-                Err(e) => Ok(Err(format!("vCenter could not list the changed areas: {e}"))),
+                Err(e) => Ok(Delta::Unusable(format!("vCenter could not list the changed areas: {e}"))),
             }
         }
-        // A plain file or device has no change tracking: compare is its normal mode, not a resync.
-        _ => Ok(Err(String::new())),
+        _ => Ok(Delta::Untracked),
     }
 }
 
@@ -245,20 +259,20 @@ async fn run_epoch(
                     )));
                 }
                 match delta(req, origin, point, stored).await? {
-                    Ok(extents) => Plan::Incremental(extents),
-                    Err(why) => return Err(usage(why)),
+                    Delta::Changed(extents) => Plan::Incremental(extents),
+                    Delta::Unusable(why) => return Err(usage(why)),
+                    Delta::Untracked => return Err(usage("this source has no dirty bitmaps")),
                 }
             }
             Changes::Auto | Changes::Vmware | Changes::RbdSnap => {
                 match delta(req, origin, point, stored).await? {
-                    Ok(extents) => Plan::Incremental(extents),
-                    Err(why) => {
-                        if !why.is_empty() {
-                            note = format!("full resync (compare): {why}");
-                            eprintln!("blockship-agent: {note}");
-                        }
+                    Delta::Changed(extents) => Plan::Incremental(extents),
+                    Delta::Unusable(why) => {
+                        note = format!("full resync (compare): {why}");
+                        eprintln!("blockship-agent: {note}");
                         Plan::Compare(allocation(origin, point).await?)
                     }
+                    Delta::Untracked => Plan::Compare(allocation(origin, point).await?),
                 }
             }
         }
