@@ -158,7 +158,7 @@ impl Decoder {
         if actual.as_bytes()[..] != header.blake3[..] {
             return Err(CodecError::Checksum {
                 offset,
-                expected: hex(&header.blake3),
+                expected: hex::encode(&header.blake3),
                 actual: actual.to_hex().to_string(),
             });
         }
@@ -180,11 +180,6 @@ pub fn chunk_digest(data: &[u8]) -> [u8; HASH_LEN] {
     } else {
         *blake3::hash(data).as_bytes()
     }
-}
-
-/// Lower-case hex of a byte string (for messages).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -90,11 +90,11 @@ impl Disk {
         let allocated = self.target.allocated().await?;
         let cs = u64::from(self.chunk_size);
         let size = self.size;
-        let mut digests = futures::stream::iter(stale.iter().copied())
-            .map(|chunk| {
+        let holds = crate::index::holding_data(&stale, &allocated, self.chunk_size, size);
+        let mut digests = futures::stream::iter(stale.iter().copied().zip(holds))
+            .map(|(chunk, holds_data)| {
                 let disk = self.clone();
                 let (offset, len) = (chunk * cs, cs.min(size - chunk * cs));
-                let holds_data = allocated.iter().any(|&(o, l)| o < offset + len && offset < o + l);
                 async move {
                     if !holds_data {
                         return Ok::<_, Refusal>((chunk, ZERO_HASH));
@@ -271,12 +271,7 @@ async fn reconcile(
         chunk_size,
         committed_epoch: state.committed_epoch,
         change_point: state.change_point.clone(),
-        in_progress: state.in_progress.as_ref().map(|p| ResumePoint {
-            epoch: p.epoch,
-            mode: p.mode,
-            plan_digest: hex_decode(&p.plan_digest).into(),
-            durable_offset: p.durable_offset,
-        }),
+        in_progress: state.in_progress.as_ref().and_then(resume_point),
         source_disk_id: state.source_disk_id.clone(),
         zero_filled,
     };
@@ -296,8 +291,22 @@ fn checked_chunk_size(cs: u32) -> Result<u32, Refusal> {
     Ok(cs)
 }
 
-pub fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len() / 2).filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()).collect()
+/// Where an unfinished epoch may resume, as the agent is told. A digest that does not decode
+/// (a damaged state) offers no resume point: the epoch then starts over, which is always safe.
+fn resume_point(p: &crate::state::InProgress) -> Option<ResumePoint> {
+    let digest = match hex::decode(&p.plan_digest) {
+        Ok(d) if d.is_empty() || d.len() == blockship_proto::HASH_LEN => d,
+        _ => {
+            tracing::warn!(epoch = p.epoch, digest = %p.plan_digest, "unreadable plan digest in the state: the epoch will start over");
+            return None;
+        }
+    };
+    Some(ResumePoint {
+        epoch: p.epoch,
+        mode: p.mode,
+        plan_digest: digest.into(),
+        durable_offset: p.durable_offset,
+    })
 }
 
 /// Refusal for an item outside the disk.
@@ -311,5 +320,28 @@ pub fn check_bounds(disk: &Disk, offset: u64, len: u64) -> Result<(), Refusal> {
                 disk.name, disk.size
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::InProgress;
+
+    #[test]
+    fn a_damaged_plan_digest_offers_no_resume_point() {
+        let good = "ab".repeat(32);
+        let p = |digest: &str| InProgress {
+            epoch: 2,
+            mode: SyncMode::Incremental as i32,
+            plan_digest: digest.to_string(),
+            durable_offset: 64 << 20,
+        };
+        let r = resume_point(&p(&good)).expect("a valid digest resumes");
+        assert_eq!(r.plan_digest.as_ref(), &[0xab; 32][..]);
+        // One bad digit must not silently yield a different (shorter) digest.
+        for bad in [format!("zz{}", &good[2..]), good[..63].to_string(), good[..62].to_string()] {
+            assert!(resume_point(&p(&bad)).is_none(), "{bad:?} gave {:?}", resume_point(&p(&bad)));
+        }
     }
 }

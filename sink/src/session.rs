@@ -250,7 +250,7 @@ async fn begin_epoch(
     if !matches!(mode, SyncMode::Full | SyncMode::Compare | SyncMode::Incremental) {
         return Err(Refusal::bad_request(format!("epoch mode {mode:?} cannot write")));
     }
-    let digest = blockship_proto::codec::hex(&req.plan_digest);
+    let digest = hex::encode(&req.plan_digest);
     if req.resume_offset > 0 {
         let ok = state.in_progress.as_ref().is_some_and(|p| {
             p.epoch == req.epoch && p.plan_digest == digest && req.resume_offset <= p.durable_offset
