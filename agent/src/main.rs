@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("blockship-agent: error: {e:#}");
+            eprintln!("blockship-agent: error: {}", blockship_transport::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

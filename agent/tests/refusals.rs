@@ -84,8 +84,81 @@ fn incremental_needs_a_committed_full_sync() {
     std::fs::write(&list, format!(r#"{{"startOffset":0,"length":{DISK},"changedArea":[]}}"#)).unwrap();
     let out = lab.try_sync(&sink, "esx01", &src, "file:new", &["--changed-areas", list.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("does not exist") && e.contains("run a full sync first"), "{e}");
     assert!(!lab.target("new").exists());
+}
+
+#[test]
+fn a_busy_listen_address_is_named_once() {
+    let lab = Lab::new(&["esx01"]);
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(bin("blockship-sink"))
+        .args(["serve", "--listen", &addr, "--allow", "esx01=file:*", "--pki"])
+        .arg(lab.pki())
+        .arg("--file-root")
+        .arg(lab.path("root"))
+        .arg("--state-dir")
+        .arg(lab.path("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second sink bound a busy port");
+    let e = stderr(&out);
+    assert!(e.contains(&addr), "the message does not name the address: {e}");
+    assert_eq!(e.matches("os error 98").count(), 1, "the cause is repeated: {e}");
+}
+
+#[test]
+fn a_second_name_for_a_file_is_refused() {
+    // Symlinks and hard links inside the file root would give a1's disk a second name that b2's
+    // rules allow: b2 could overwrite it and a1's index would still vouch for its own data.
+    let lab = Lab::new(&["a1", "b2"]);
+    let sink = lab.sink(&["a1=file:a1/*", "b2=file:b2/*"], &[]);
+    let (src_a, src_b) = (lab.path("a.img"), lab.path("b.img"));
+    image::generate(&src_a, DISK, Profile::Mixed, 1).unwrap();
+    image::generate(&src_b, DISK, Profile::Random, 2).unwrap();
+    lab.sync(&sink, "a1", &src_a, "file:a1/disk.img", &[]);
+    let before = sha(&lab.target("a1/disk.img"));
+    std::fs::create_dir_all(lab.target("b2")).unwrap();
+    std::os::unix::fs::symlink("../a1/disk.img", lab.target("b2/alias.img")).unwrap();
+    std::fs::hard_link(lab.target("a1/disk.img"), lab.target("b2/hard.img")).unwrap();
+    for (target, expect) in [("file:b2/alias.img", "symlink"), ("file:b2/hard.img", "hard link")] {
+        let out = lab.try_sync(&sink, "b2", &src_b, target, &[]);
+        assert!(!out.status.success(), "{target}: b2 wrote through a second name");
+        assert!(stderr(&out).contains(expect), "{target}: {}", stderr(&out));
+    }
+    assert_eq!(sha(&lab.target("a1/disk.img")), before, "a1's disk was written through another name");
+    // While the hard link exists, a1's own name is refused as well; without it a1 syncs again.
+    assert!(!lab.try_sync(&sink, "a1", &src_a, "file:a1/disk.img", &[]).status.success());
+    std::fs::remove_file(lab.target("b2/hard.img")).unwrap();
+    let again = lab.sync(&sink, "a1", &src_a, "file:a1/disk.img", &[]);
+    assert_eq!(u(&again, "bytes_sent"), 0, "{again}");
+    assert!(lab.verify(&sink, "a1", &src_a, "file:a1/disk.img").status.success());
+
+    // Two agents at once, one on t.img and one on a link to it: only one name is accepted.
+    let lab = Lab::new(&["x", "y"]);
+    let sink = lab.sink(&["x=file:**", "y=file:**"], &[]);
+    let (src_x, src_y) = (lab.path("x.img"), lab.path("y.img"));
+    image::generate(&src_x, DISK, Profile::Mixed, 3).unwrap();
+    image::generate(&src_y, DISK, Profile::Random, 4).unwrap();
+    lab.sync(&sink, "x", &src_x, "file:t.img", &[]);
+    std::os::unix::fs::symlink("t.img", lab.target("l.img")).unwrap();
+    scribble(&src_x, 0, 1 << 20, 9);
+    let x = lab
+        .agent_cmd(&sink, "x", "sync")
+        .arg("--source")
+        .arg(&src_x)
+        .args(["--target", "file:t.img", "--json", "--bwlimit", "16MiB", "--changes", "full"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let y = lab.try_sync(&sink, "y", &src_y, "file:l.img", &[]);
+    let x = x.wait_with_output().unwrap();
+    assert!(x.status.success(), "{}", stderr(&x));
+    assert!(!y.status.success(), "y wrote t.img through the link");
+    assert!(same_file(&src_x, &lab.target("t.img")), "t.img matches neither source");
 }
 
 #[test]
@@ -101,7 +174,7 @@ fn targets_outside_the_root_and_forbidden_targets_are_refused() {
     for (target, expect) in [
         ("file:../outside/x", "'..' is refused"),
         ("file:/etc/blockship-test", "absolute paths are refused"),
-        ("file:escape/x", "leaves the file root"),
+        ("file:escape/x", "symlink"),
         ("nfs:server/x", "unknown target type"),
     ] {
         let out = lab.try_sync(&sink, "esx01", &src, target, &[]);

@@ -10,7 +10,7 @@ use globset::{GlobBuilder, GlobMatcher};
 pub enum AuthError {
     #[error("bad --allow rule {rule:?}: {reason} (expected NAME=GLOB, e.g. esx01='file:esx01/*')")]
     BadRule { rule: String, reason: String },
-    #[error("agent {agent:?} is not known to this sink (no --allow rule names it); add --allow {agent}=GLOB on the sink")]
+    #[error("agent {agent:?} is not known to this sink (no --allow rule names it); allow it on the sink, e.g. --allow '{agent}=file:{agent}/*'")]
     UnknownAgent { agent: String },
     #[error("agent {agent:?} may not write {target} (its --allow rules: {globs})")]
     NotAllowed { agent: String, target: String, globs: String },
@@ -105,7 +105,17 @@ mod tests {
         assert!(all.check("lab", "rbd:pool/img").is_err());
         let err = a.check("esx03", "file:esx01/vm1").unwrap_err();
         assert!(matches!(err, AuthError::UnknownAgent { .. }));
-        assert!(err.to_string().contains("--allow esx03=GLOB"));
+        // The hint is a rule the sink accepts, as written (shell quotes removed).
+        let text = err.to_string();
+        let hint = text
+            .rsplit("--allow ")
+            .next()
+            .filter(|_| text.contains("--allow "))
+            .unwrap_or_else(|| panic!("no hint in {text:?}"));
+        let rule: String =
+            hint.split_whitespace().next().unwrap_or("").chars().filter(|c| *c != '\'').collect();
+        let hinted = Authorizer::parse(&[rule.as_str()]).unwrap_or_else(|e| panic!("hint {rule:?}: {e}"));
+        assert!(hinted.check("esx03", "file:esx03/vm1").is_ok(), "{rule}");
         let err = a.check("esx01", "file:other").unwrap_err().to_string();
         assert!(err.contains("file:esx01/*, rbd:volumes/*"), "{err}");
     }

@@ -17,7 +17,7 @@ use crate::lease::Lease;
 use crate::refusal::{join, Refusal};
 use crate::server::SinkContext;
 use crate::state::{ReplicationState, StateDir};
-use crate::target::{Access, Opened, Target, TargetName};
+use crate::target::{Access, Opened, Target, TargetError, TargetName};
 use crate::writer::WriterMsg;
 
 pub struct Disk {
@@ -146,7 +146,17 @@ pub async fn open(
         SyncMode::Incremental => Access::Existing,
         _ => Access::Create,
     };
-    let (target, opened) = Target::open(&name, &ctx.roots, req.size, access).await?;
+    let (target, opened) = match Target::open(&name, &ctx.roots, req.size, access).await {
+        Err(TargetError::NotFound { name }) if mode == SyncMode::Incremental => {
+            return Err(Refusal::new(
+                ErrorCode::BadTarget,
+                format!(
+                    "target {name} does not exist, so a change list has nothing to apply to: run a full sync first (without a change list)"
+                ),
+            ))
+        }
+        r => r?,
+    };
     let loaded = target.load_state(&state_dir).await?;
 
     let (index, state, chunk_size, reply) = if mode == SyncMode::Verify {

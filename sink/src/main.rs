@@ -84,7 +84,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("blockship-sink: error: {e:#}");
+            eprintln!("blockship-sink: error: {}", blockship_transport::error_text(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -23,6 +23,10 @@ pub enum TransportError {
     Tls(#[from] tls::TlsError),
     #[error("network I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "cannot listen on {addr} (UDP): {source}; is another sink running there? Choose another --listen"
+    )]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("protocol violation from peer: {0}")]
     Frame(#[from] blockship_proto::FrameError),
     #[error("connection: {0}")]
@@ -53,6 +57,22 @@ impl TransportError {
             message: e.message.clone(),
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: wrappers that quote their source
+/// (`"network I/O: {0}"`) would otherwise print it twice in `anyhow`'s `{:#}`.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Short name of a message kind, for "unexpected message" errors and logs.

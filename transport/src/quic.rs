@@ -184,7 +184,8 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(tuning.transport()?);
-    let socket = udp_socket(listen, tuning.socket_buffer)?;
+    let socket = udp_socket(listen, tuning.socket_buffer)
+        .map_err(|source| TransportError::Bind { addr: listen, source })?;
     // Accept the large datagrams an agent on a large-MTU path sends (see `connect`).
     let endpoint = tuning.endpoint_config(LARGE_DATAGRAM)?;
     Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)

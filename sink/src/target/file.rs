@@ -1,6 +1,8 @@
-//! File targets below the sink's `--file-root`. Every path is resolved with `openat2` and
-//! `RESOLVE_BENEATH` relative to the root directory, so `..`, absolute symlinks and symlinks
-//! leading out of the root are refused by the kernel, race-free. Block-aligned writes go through
+//! File targets below the sink's `--file-root`. Every path is resolved with `openat2`,
+//! `RESOLVE_BENEATH` and `RESOLVE_NO_SYMLINKS` relative to the root directory, so `..` and every
+//! symlink are refused by the kernel, race-free, and a file with hard links is refused after
+//! opening: a target has exactly one name, so authorisation, leases, state and hash index (all
+//! keyed by name) can never be bypassed through a second name for the same file. Block-aligned writes go through
 //! a second, `O_DIRECT` descriptor of the same file (see `direct`); zero extents punch holes (or
 //! write zeros where the filesystem cannot punch); durability is `fdatasync`.
 
@@ -33,13 +35,20 @@ pub struct FileTarget {
     can_punch: Arc<AtomicBool>,
 }
 
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags =
+    ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS).union(ResolveFlags::NO_SYMLINKS);
 
 fn escape(name: &TargetName, e: Errno) -> TargetError {
     match e {
-        Errno::XDEV | Errno::LOOP => TargetError::OutsideRoot {
+        Errno::XDEV => TargetError::OutsideRoot {
             name: name.to_string(),
-            reason: "the path leaves the file root (through '..' or a symlink)".into(),
+            reason: "the path leaves the file root".into(),
+        },
+        Errno::LOOP => TargetError::OutsideRoot {
+            name: name.to_string(),
+            reason: "the path goes through a symlink; symlinks are refused in target paths (a second name \
+                     for a file would bypass --allow rules, leases and the hash index): name the real path"
+                .into(),
         },
         other => TargetError::io(name, "resolve path", other.into()),
     }
@@ -85,6 +94,16 @@ impl FileTarget {
         let meta = file.metadata().map_err(|e| TargetError::io(name, "stat", e))?;
         if !meta.file_type().is_file() {
             return Err(TargetError::BadName { name: name.to_string(), reason: "not a regular file".into() });
+        }
+        let links = std::os::unix::fs::MetadataExt::nlink(&meta);
+        if links > 1 {
+            return Err(TargetError::BadName {
+                name: name.to_string(),
+                reason: format!(
+                    "the file has {links} names (hard links); a target must have exactly one, or another \
+                     name could bypass --allow rules, leases and the hash index: remove the other links"
+                ),
+            });
         }
         let opened = if access == Access::ReadOnly {
             return Ok((
@@ -356,11 +375,20 @@ mod tests {
         }
         assert!(!outside.path().join("new").exists());
         assert_eq!(std::fs::read(outside.path().join("victim")).unwrap(), b"x");
-        // A symlink that stays inside the root is fine.
+        // A symlink that stays inside the root gives a second name: refused too, for files and
+        // directories; so is a hard link.
         std::fs::create_dir(root.path().join("real")).unwrap();
         std::os::unix::fs::symlink("real", root.path().join("alias")).unwrap();
-        open(root.path(), "file:alias/disk", 10, true).unwrap();
-        assert!(root.path().join("real/disk").exists());
+        open(root.path(), "file:real/disk", 10, true).unwrap();
+        std::os::unix::fs::symlink("disk", root.path().join("real/link")).unwrap();
+        for t in ["file:alias/disk", "file:alias/new", "file:real/link"] {
+            let err = open(root.path(), t, 10, true).err().unwrap_or_else(|| panic!("{t} opened"));
+            assert!(err.to_string().contains("symlink"), "{t}: {err}");
+        }
+        assert!(!root.path().join("real/new").exists());
+        std::fs::hard_link(root.path().join("real/disk"), root.path().join("hard")).unwrap();
+        let err = open(root.path(), "file:hard", 10, false).err().expect("a hard link opened");
+        assert!(err.to_string().contains("hard links"), "{err}");
     }
 
     #[test]
