@@ -24,7 +24,7 @@ use crate::progress::Progress;
 use crate::report::SyncSummary;
 use crate::session::{transport, Session};
 use crate::source::nbd::{NbdError, NbdSource};
-use crate::source::{Hold, Origin, PointInTime, Source, SourceOptions};
+use crate::source::{Freeze, Hold, Origin, PointInTime, Source, SourceOptions};
 use crate::streams::{Limiter, Streams};
 use crate::AgentError;
 
@@ -131,7 +131,15 @@ async fn sync_origin(
         tracing::info!(target_chunk_size = opened.chunk_size, "using the existing target's chunk size");
     }
     let epoch = opened.committed_epoch + 1;
-    let point = origin.freeze(epoch).await?;
+    let prior_view = opened.in_progress.as_ref().filter(|p| p.epoch == epoch).map(|p| p.view.as_str());
+    let point = origin
+        .freeze(&Freeze {
+            epoch,
+            prior_view,
+            declared_point: req.change_point.as_deref(),
+            target: &req.target,
+        })
+        .await?;
     let outcome = run_epoch(cfg, req, origin, &point, &mut session, &opened, file_extents, started).await;
     let committed = outcome.is_ok();
     if let Err(e) = origin.finish(point, committed).await {
@@ -305,9 +313,14 @@ async fn run_epoch(
                 (Mode::Compare(Arc::new(index)), Vec::new(), planned, Box::new(works))
             }
             Plan::Incremental(extents) => {
-                let digest = plan_digest(SyncMode::Incremental as i32, cs, size, &extents);
+                let digest = plan_digest(SyncMode::Incremental as i32, cs, size, &point.view, &extents);
+                // Only the same plan read from the same frozen view may keep what is durable.
                 if let Some(ip) = &opened.in_progress {
-                    if ip.epoch == epoch && ip.plan_digest[..] == digest[..] {
+                    if ip.epoch == epoch
+                        && ip.plan_digest[..] == digest[..]
+                        && !point.view.is_empty()
+                        && ip.view == point.view
+                    {
                         resumed_from = ip.durable_offset;
                     }
                 }
@@ -322,6 +335,7 @@ async fn run_epoch(
             mode: sync_mode as i32,
             plan_digest: digest.into(),
             resume_offset: resumed_from,
+            view: point.view.clone(),
         })
         .await?;
     tracing::info!(target = %req.target, epoch, mode = ?sync_mode, planned, resumed_from, "epoch begun");

@@ -433,3 +433,94 @@ fn rbd_source_full_then_two_incrementals() {
         String::from_utf8_lossy(&v.stderr)
     );
 }
+
+/// Overwrite `len` bytes at `offset` of image `rbd/NAME` with pseudo-random data (librbd, as the
+/// admin client), as a guest of the source cluster would.
+fn write_random(ceph: &Ceph, name: &str, offset: u64, len: u64, seed: u64) {
+    use blockship_ceph::{ConnectOptions, Rados};
+    let rados = std::sync::Arc::new(
+        Rados::connect(&ConnectOptions {
+            conf: Some(Path::new(&ceph.conf)),
+            id: "admin",
+            keyring: None,
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+        })
+        .unwrap(),
+    );
+    let io = std::sync::Arc::new(rados.ioctx("rbd", None).unwrap());
+    let img = io.open(name).unwrap();
+    let mut rng = image::Rng::new(seed);
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(4 * MIB) as usize;
+            let mut buf = vec![0u8; n];
+            rng.fill(&mut buf);
+            img.write(pos, bytes::Bytes::from(buf)).await.unwrap();
+            pos += n as u64;
+        }
+        img.flush().await.unwrap();
+    });
+}
+
+#[test]
+fn an_interrupted_rbd_epoch_is_retried_from_its_own_snapshot() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let src = TestImage::new(&ceph, "retry");
+    let raw = lab.path("src.img");
+    image::generate(&raw, 512 * MIB, Profile::Mixed, 17).unwrap();
+    ceph.rbd_ok(&["import", "--no-progress", raw.to_str().unwrap(), &src.spec()]);
+    let mut sink = lab.sink(&["esx01=file:*"], &[]);
+    let agent_args: Vec<&str> = ceph.sink_args.iter().map(String::as_str).collect();
+    let source = src.target();
+    lab.sync(&sink, "esx01", &source, "file:dr", &agent_args);
+
+    // Epoch 2: the first 320 MiB change; the sink dies once part of them is durable.
+    write_random(&ceph, &src.name, 0, 320 * MIB, 1);
+    let mut agent = lab.agent_cmd(&sink, "esx01", "sync");
+    agent
+        .args(["--source", &source, "--target", "file:dr", "--json", "--bwlimit", "64MiB"])
+        .args(&agent_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let running = agent.spawn().unwrap();
+    let durable =
+        || state_of(&lab, "file:dr").and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(60), || durable() >= 160 * MIB), "no durable progress");
+    sink.kill9();
+    assert!(!running.wait_with_output().unwrap().status.success(), "agent succeeded although the sink died");
+
+    // The guest rewrites the first 100 MiB: inside the part already durable, inside the same
+    // changed extents, so a plan of the source's new state looks the same as the first one.
+    write_random(&ceph, &src.name, 0, 100 * MIB, 2);
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let s2 = lab.sync(&sink, "esx01", &source, "file:dr", &agent_args);
+    assert_eq!(u(&s2, "epoch"), 2, "{s2}");
+    let point = s2["change_point"].as_str().unwrap().to_string();
+    let export = lab.path("point.img");
+    ceph.rbd_ok(&["export", "--no-progress", &format!("{}@{point}", src.spec()), export.to_str().unwrap()]);
+    assert!(
+        same_file(&export, &lab.target("dr")),
+        "epoch 2 records {point} but the target holds another point in time (resumed at {})",
+        u(&s2, "resumed_from")
+    );
+    assert!(u(&s2, "resumed_from") >= 160 * MIB, "the retry from the same snapshot did not resume: {s2}");
+    let mut args = agent_args.clone();
+    args.extend(["--source", &source, "--target", "file:dr"]);
+    let v = lab.agent_cmd(&sink, "esx01", "verify").args(&args).output().unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+
+    // The next epoch brings the rewrite.
+    let s3 = lab.sync(&sink, "esx01", &source, "file:dr", &agent_args);
+    assert_eq!((s3["mode"].as_str(), u(&s3, "epoch")), (Some("incremental"), 3), "{s3}");
+    std::fs::remove_file(&export).unwrap();
+    ceph.rbd_ok(&["export", "--no-progress", &src.spec(), export.to_str().unwrap()]);
+    assert!(same_file(&export, &lab.target("dr")));
+}

@@ -119,3 +119,38 @@ fn interrupted_incremental_resumes_after_its_durable_offset() {
     assert!(u(&second, "resumed_from") >= resumed_at, "{second}");
     assert_eq!(u(&second, "bytes_read"), 600 * MIB - u(&second, "resumed_from"), "{second}");
 }
+
+#[test]
+fn an_interrupted_incremental_of_a_file_that_changed_starts_over() {
+    // A plain file is its own frozen view only while it does not change: after a rewrite between
+    // the attempts, resuming would keep the first attempt's data below the durable offset.
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Random, 8).unwrap();
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    lab.sync(&sink, "esx01", &src, "file:vm", &[]);
+    for i in 0..600u64 {
+        scribble(&src, i * MIB, MIB as usize, 20_000 + i);
+    }
+    let list = lab.path("changes.json");
+    std::fs::write(
+        &list,
+        format!(
+            r#"{{"startOffset":0,"length":{DISK},"changedArea":[{{"start":0,"length":{}}}]}}"#,
+            600 * MIB
+        ),
+    )
+    .unwrap();
+    let args = ["--changed-areas", list.to_str().unwrap()];
+    let mut agent = paced_sync(&lab, &sink, &src, "file:vm", &args);
+    assert!(wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm") >= 150 * MIB));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // The first 100 MiB change again (still inside the listed area).
+    for i in 0..100u64 {
+        scribble(&src, i * MIB, MIB as usize, 30_000 + i);
+    }
+    let second = lab.sync(&sink, "esx01", &src, "file:vm", &args);
+    assert_eq!(u(&second, "resumed_from"), 0, "resumed although the file changed: {second}");
+    assert!(same_file(&src, &lab.target("vm")), "the target mixes two versions of the file");
+}

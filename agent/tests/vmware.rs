@@ -25,6 +25,8 @@ fn setup(lab: &Lab) -> Vm {
     image::generate(&image, DISK, Profile::Mixed, 31).unwrap();
     // Four pages of 32 MiB.
     let vc = FakeVcenter::start(DISK, DISK / 4);
+    // The data command serves the snapshot's frozen copy, as nbdkit vddk serves the snapshot.
+    let snaps = vc.freeze_disk(&image);
     {
         let mut st = vc.state.lock().unwrap();
         st.allocated = (0..DISK / REGION)
@@ -35,8 +37,8 @@ fn setup(lab: &Lab) -> Vm {
     let pw = lab.path("vc-password");
     std::fs::write(&pw, "s3cret\n").unwrap();
     let cmd = format!(
-        "test -n \"$BLOCKSHIP_SNAPSHOT\" && test -r \"$BLOCKSHIP_VCENTER_PASSWORD_FILE\" && exec qemu-nbd -r -f raw -t --socket \"$BLOCKSHIP_NBD_SOCKET\" {}",
-        image.display()
+        "test -n \"$BLOCKSHIP_SNAPSHOT\" && test -r \"$BLOCKSHIP_VCENTER_PASSWORD_FILE\" && exec qemu-nbd -r -f raw -t --socket \"$BLOCKSHIP_NBD_SOCKET\" {}/\"$BLOCKSHIP_SNAPSHOT\".img",
+        snaps.display()
     );
     let args = vec![
         "--vcenter-user".into(),
@@ -177,7 +179,10 @@ fn cbt_cycles_resyncs_and_snapshot_lifecycle() {
     assert_eq!(state_of(&lab, "file:vm42").unwrap()["change_point"], cid5.as_str());
     let sink = lab.sink(&["esx01=file:*"], &[]);
     let s6 = lab.sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&[]));
-    assert_eq!((s6["mode"].as_str(), u(&s6, "bytes_read")), (Some("incremental"), 60 * MIB), "{s6}");
+    // The retry reads the kept snapshot and resumes: it reads what lies beyond the durable part.
+    let resumed = u(&s6, "resumed_from");
+    let beyond: u64 = (0..60u64).map(|i| (i * 2 * MIB + MIB).saturating_sub(resumed.max(i * 2 * MIB))).sum();
+    assert_eq!((s6["mode"].as_str(), u(&s6, "bytes_read")), (Some("incremental"), beyond), "{s6}");
     assert!(same_file(&vm.image, &lab.target("vm42")));
     assert!(vm.vc.snapshots().is_empty());
 }
@@ -223,4 +228,78 @@ fn vcenter_errors_are_clear() {
     let out = lab.try_sync(&sink, "esx01", vm.source(), "file:x", &args);
     assert!(!out.status.success());
     assert!(!lab.target("x").exists());
+}
+
+#[test]
+fn an_interrupted_epoch_is_retried_from_its_own_snapshot() {
+    if !common::qemu::available() {
+        return;
+    }
+    let lab = Lab::new(&["esx01"]);
+    let mut sink = lab.sink(&["esx01=file:*"], &[]);
+    let vm = setup(&lab);
+    lab.sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&[]));
+    // Epoch 2 changes 60 MiB; the sink dies after part of it is durable.
+    for i in 0..60u64 {
+        vm.write(i * 2 * MIB, MIB, 200 + i);
+    }
+    let mut agent = lab.agent_cmd(&sink, "esx01", "sync");
+    agent
+        .args(["--source", &vm.source(), "--target", "file:vm42", "--json", "--bwlimit", "8MiB"])
+        .args(vm.args(&[]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let running = agent.spawn().unwrap();
+    let durable =
+        || state_of(&lab, "file:vm42").and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(60), || durable() >= 30 * MIB), "no durable progress");
+    sink.kill9();
+    assert!(!running.wait_with_output().unwrap().status.success(), "agent succeeded although the sink died");
+    let resumable = durable();
+    // The guest rewrites blocks inside the already durable part (same changed areas as before).
+    for i in 0..8u64 {
+        vm.write(i * 2 * MIB, MIB, 900 + i);
+    }
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let s2 = lab.sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&[]));
+    assert_eq!(u(&s2, "epoch"), 2, "{s2}");
+    let cid2 = s2["change_point"].as_str().unwrap().to_string();
+    assert!(
+        same_file(&vm.vc.snapshot_data(&cid2), &lab.target("vm42")),
+        "epoch 2 records changeId {cid2} but the target holds another point in time (resumed at {} of {resumable} durable bytes)",
+        u(&s2, "resumed_from")
+    );
+    assert!(u(&s2, "resumed_from") >= 30 * MIB, "the retry from the same snapshot did not resume: {s2}");
+    assert!(vm.vc.snapshots().is_empty(), "snapshots left: {:?}", vm.vc.snapshots());
+    // The rewrites arrive with the next epoch.
+    let s3 = lab.sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&[]));
+    assert_eq!((s3["mode"].as_str(), u(&s3, "bytes_read")), (Some("incremental"), 8 * MIB), "{s3}");
+    assert!(same_file(&vm.image, &lab.target("vm42")));
+}
+
+#[test]
+fn a_chatty_data_command_and_another_disks_snapshot() {
+    if !common::qemu::available() {
+        return;
+    }
+    let lab = Lab::new(&["esx01"]);
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let vm = setup(&lab);
+    // Another disk of the same VM (another target) is being replicated: its snapshot must survive.
+    let other = "blockship-1-0badc0de".to_string();
+    {
+        let mut st = vm.vc.state.lock().unwrap();
+        let cid = format!("{}/0", st.cbt_uuid);
+        st.snapshots.push(("snapshot-999".into(), other.clone(), cid));
+    }
+    // A data command that logs 1 MiB to stderr before serving (VDDK is that chatty): the pipe
+    // must be drained or the command stalls and never serves.
+    let i = vm.args.iter().position(|a| a == "--nbd-command").unwrap();
+    let chatty = format!("head -c 1048576 /dev/zero | tr '\\0' x | fold -w 100 >&2; {}", vm.args[i + 1]);
+    let mut args = vm.args(&[]);
+    args[i + 1] = &chatty;
+    let s1 = lab.sync(&sink, "esx01", vm.source(), "file:vm42", &args);
+    assert_eq!(s1["mode"], "full", "{s1}");
+    assert!(same_file(&vm.image, &lab.target("vm42")));
+    assert_eq!(vm.vc.snapshots(), vec![other], "another target's snapshot was touched");
 }

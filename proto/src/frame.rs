@@ -189,6 +189,7 @@ mod tests {
                 capabilities: vec!["zstd".into()],
                 software: "sink".into(),
                 identity: "esx01".into(),
+                idle_timeout_ms: 30_000,
             }),
             Body::OpenDisk(OpenDisk {
                 disk: 1,
@@ -210,6 +211,7 @@ mod tests {
                     mode: SyncMode::Incremental as i32,
                     plan_digest: digest.clone(),
                     durable_offset: 77,
+                    view: "rbd:p/i@blockship-src-5#12".into(),
                 }),
                 source_disk_id: "vm-1/2000".into(),
                 zero_filled: true,
@@ -220,7 +222,9 @@ mod tests {
                 mode: SyncMode::Incremental as i32,
                 plan_digest: digest,
                 resume_offset: 4096,
+                view: "rbd:p/i@blockship-src-5#12".into(),
             }),
+            Body::Progress(Progress { disk: 1, bytes_done: 5 << 30 }),
             Body::EpochStarted(EpochStarted { disk: 1, epoch: 5 }),
             chunk(100),
             Body::Zero(ZeroExtent { disk: 1, seq: 10, offset: 1 << 20, length: 1 << 21 }),
@@ -322,7 +326,7 @@ mod tests {
 
     fn encode_empty(buf: &mut BytesMut) {
         // A Frame with an unknown field only: valid protobuf, no body.
-        let header = [0x78u8, 0x01]; // field 15, varint 1
+        let header = [0x98u8, 0x06, 0x01]; // field 99, varint 1
         buf.put_u32(header.len() as u32);
         buf.extend_from_slice(&header);
     }

@@ -4,9 +4,9 @@
 use crate::pb::{Hello, HelloReply};
 
 /// Oldest protocol version this build speaks.
-pub const MIN_VERSION: u32 = 1;
+pub const MIN_VERSION: u32 = 2;
 /// Newest protocol version this build speaks.
-pub const MAX_VERSION: u32 = 1;
+pub const MAX_VERSION: u32 = 2;
 
 /// Capabilities this build understands; unknown ones offered by a peer are ignored.
 pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS];
@@ -36,7 +36,12 @@ pub fn hello(software: &str) -> Hello {
 }
 
 /// Answer a peer's `Hello`: the highest common version and the capabilities both sides have.
-pub fn negotiate(hello: &Hello, software: &str, identity: &str) -> Result<HelloReply, VersionMismatch> {
+pub fn negotiate(
+    hello: &Hello,
+    software: &str,
+    identity: &str,
+    idle_timeout_ms: u32,
+) -> Result<HelloReply, VersionMismatch> {
     let mismatch = VersionMismatch { peer_min: hello.min_version, peer_max: hello.max_version };
     if hello.min_version > hello.max_version {
         return Err(mismatch);
@@ -47,7 +52,13 @@ pub fn negotiate(hello: &Hello, software: &str, identity: &str) -> Result<HelloR
     }
     let capabilities =
         hello.capabilities.iter().filter(|c| CAPABILITIES.contains(&c.as_str())).cloned().collect();
-    Ok(HelloReply { version, capabilities, software: software.to_string(), identity: identity.to_string() })
+    Ok(HelloReply {
+        version,
+        capabilities,
+        software: software.to_string(),
+        identity: identity.to_string(),
+        idle_timeout_ms,
+    })
 }
 
 #[cfg(test)]
@@ -58,7 +69,7 @@ mod tests {
     fn picks_highest_common_version() {
         let mut h = hello("agent");
         h.max_version = MAX_VERSION + 5;
-        let reply = negotiate(&h, "sink", "esx01").unwrap();
+        let reply = negotiate(&h, "sink", "esx01", 30_000).unwrap();
         assert_eq!(reply.version, MAX_VERSION);
         assert_eq!(reply.identity, "esx01");
     }
@@ -68,18 +79,18 @@ mod tests {
         let mut h = hello("agent");
         h.min_version = MAX_VERSION + 1;
         h.max_version = MAX_VERSION + 3;
-        let err = negotiate(&h, "sink", "x").unwrap_err();
+        let err = negotiate(&h, "sink", "x", 30_000).unwrap_err();
         assert!(err.to_string().contains("no common protocol version"), "{err}");
         h.min_version = 3;
         h.max_version = 2;
-        assert!(negotiate(&h, "sink", "x").is_err());
+        assert!(negotiate(&h, "sink", "x", 30_000).is_err());
     }
 
     #[test]
     fn keeps_only_known_capabilities() {
         let mut h = hello("agent");
         h.capabilities.push("teleport".into());
-        let reply = negotiate(&h, "sink", "x").unwrap();
+        let reply = negotiate(&h, "sink", "x", 30_000).unwrap();
         assert!(reply.capabilities.iter().any(|c| c == CAP_ZSTD));
         assert!(!reply.capabilities.iter().any(|c| c == "teleport"));
     }

@@ -316,6 +316,7 @@ fn resume_point(p: &crate::state::InProgress) -> Option<ResumePoint> {
         mode: p.mode,
         plan_digest: digest.into(),
         durable_offset: p.durable_offset,
+        view: p.view.clone(),
     })
 }
 
@@ -346,6 +347,7 @@ mod tests {
             mode: SyncMode::Incremental as i32,
             plan_digest: digest.to_string(),
             durable_offset: 64 << 20,
+            view: "rbd:rbd/vm@blockship-src-2#7".into(),
         };
         let r = resume_point(&p(&good)).expect("a valid digest resumes");
         assert_eq!(r.plan_digest.as_ref(), &[0xab; 32][..]);

@@ -136,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
                 auth: Authorizer::parse(&r.allow)?,
                 leases: Default::default(),
                 checkpoint: r.checkpoint,
+                idle_timeout: r.tuning.idle_timeout,
             };
             let _: &std::sync::Arc<Leases> = &ctx.leases;
             let runtime = tokio::runtime::Builder::new_multi_thread()

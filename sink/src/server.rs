@@ -19,6 +19,8 @@ pub struct SinkContext {
     pub auth: Authorizer,
     pub leases: Arc<Leases>,
     pub checkpoint: CheckpointPolicy,
+    /// A session that shows no progress for this long is dropped (and its leases released).
+    pub idle_timeout: std::time::Duration,
 }
 
 pub struct Server {

@@ -146,7 +146,8 @@ async fn run(
         Body::Hello(h) => h,
         other => return Err(unexpected("Hello", &other).into()),
     };
-    let reply = version::negotiate(&hello, &software(), identity)
+    let idle_ms = u32::try_from(ctx.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+    let reply = version::negotiate(&hello, &software(), identity, idle_ms)
         .map_err(|e| Refusal::new(ErrorCode::Version, e.to_string()))?;
     ctx.auth.knows(identity)?;
     control.send(Body::HelloReply(reply)).await;
@@ -204,6 +205,8 @@ async fn run(
                     .await
                     .map_err(|_| Refusal::internal("epoch writer stopped"))?;
             }
+            // Liveness only (the session's idle deadline); nothing to answer.
+            Body::Progress(_) => {}
             other => return Err(unexpected("a control message", &other).into()),
         }
     }
@@ -252,12 +255,18 @@ async fn begin_epoch(
     }
     let digest = hex::encode(&req.plan_digest);
     if req.resume_offset > 0 {
+        // Resuming keeps the data below the offset: only sound if it came from the same frozen
+        // view of the source, under the same plan.
         let ok = state.in_progress.as_ref().is_some_and(|p| {
-            p.epoch == req.epoch && p.plan_digest == digest && req.resume_offset <= p.durable_offset
+            p.epoch == req.epoch
+                && p.plan_digest == digest
+                && !req.view.is_empty()
+                && p.view == req.view
+                && req.resume_offset <= p.durable_offset
         });
         if !ok {
             return Err(Refusal::bad_request(format!(
-                "cannot resume epoch {} at offset {}: the target has no matching durable progress",
+                "cannot resume epoch {} at offset {}: the target has no durable progress of this plan from this view of the source",
                 req.epoch, req.resume_offset
             )));
         }
@@ -267,6 +276,7 @@ async fn begin_epoch(
         mode: req.mode,
         plan_digest: digest,
         durable_offset: req.resume_offset,
+        view: req.view.clone(),
     };
     disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
 

@@ -41,6 +41,9 @@ pub struct InProgress {
     pub plan_digest: String,
     /// Every item of this epoch below this offset is durable.
     pub durable_offset: u64,
+    /// The frozen view of the source the epoch reads; it resumes only from the same view.
+    #[serde(default)]
+    pub view: String,
 }
 
 impl ReplicationState {
@@ -145,8 +148,13 @@ mod tests {
         let dir = StateDir::for_target(root.path(), "file:vm1/disk0").unwrap();
         assert_eq!(dir.load().unwrap(), None);
         let mut s = ReplicationState::new("file:vm1/disk0", "vm1", "esx01", 1 << 30, 1 << 20);
-        s.in_progress =
-            Some(InProgress { epoch: 1, mode: 2, plan_digest: "ab".into(), durable_offset: 64 << 20 });
+        s.in_progress = Some(InProgress {
+            epoch: 1,
+            mode: 2,
+            plan_digest: "ab".into(),
+            durable_offset: 64 << 20,
+            view: "file:1:2:3:4".into(),
+        });
         dir.store(&s).unwrap();
         assert_eq!(dir.load().unwrap(), Some(s.clone()));
         s.committed_epoch = 1;

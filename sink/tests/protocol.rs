@@ -116,6 +116,7 @@ impl Fake {
             mode: SyncMode::Full as i32,
             plan_digest: Bytes::new(),
             resume_offset: 0,
+            view: String::new(),
         };
         self.w.send(&Body::EpochBegin(req)).await.unwrap();
         assert!(matches!(self.r.next_body("EpochStarted").await.unwrap(), Body::EpochStarted(_)));

@@ -93,5 +93,6 @@ pub fn body_name(body: &blockship_proto::Body) -> &'static str {
         VerifyRequest(_) => "VerifyRequest",
         HashList(_) => "HashList",
         Error(_) => "Error",
+        Progress(_) => "Progress",
     }
 }

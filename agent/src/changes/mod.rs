@@ -57,12 +57,14 @@ impl Changes {
     }
 }
 
-/// Digest of a plan: the same digest on a re-run means the same items, so an interrupted
-/// incremental epoch may resume after its durable offset.
-pub fn plan_digest(mode: i32, chunk_size: u32, size: u64, extents: &[Extent]) -> [u8; 32] {
+/// Digest of a plan: the same digest on a re-run means the same items read from the same frozen
+/// view of the source, so an interrupted incremental epoch may resume after its durable offset.
+/// The view is part of it: the same extents read from a later point in time are another plan.
+pub fn plan_digest(mode: i32, chunk_size: u32, size: u64, view: &str, extents: &[Extent]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    h.update(b"blockship-plan-v1");
+    h.update(b"blockship-plan-v2");
     h.update(&mode.to_le_bytes()).update(&chunk_size.to_le_bytes()).update(&size.to_le_bytes());
+    h.update(&(view.len() as u64).to_le_bytes()).update(view.as_bytes());
     for e in extents {
         h.update(&e.offset.to_le_bytes()).update(&e.len.to_le_bytes());
     }
@@ -81,5 +83,14 @@ mod tests {
         for bad in ["", "cbt-file:", "bitmap:x", "nbd-bitmap:", "VMware"] {
             assert!(bad.parse::<Changes>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_view_is_part_of_the_plan() {
+        let e = [Extent::new(0, 1 << 20)];
+        let a = plan_digest(3, 1 << 20, 1 << 30, "rbd:p/i@blockship-src-2#4", &e);
+        assert_eq!(a, plan_digest(3, 1 << 20, 1 << 30, "rbd:p/i@blockship-src-2#4", &e));
+        assert_ne!(a, plan_digest(3, 1 << 20, 1 << 30, "rbd:p/i@blockship-src-2#5", &e));
+        assert_ne!(a, plan_digest(3, 1 << 20, 1 << 30, "", &e));
     }
 }

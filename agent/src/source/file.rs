@@ -64,6 +64,26 @@ impl FileSource {
         format!("file:{}", self.path.display())
     }
 
+    /// Identity of the file's current contents as far as the kernel tells: device, inode, size,
+    /// and the modification and change times (ns). A plain file is only a frozen view while it
+    /// does not change, so an interrupted epoch resumes only if this is unchanged. A block
+    /// device's times do not move on writes: it must be frozen by its owner (a stopped machine,
+    /// an LVM or ZFS snapshot).
+    pub fn view_id(&self) -> Result<String, SourceError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().map_err(|e| self.err("stat", e))?;
+        Ok(format!(
+            "file:{}:{}:{}:{}.{}:{}.{}",
+            m.dev(),
+            m.ino(),
+            self.size,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ))
+    }
+
     fn err(&self, what: &'static str, err: std::io::Error) -> SourceError {
         SourceError::Io { source_name: self.path.display().to_string(), what, err }
     }
@@ -175,6 +195,12 @@ mod tests {
         assert_eq!(&b[..10], &[0; 10]);
         assert_eq!(&b[10..], &[1; 10]);
         assert!(s.read((64 << 20) - 10, 20).await.is_err());
+        // The view changes with the contents.
+        let v1 = s.view_id().unwrap();
+        assert_eq!(v1, s.view_id().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        f.write_all_at(&[3u8; 10], 0).unwrap();
+        assert_ne!(v1, s.view_id().unwrap());
     }
 
     #[test]

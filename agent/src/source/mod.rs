@@ -2,7 +2,9 @@
 //! ranges hold data at all (holes need not be read): raw files and block devices, NBD exports,
 //! RBD snapshots. `Origin` is the disk being replicated and its life cycle per epoch: probe it
 //! (size, identity), freeze a point in time (a VMware or RBD snapshot; files and NBD exports are
-//! read as they are), then finish (drop the snapshot once the sink made the epoch durable).
+//! read as they are), then finish (drop the snapshot once the sink made the epoch durable, keep
+//! it when the epoch failed). Every point in time has a view identity: an interrupted epoch is
+//! retried from the view it was reading when that view still exists, and resumes only from it.
 
 pub mod file;
 pub mod nbd;
@@ -106,6 +108,21 @@ pub struct PointInTime {
     /// The change point this epoch establishes, when the platform defines it.
     pub change_point: Option<String>,
     pub hold: Hold,
+    /// Identity of this frozen view ("" = unknown: an epoch reading it never resumes).
+    pub view: String,
+}
+
+/// What the agent knows when it freezes the point in time of an epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Freeze<'a> {
+    pub epoch: u64,
+    /// The view an interrupted attempt at this epoch was reading, as the sink recorded it.
+    pub prior_view: Option<&'a str>,
+    /// The change point declared for this epoch (`--change-point`): it names the frozen view
+    /// of an NBD export (the dirty bitmap that started when the view was frozen).
+    pub declared_point: Option<&'a str>,
+    /// The target written: VM snapshots are tagged with it, so a run only ever cleans up its own.
+    pub target: &'a str,
 }
 
 impl Origin {
@@ -151,33 +168,43 @@ impl Origin {
         }
     }
 
-    /// Freeze the point in time of epoch `epoch`.
-    pub async fn freeze(&self, epoch: u64) -> Result<PointInTime, SourceError> {
+    /// Freeze the point in time of an epoch (or take up again the one an interrupted attempt
+    /// was reading).
+    pub async fn freeze(&self, f: &Freeze<'_>) -> Result<PointInTime, SourceError> {
         Ok(match self {
-            Origin::Plain { source, .. } => {
-                PointInTime { source: source.clone(), change_point: None, hold: Hold::Nothing }
+            Origin::Plain { source, spec } => {
+                let view = match source.as_ref() {
+                    Source::File(file) => file.view_id()?,
+                    // An export is a frozen view only if its owner says which: the change point
+                    // that started at the freeze names it.
+                    Source::Nbd(_) => f.declared_point.map(|p| format!("{spec}@{p}")).unwrap_or_default(),
+                    Source::Rbd(r) => r.id.clone(),
+                };
+                PointInTime { source: source.clone(), change_point: None, hold: Hold::Nothing, view }
             }
             Origin::Rbd(r) => {
-                let view = r.freeze(epoch).await?;
+                let view = r.freeze(f.epoch, f.prior_view).await?;
                 PointInTime {
                     source: Arc::new(Source::Rbd(view.clone())),
                     change_point: Some(view.name.clone()),
+                    view: view.id.clone(),
                     hold: Hold::Rbd(view),
                 }
             }
             Origin::Vmware(v) => {
-                let view = v.freeze(epoch).await?;
+                let view = v.freeze(f.epoch, f.prior_view, f.target).await?;
                 PointInTime {
                     source: Arc::new(Source::Nbd(view.reader.clone())),
                     change_point: view.change_id.clone(),
+                    view: view.id.clone(),
                     hold: Hold::Vmware(view),
                 }
             }
         })
     }
 
-    /// End of an epoch: on success keep the new point and drop older ones; on failure drop the
-    /// new point (RBD) or keep it for the next run to remove (VMware).
+    /// End of an epoch: on success keep the new point and drop older ones; on failure keep the
+    /// new point, so a retry reads the same view (it is dropped once an epoch commits).
     pub async fn finish(&self, point: PointInTime, committed: bool) -> Result<(), SourceError> {
         let PointInTime { source, hold, .. } = point;
         drop(source);
@@ -189,7 +216,7 @@ impl Origin {
                         tracing::info!(?removed, "older source snapshots removed");
                     }
                 } else {
-                    r.discard(view).await?;
+                    tracing::info!(snapshot = %view.name, "epoch not committed: the source snapshot is kept for the retry");
                 }
             }
             (Origin::Vmware(v), Hold::Vmware(view)) => v.finish(view, committed).await?,

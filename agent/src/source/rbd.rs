@@ -1,8 +1,9 @@
 //! RBD sources (`rbd:POOL/IMAGE`, `rbd:POOL/NAMESPACE/IMAGE`) for DR between Ceph clusters. Each
-//! epoch reads from a fresh snapshot `blockship-src-<epoch>` of the source image; the changed
-//! extents come from `rbd_diff_iterate2` against the snapshot of the last replicated epoch (the
-//! change point the sink stored), and older snapshots are removed only after the sink
-//! acknowledged the new epoch as durable.
+//! epoch reads from a snapshot `blockship-src-<epoch>` of the source image; the changed extents
+//! come from `rbd_diff_iterate2` against the snapshot of the last replicated epoch (the change
+//! point the sink stored). A snapshot is kept until its epoch commits: a retry of an interrupted
+//! epoch reads the same snapshot (identified by name and id) instead of a later point in time,
+//! and older snapshots are removed only after the sink acknowledged the new epoch as durable.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub struct RbdOrigin {
 #[derive(Clone)]
 pub struct RbdView {
     pub name: String,
+    /// Name and snapshot id: the identity the sink records for a resume.
+    pub id: String,
     image: Image,
     size: u64,
     spec: RbdSpec,
@@ -123,23 +126,44 @@ impl RbdOrigin {
         self.spec.to_string()
     }
 
-    /// Snapshot the head as `blockship-src-<epoch>` (replacing a leftover of a failed attempt)
-    /// and open that snapshot for reading.
-    pub async fn freeze(&self, epoch: u64) -> Result<RbdView, RbdSourceError> {
+    /// The point in time of epoch `epoch`: snapshot `blockship-src-<epoch>` of the head, opened
+    /// for reading. An existing one is reused when it is the view `prior` (the view an
+    /// interrupted attempt at this epoch was reading, as the sink recorded it); any other
+    /// leftover of that name is replaced by a fresh snapshot.
+    pub async fn freeze(&self, epoch: u64, prior: Option<&str>) -> Result<RbdView, RbdSourceError> {
         let name = format!("{SNAP_PREFIX}{epoch}");
         let (head, io, image, n) =
             (self.head.clone(), self.io.clone(), self.spec.image.clone(), name.clone());
-        let view = blocking(&self.spec, move || {
-            if head.snap_list()?.iter().any(|(_, s)| *s == n) {
-                head.snap_remove(&n)?;
-            }
-            head.snap_create(&n)?;
-            io.open_at(&image, Some(&n))
+        let (spec, prior) = (self.spec.clone(), prior.map(str::to_string));
+        let (view, id, reused) = blocking(&self.spec, move || {
+            let find = |head: &Image| -> Result<Option<u64>, RbdError> {
+                Ok(head.snap_list()?.into_iter().find(|(_, s)| *s == n).map(|(id, _)| id))
+            };
+            let existing = find(&head)?;
+            let reuse = existing.filter(|id| prior.as_deref() == Some(view_id(&spec, &n, *id).as_str()));
+            let (id, reused) = match reuse {
+                Some(id) => (id, true),
+                None => {
+                    if existing.is_some() {
+                        head.snap_remove(&n)?;
+                    }
+                    head.snap_create(&n)?;
+                    let id = find(&head)?.ok_or_else(|| {
+                        RbdError::Invalid(format!("snapshot {n} missing right after it was created"))
+                    })?;
+                    (id, false)
+                }
+            };
+            Ok((io.open_at(&image, Some(&n))?, id, reused))
         })
         .await?;
+        if reused {
+            tracing::info!(snapshot = %name, "retrying the interrupted epoch from its own snapshot");
+        }
         let v = view.clone();
         let size = blocking(&self.spec, move || v.size()).await?;
-        Ok(RbdView { name, image: view, size, spec: self.spec.clone() })
+        let id = view_id(&self.spec, &name, id);
+        Ok(RbdView { name, id, image: view, size, spec: self.spec.clone() })
     }
 
     /// Open existing snapshot `name` for reading (verification of a replicated epoch).
@@ -148,7 +172,8 @@ impl RbdOrigin {
         let img = blocking(&self.spec, move || io.open_at(&image, Some(&n))).await?;
         let i = img.clone();
         let size = blocking(&self.spec, move || i.size()).await?;
-        Ok(RbdView { name: name.to_string(), image: img, size, spec: self.spec.clone() })
+        let id = format!("{}@{name}", self.spec);
+        Ok(RbdView { name: name.to_string(), id, image: img, size, spec: self.spec.clone() })
     }
 
     /// Whether snapshot `name` still exists on the source.
@@ -172,13 +197,12 @@ impl RbdOrigin {
         })
         .await
     }
+}
 
-    /// Drop a snapshot whose epoch did not commit.
-    pub async fn discard(&self, view: RbdView) -> Result<(), RbdSourceError> {
-        let (head, name) = (self.head.clone(), view.name.clone());
-        drop(view);
-        blocking(&self.spec, move || head.snap_remove(&name)).await
-    }
+/// The identity of snapshot `name` (with id `id`) of `spec`: a snapshot removed and created again
+/// under the same name is another point in time and gets another id.
+fn view_id(spec: &RbdSpec, name: &str, id: u64) -> String {
+    format!("{spec}@{name}#{id}")
 }
 
 impl RbdView {

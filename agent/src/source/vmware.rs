@@ -2,10 +2,16 @@
 //! produced by a configurable command reads the data of a VM snapshot. Each epoch snapshots the
 //! VM, takes the snapshot disk's `changeId` as the new change point, asks
 //! `QueryChangedDiskAreas` what changed since the change point the sink stored (`"*"`: what is
-//! allocated, for a first sync), and removes the snapshot after the sink's durable ack. The data
-//! command (in production `nbdkit vddk ... snapshot=... --unix SOCKET`) is a shell command line
-//! that receives its parameters as environment variables, so the agent never links VDDK.
+//! allocated, for a first sync), and removes the snapshot after the sink's durable ack. A failed
+//! epoch keeps its snapshot: the retry reads it again (the sink recorded it as the epoch's view),
+//! so an epoch never mixes two points in time. Snapshots carry a tag of the target they feed;
+//! a run removes only its own target's abandoned ones, never another disk's. The data command
+//! (in production `nbdkit vddk ... snapshot=... --unix SOCKET`) is a shell command line that
+//! receives its parameters as environment variables, so the agent never links VDDK; its stderr
+//! is drained into the log, so a chatty command never stalls on a full pipe.
 
+use std::collections::VecDeque;
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -62,8 +68,31 @@ pub struct VmwareView {
     pub snapshot: MoRef,
     pub change_id: Option<String>,
     pub reader: Arc<NbdSource>,
+    /// `vmware:VM/SNAPSHOT#CHANGEID`: the identity the sink records for a retry.
+    pub id: String,
     process: Child,
     _dir: tempfile::TempDir,
+}
+
+/// How long the data command gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of the data command's stderr kept for error messages.
+const STDERR_TAIL: usize = 20;
+
+/// Snapshot name `blockship-<epoch>-<tag>`; the tag names the target the snapshot feeds.
+fn snapshot_name(epoch: u64, tag: &str) -> String {
+    format!("{SNAP_PREFIX}{epoch}-{tag}")
+}
+
+/// Short tag of a target name (its BLAKE3, 8 hex digits).
+fn target_tag(target: &str) -> String {
+    blake3::hash(target.as_bytes()).to_hex()[..8].to_string()
+}
+
+/// The snapshot moref in a view identity `vmware:VM/SNAPSHOT#CHANGEID`.
+fn view_snapshot(view: &str) -> Option<&str> {
+    let (left, _) = view.strip_prefix("vmware:")?.split_once('#')?;
+    Some(left.split_once('/')?.1)
 }
 
 async fn call<T: Send + 'static>(
@@ -81,7 +110,7 @@ async fn call<T: Send + 'static>(
 }
 
 impl VmwareOrigin {
-    /// Log in, find the VM and its disk. Snapshots left by earlier failed runs are removed.
+    /// Log in, find the VM and its disk.
     pub async fn open(opts: VmwareOptions) -> Result<VmwareOrigin, VmwareError> {
         let o = opts.clone();
         let api =
@@ -94,12 +123,6 @@ impl VmwareOrigin {
         let v = vm.clone();
         let (disks, cbt) = call(&api, move |a| a.vm_disks(&v)).await?;
         let disk = pick_disk(&disks, opts.disk.as_deref())?;
-        let v = vm.clone();
-        let stale = call(&api, move |a| a.snapshots_named(&v, SNAP_PREFIX)).await?;
-        for (name, snap) in stale {
-            tracing::warn!(snapshot = %name, "removing a Blockship snapshot left by an earlier run that did not commit");
-            call(&api, move |a| a.remove_snapshot(&snap)).await?;
-        }
         Ok(VmwareOrigin { opts, api, vm, disk, cbt })
     }
 
@@ -115,15 +138,42 @@ impl VmwareOrigin {
         self.cbt
     }
 
-    /// Snapshot the VM, read the new changeId, start the data command and connect to it.
-    pub async fn freeze(&self, epoch: u64) -> Result<VmwareView, VmwareError> {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let name = format!("{SNAP_PREFIX}{epoch}-{stamp}");
-        let (vm, quiesce) = (self.vm.clone(), self.opts.quiesce);
-        let snapshot = call(&self.api, move |a| a.create_snapshot(&vm, &name, quiesce)).await?;
+    /// The point in time of epoch `epoch` for `target`: the snapshot an interrupted attempt was
+    /// reading (`prior`, as the sink recorded it) if it still exists, else a new snapshot. Other
+    /// snapshots of this target's earlier runs are abandoned and removed; snapshots of other
+    /// targets (another disk of the same VM, another replica) are left alone. Then the changeId
+    /// is read, the data command started and connected to.
+    pub async fn freeze(
+        &self,
+        epoch: u64,
+        prior: Option<&str>,
+        target: &str,
+    ) -> Result<VmwareView, VmwareError> {
+        let tag = target_tag(target);
+        let v = self.vm.clone();
+        let ours: Vec<(String, MoRef)> = call(&self.api, move |a| a.snapshots_named(&v, SNAP_PREFIX))
+            .await?
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(&format!("-{tag}")))
+            .collect();
+        let wanted = prior.and_then(view_snapshot);
+        let reused = ours.iter().find(|(_, mo)| Some(mo.value.as_str()) == wanted).map(|(_, mo)| mo.clone());
+        for (name, snap) in ours {
+            if Some(&snap) != reused.as_ref() {
+                tracing::warn!(snapshot = %name, "removing a Blockship snapshot this target's earlier run abandoned");
+                call(&self.api, move |a| a.remove_snapshot(&snap)).await?;
+            }
+        }
+        let snapshot = match reused {
+            Some(s) => {
+                tracing::info!(snapshot = %s.value, "retrying the interrupted epoch from its own VM snapshot");
+                s
+            }
+            None => {
+                let (vm, quiesce, name) = (self.vm.clone(), self.opts.quiesce, snapshot_name(epoch, &tag));
+                call(&self.api, move |a| a.create_snapshot(&vm, &name, quiesce)).await?
+            }
+        };
         let s = snapshot.clone();
         let key = self.disk.key;
         let disks = call(&self.api, move |a| a.snapshot_disks(&s)).await?;
@@ -133,6 +183,12 @@ impl VmwareOrigin {
             .ok_or_else(|| VmwareError::Config(format!("the snapshot has no disk with key {key}")))?;
         match self.start_reader(&snapshot, &snap_disk).await {
             Ok((process, reader, dir)) => Ok(VmwareView {
+                id: format!(
+                    "vmware:{}/{}#{}",
+                    self.vm.value,
+                    snapshot.value,
+                    snap_disk.change_id.as_deref().unwrap_or("")
+                ),
                 snapshot,
                 change_id: snap_disk.change_id,
                 reader: Arc::new(reader),
@@ -177,31 +233,32 @@ impl VmwareOrigin {
         // Its own process group, so stopping it also stops whatever it started.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd.spawn().map_err(|e| VmwareError::DataCommand(format!("starting sh -c: {e}")))?;
+        let tail = drain_stderr(&mut child);
         let deadline = Instant::now() + Duration::from_secs(60);
         let uri = format!("nbd+unix:///?socket={}", socket.display());
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
+                // Give the drain thread a moment to take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let lines: Vec<String> =
+                    tail.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
                 return Err(VmwareError::DataCommand(format!(
                     "exited ({status}) before serving NBD: {}",
-                    err.trim()
+                    lines.join("\n").trim()
                 )));
             }
             if socket.exists() {
                 match NbdSource::connect(&uri, None).await {
                     Ok(r) => return Ok((child, r, dir)),
                     Err(e) if Instant::now() > deadline => {
-                        stop(&mut child);
+                        stop(child, STOP_GRACE).await;
                         return Err(e.into());
                     }
                     Err(_) => {}
                 }
             }
             if Instant::now() > deadline {
-                stop(&mut child);
+                stop(child, STOP_GRACE).await;
                 return Err(VmwareError::DataCommand("no NBD socket after 60 s".into()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,14 +310,15 @@ impl VmwareOrigin {
 
     /// Stop the data command; remove the snapshot once the epoch is durable. A snapshot of an
     /// epoch that failed stays until the next run removes it, so nothing is lost in between.
-    pub async fn finish(&self, mut view: VmwareView, committed: bool) -> Result<(), VmwareError> {
-        let _ = view.reader.disconnect().await;
-        stop(&mut view.process);
+    pub async fn finish(&self, view: VmwareView, committed: bool) -> Result<(), VmwareError> {
+        let VmwareView { snapshot, reader, process, _dir, .. } = view;
+        let _ = reader.disconnect().await;
+        stop(process, STOP_GRACE).await;
+        drop(_dir);
         if committed {
-            let s = view.snapshot.clone();
-            call(&self.api, move |a| a.remove_snapshot(&s)).await?;
+            call(&self.api, move |a| a.remove_snapshot(&snapshot)).await?;
         } else {
-            tracing::warn!(snapshot = %view.snapshot.value, "epoch not committed: the VM snapshot is kept (the next run removes it)");
+            tracing::warn!(snapshot = %snapshot.value, "epoch not committed: the VM snapshot is kept for the retry");
         }
         Ok(())
     }
@@ -274,19 +332,45 @@ impl VmwareOrigin {
     }
 }
 
-fn stop(child: &mut Child) {
-    // SAFETY: signalling the process group we created for the command.
-    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// Log the data command's stderr (it would stall once the pipe filled up) and keep its last
+/// lines for error messages.
+fn drain_stderr(child: &mut Child) -> Arc<Mutex<VecDeque<String>>> {
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+    if let Some(err) = child.stderr.take() {
+        let t = tail.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                tracing::info!(target: "blockship_agent::nbd_command", "{line}");
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                if t.len() == STDERR_TAIL {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        });
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-    let _ = child.wait();
+    tail
+}
+
+/// Stop the data command's process group: SIGTERM, then SIGKILL after `grace`. Waits on the
+/// blocking pool, so the runtime's workers stay free.
+async fn stop(mut child: Child, grace: Duration) {
+    let _ = tokio::task::spawn_blocking(move || {
+        // SAFETY: signalling the process group we created for the command.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = child.wait();
+    })
+    .await;
 }
 
 fn pick_disk(disks: &[VirtualDisk], wanted: Option<&str>) -> Result<VirtualDisk, VmwareError> {
@@ -302,5 +386,44 @@ fn pick_disk(disks: &[VirtualDisk], wanted: Option<&str>) -> Result<VirtualDisk,
         None => {
             Err(VmwareError::Config(format!("the VM has several disks; pick one with --disk ({})", list())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_identities_name_their_snapshot() {
+        assert_eq!(view_snapshot("vmware:vm-42/snapshot-7#52 1f/3"), Some("snapshot-7"));
+        assert_eq!(view_snapshot("vmware:vm-42/snapshot-7#"), Some("snapshot-7"));
+        assert_eq!(view_snapshot("rbd:p/i@blockship-src-2#4"), None);
+        assert_eq!(view_snapshot(""), None);
+        let (a, b) = (target_tag("file:vm42"), target_tag("file:vm43"));
+        assert_ne!(a, b);
+        assert_eq!(snapshot_name(3, &a), format!("blockship-3-{a}"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stopping_a_stubborn_command_leaves_the_runtime_free() {
+        // A data command that ignores SIGTERM: stopping it takes the whole grace period, which
+        // must not block the (here single) runtime thread.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' TERM; sleep 30"]);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        stop(child, Duration::from_secs(1)).await;
+        ticker.abort();
+        let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n >= 5, "the runtime was blocked while the command was stopped ({n} ticks in ~1 s)");
     }
 }

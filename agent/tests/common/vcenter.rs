@@ -2,7 +2,10 @@
 //! (RetrieveServiceContent, Login/Logout, FindByUuid, RetrievePropertiesEx, CreateSnapshot_Task,
 //! RemoveSnapshot_Task, QueryChangedDiskAreas) for one VM with one disk. Tests record the writes
 //! they make to the disk image; QueryChangedDiskAreas answers from that log, in pages, and can be
-//! told to fault or to reset change tracking (new changeId UUID). govmomi's vcsim cannot do this:
+//! told to fault or to reset change tracking (new changeId UUID). With `freeze_disk`, every
+//! snapshot freezes a copy of the disk image (`<dir>/<snapshot moref>.img`, kept under its
+//! changeId as well after the snapshot is removed), so a data command can serve the snapshot's
+//! own data while the "guest" goes on writing the live image. govmomi's vcsim cannot do this:
 //! it does not implement QueryChangedDiskAreas.
 
 #![allow(dead_code)]
@@ -36,6 +39,9 @@ pub struct State {
     pub fail_qcda: Option<String>,
     /// Every SOAP call, in order (method names).
     pub calls: Vec<String>,
+    /// The live disk image copied into `snap_dir` at every snapshot (see `freeze_disk`).
+    pub disk_image: Option<PathBuf>,
+    pub snap_dir: PathBuf,
     next: u64,
     session: Option<String>,
 }
@@ -66,7 +72,10 @@ impl FakeVcenter {
                 .with_single_cert(vec![der], key_der)
                 .unwrap(),
         );
+        let snap_dir = dir.path().join("snapshots");
+        std::fs::create_dir_all(&snap_dir).unwrap();
         let state = Arc::new(Mutex::new(State {
+            snap_dir,
             capacity,
             cbt_enabled: true,
             cbt_uuid: "52 1f a0 9c 44 d2 11 0e-8b 3a 5c 6d 7e 8f 90 a1".into(),
@@ -107,6 +116,20 @@ impl FakeVcenter {
             }
         });
         FakeVcenter { addr, ca, state, _dir: dir }
+    }
+
+    /// Freeze a copy of `image` at every snapshot; returns the directory the copies live in
+    /// (`$BLOCKSHIP_SNAPSHOT.img` is the snapshot's data).
+    pub fn freeze_disk(&self, image: &std::path::Path) -> PathBuf {
+        let mut s = self.state.lock().unwrap();
+        s.disk_image = Some(image.to_path_buf());
+        s.snap_dir.clone()
+    }
+
+    /// The frozen data of the snapshot that carried `change_id` (kept after its removal).
+    pub fn snapshot_data(&self, change_id: &str) -> PathBuf {
+        let s = self.state.lock().unwrap();
+        s.snap_dir.join(format!("cid-{}.img", change_id.rsplit('/').next().unwrap_or("")))
     }
 
     pub fn record_write(&self, offset: u64, len: u64) {
@@ -277,12 +300,18 @@ fn handle(
             let mo = format!("snapshot-{}", s.next);
             let cid = format!("{}/{}", s.cbt_uuid, s.seq);
             let name = req.text_of("name").unwrap_or("").to_string();
+            if let Some(disk) = &s.disk_image {
+                let copy = s.snap_dir.join(format!("{mo}.img"));
+                std::fs::copy(disk, &copy).unwrap();
+                std::fs::copy(&copy, s.snap_dir.join(format!("cid-{}.img", s.seq))).unwrap();
+            }
             s.snapshots.push((mo.clone(), name, cid));
             ok(&method, &format!("<returnval type=\"Task\">task-snap-{mo}</returnval>"))
         }
         "RemoveSnapshot_Task" => {
             let mo = req.find("_this").map(|t| t.text.clone()).unwrap_or_default();
             s.snapshots.retain(|(m, _, _)| *m != mo);
+            let _ = std::fs::remove_file(s.snap_dir.join(format!("{mo}.img")));
             ok(&method, "<returnval type=\"Task\">task-remove</returnval>")
         }
         "QueryChangedDiskAreas" => {
