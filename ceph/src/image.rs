@@ -13,6 +13,9 @@ use crate::RbdError;
 pub(crate) struct ImageInner {
     pub(crate) ptr: ImageT,
     _ioctx: Arc<IoCtx>,
+    /// Lets tests hold this image's completions and see on which thread it was closed.
+    #[cfg(test)]
+    pub(crate) probe: Arc<crate::aio::CloseProbe>,
 }
 
 // SAFETY: librbd image handles support concurrent aio from several threads.
@@ -21,10 +24,15 @@ unsafe impl Sync for ImageInner {}
 
 impl Drop for ImageInner {
     fn drop(&mut self) {
+        #[cfg(test)]
+        self.probe.closing();
         if let Ok(api) = api() {
-            // SAFETY: in-flight requests hold an Arc<ImageInner>, so none is pending.
+            // SAFETY: in-flight requests hold an Arc<ImageInner>, so none is pending. Never
+            // runs on a librbd callback thread, where rbd_close deadlocks (see `aio`).
             unsafe { (api.rbd_close)(self.ptr) };
         }
+        #[cfg(test)]
+        self.probe.closed();
     }
 }
 
@@ -46,7 +54,14 @@ pub struct DiffExtent {
 impl Image {
     /// Wrap a handle `rbd_open` returned; the image is closed when the last clone is dropped.
     pub(crate) fn from_handle(ptr: ImageT, ioctx: Arc<IoCtx>) -> Image {
-        Image { inner: Arc::new(ImageInner { ptr, _ioctx: ioctx }) }
+        Image {
+            inner: Arc::new(ImageInner {
+                ptr,
+                _ioctx: ioctx,
+                #[cfg(test)]
+                probe: Default::default(),
+            }),
+        }
     }
 
     pub(crate) fn ptr(&self) -> ImageT {
