@@ -6,12 +6,15 @@
 //!
 //! Modules: `api` (the dlopen'd function table and C layouts), `rados` (cluster and pool
 //! handles), `image` (an open image and its blocking operations), `aio` (asynchronous data I/O
-//! through librbd completions), `error` (`RbdError`).
+//! through librbd completions), `error` (`RbdError`); the test-only `layout` checks the C
+//! struct layouts against the librbd headers.
 
 mod aio;
 mod api;
 mod error;
 mod image;
+#[cfg(test)]
+mod layout;
 mod rados;
 
 pub use api::{

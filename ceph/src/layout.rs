@@ -1,0 +1,146 @@
+//! Test-only check that every `#[repr(C)]` struct the bindings declare matches the C headers
+//! it was copied from. The bindings are written by hand (no bindgen, see the crate doc), so a
+//! wrong field would silently corrupt memory librbd writes into; here a small C program is
+//! compiled against Debian's `librbd-dev` headers and prints `sizeof`, `_Alignof`, and every
+//! field's `offsetof` and size, which are compared with what Rust computes for the same struct.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::api::{ImageInfo, SnapInfo};
+
+/// Size of the value a raw pointer points to, without reading it (works on uninitialised
+/// memory, which is how field sizes are taken below).
+fn pointee_size<T>(_: *const T) -> usize {
+    std::mem::size_of::<T>()
+}
+
+macro_rules! layouts {
+    ($($rust:ident = $c:literal { $($field:ident),* $(,)? })*) => {
+        /// Every size, alignment, field offset and field size, named as the C program prints
+        /// them.
+        fn rust_layout() -> Vec<(String, usize)> {
+            let mut out = Vec::new();
+            $(
+                // Exhaustive destructuring: adding a field to the Rust struct without listing
+                // it here does not compile.
+                let _exhaustive = |v: $rust| {
+                    let $rust { $($field: _),* } = v;
+                };
+                out.push((format!("sizeof({})", $c), std::mem::size_of::<$rust>()));
+                out.push((format!("alignof({})", $c), std::mem::align_of::<$rust>()));
+                $(
+                    let name = stringify!($field);
+                    out.push((format!("offsetof({}, {name})", $c), std::mem::offset_of!($rust, $field)));
+                    let value = std::mem::MaybeUninit::<$rust>::uninit();
+                    // SAFETY: only the field's address is taken; nothing is read.
+                    let size = pointee_size(unsafe { &raw const (*value.as_ptr()).$field });
+                    out.push((format!("sizeof({}.{name})", $c), size));
+                )*
+            )*
+            out
+        }
+
+        /// A C program printing the same names with the values the headers give.
+        fn c_program() -> String {
+            let mut src = String::from(
+                "#include <stddef.h>\n#include <stdio.h>\n#include <rbd/librbd.h>\n\nint main(void) {\n",
+            );
+            $(
+                src += &format!("  printf(\"sizeof({0}) %zu\\n\", sizeof({0}));\n", $c);
+                src += &format!("  printf(\"alignof({0}) %zu\\n\", (size_t)_Alignof({0}));\n", $c);
+                $(
+                    src += &format!(
+                        "  printf(\"offsetof({0}, {1}) %zu\\n\", offsetof({0}, {1}));\n",
+                        $c,
+                        stringify!($field)
+                    );
+                    src += &format!(
+                        "  printf(\"sizeof({0}.{1}) %zu\\n\", sizeof((({0} *)0)->{1}));\n",
+                        $c,
+                        stringify!($field)
+                    );
+                )*
+            )*
+            src + "  return 0;\n}\n"
+        }
+    };
+}
+
+layouts! {
+    ImageInfo = "rbd_image_info_t" {
+        size, obj_size, num_objs, order, block_name_prefix, parent_pool, parent_name,
+    }
+    SnapInfo = "rbd_snap_info_t" { id, size, name }
+}
+
+/// A missing C toolchain or header: a failure when CI demands the Ceph tests
+/// (BLOCKSHIP_REQUIRE_CEPH), otherwise a visible skip.
+fn unavailable(why: &str) {
+    let hint = "this test needs a C compiler and the librbd headers: run `bash scripts/deps.sh test` \
+                (Debian packages build-essential, librbd-dev)";
+    assert!(
+        std::env::var_os("BLOCKSHIP_REQUIRE_CEPH").is_none(),
+        "{why}; {hint} (BLOCKSHIP_REQUIRE_CEPH is set)"
+    );
+    eprintln!("skipped: {why}; {hint}");
+}
+
+/// Run `cc` with `args` in `dir`: Ok(None) when it succeeded, Ok(Some(stderr)) when it failed,
+/// Err when there is no `cc` to run.
+fn cc(dir: &Path, args: &[&str]) -> Result<Option<String>, std::io::Error> {
+    let out = Command::new("cc").current_dir(dir).args(args).output()?;
+    Ok((!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// A scratch directory, removed however the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn struct_layouts_match_the_librbd_headers() {
+    let scratch = Scratch(std::env::temp_dir().join(format!("blockship-ceph-layout-{}", std::process::id())));
+    let dir = &scratch.0;
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("header.c"), "#include <rbd/librbd.h>\n").unwrap();
+    match cc(dir, &["-E", "-o", "/dev/null", "header.c"]) {
+        Err(e) => return unavailable(&format!("cannot run the C compiler `cc` ({e})")),
+        Ok(Some(stderr)) => {
+            let error = stderr.lines().find(|l| l.contains("error")).unwrap_or(stderr.trim());
+            return unavailable(&format!("the librbd headers are missing ({error})"));
+        }
+        Ok(None) => {}
+    }
+    std::fs::write(dir.join("layout.c"), c_program()).unwrap();
+    if let Some(stderr) = cc(dir, &["-std=gnu11", "-o", "layout", "layout.c"]).unwrap() {
+        panic!("the layout program does not compile against rbd/librbd.h:\n{stderr}\n{}", c_program());
+    }
+    let out = Command::new(dir.join("layout")).output().unwrap();
+    assert!(out.status.success(), "the layout program failed: {out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let c: std::collections::HashMap<&str, usize> = stdout
+        .lines()
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name, value.parse().unwrap())
+        })
+        .collect();
+
+    let rust = rust_layout();
+    let mismatches: Vec<String> = rust
+        .iter()
+        .filter(|(name, value)| c.get(name.as_str()) != Some(value))
+        .map(|(name, value)| match c.get(name.as_str()) {
+            Some(c) => format!("{name}: Rust {value}, C {c}"),
+            None => format!("{name}: Rust {value}, not printed by the C program"),
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "struct layouts differ from rbd/librbd.h:\n{}", mismatches.join("\n"));
+    assert_eq!(c.len(), rust.len(), "the C program printed other values than Rust computed:\n{stdout}");
+    eprintln!("checked {} sizes, alignments and offsets against rbd/librbd.h", rust.len());
+}
