@@ -4,10 +4,10 @@
 //! compiled against Debian's `librbd-dev` headers and prints `sizeof`, `_Alignof`, and every
 //! field's `offsetof` and size, which are compared with what Rust computes for the same struct.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::api::{ImageInfo, SnapInfo};
+use crate::testing::{cc, unavailable, Scratch};
 
 /// Size of the value a raw pointer points to, without reading it (works on uninitialised
 /// memory, which is how field sizes are taken below).
@@ -74,39 +74,10 @@ layouts! {
     SnapInfo = "rbd_snap_info_t" { id, size, name }
 }
 
-/// A missing C toolchain or header: a failure when CI demands the Ceph tests
-/// (BLOCKSHIP_REQUIRE_CEPH), otherwise a visible skip.
-fn unavailable(why: &str) {
-    let hint = "this test needs a C compiler and the librbd headers: run `bash scripts/deps.sh test` \
-                (Debian packages build-essential, librbd-dev)";
-    assert!(
-        std::env::var_os("BLOCKSHIP_REQUIRE_CEPH").is_none(),
-        "{why}; {hint} (BLOCKSHIP_REQUIRE_CEPH is set)"
-    );
-    eprintln!("skipped: {why}; {hint}");
-}
-
-/// Run `cc` with `args` in `dir`: Ok(None) when it succeeded, Ok(Some(stderr)) when it failed,
-/// Err when there is no `cc` to run.
-fn cc(dir: &Path, args: &[&str]) -> Result<Option<String>, std::io::Error> {
-    let out = Command::new("cc").current_dir(dir).args(args).output()?;
-    Ok((!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned()))
-}
-
-/// A scratch directory, removed however the test ends.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn struct_layouts_match_the_librbd_headers() {
-    let scratch = Scratch(std::env::temp_dir().join(format!("blockship-ceph-layout-{}", std::process::id())));
-    let dir = &scratch.0;
-    std::fs::create_dir_all(dir).unwrap();
+    let scratch = Scratch::new("layout");
+    let dir = scratch.path();
     std::fs::write(dir.join("header.c"), "#include <rbd/librbd.h>\n").unwrap();
     match cc(dir, &["-E", "-o", "/dev/null", "header.c"]) {
         Err(e) => return unavailable(&format!("cannot run the C compiler `cc` ({e})")),

@@ -25,35 +25,4 @@ pub use image::{DiffExtent, Image};
 pub use rados::{ConnectOptions, IoCtx, Rados};
 
 #[cfg(test)]
-mod testing {
-    //! Tests run against the real test cluster (`scripts/ceph-up.sh`); they are skipped without
-    //! CEPH_CONF unless BLOCKSHIP_REQUIRE_CEPH=1 makes a missing cluster a failure.
-
-    use std::path::Path;
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use crate::{ConnectOptions, Rados};
-
-    pub(crate) fn cluster() -> Option<Arc<Rados>> {
-        let conf = match std::env::var("CEPH_CONF") {
-            Ok(c) => c,
-            Err(_) => {
-                assert!(
-                    std::env::var("BLOCKSHIP_REQUIRE_CEPH").is_err(),
-                    "BLOCKSHIP_REQUIRE_CEPH set but CEPH_CONF is not"
-                );
-                eprintln!("skipped: no CEPH_CONF (start one with scripts/ceph-up.sh)");
-                return None;
-            }
-        };
-        let opts = ConnectOptions {
-            conf: Some(Path::new(&conf)),
-            id: "admin",
-            keyring: None,
-            connect_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(60),
-        };
-        Some(Arc::new(Rados::connect(&opts).expect("connect to the test cluster")))
-    }
-}
+mod testing;
