@@ -4,11 +4,25 @@
 
 use std::ffi::{c_int, CString};
 
+use crate::api::{version_string, MIN_CEPH, MIN_LIBRBD};
+
 /// A failed librados/librbd call.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RbdError {
     #[error("cannot load librbd ({0}); install Ceph's client libraries (Debian: apt install librbd1)")]
     Library(String),
+    #[error(
+        "librbd {found} is too old: Blockship needs librbd {min} or newer, from Ceph {MIN_CEPH} or \
+         later; upgrade this host's Ceph client libraries (librbd1: Debian 12 ships Pacific; on older \
+         systems use Ceph's own packages from download.ceph.com)",
+        min = version_string(MIN_LIBRBD)
+    )]
+    TooOld { found: String },
+    #[error(
+        "librbd {found} lacks {symbol}, which Blockship needs: upgrade this host's Ceph client \
+         libraries (librbd1) to Ceph {MIN_CEPH} or later"
+    )]
+    Incomplete { found: String, symbol: &'static str },
     #[error("{op}: {}", describe(*.errno))]
     Call { op: String, errno: i32 },
     #[error("{0}")]

@@ -3,10 +3,13 @@
 //! wrong field would silently corrupt memory librbd writes into; here a small C program is
 //! compiled against Debian's `librbd-dev` headers and prints `sizeof`, `_Alignof`, and every
 //! field's `offsetof` and size, which are compared with what Rust computes for the same struct.
+//! The same program names every function the bindings resolve (so each must be declared by the
+//! headers) and prints the headers' librbd version, which must pass the version check: the
+//! layouts are checked against a release the bindings accept.
 
 use std::process::Command;
 
-use crate::api::{ImageInfo, SnapInfo};
+use crate::api::{check_version, ImageInfo, SnapInfo, SYMBOLS};
 use crate::testing::{cc, unavailable, Scratch};
 
 /// Size of the value a raw pointer points to, without reading it (works on uninitialised
@@ -62,6 +65,13 @@ macro_rules! layouts {
                     );
                 )*
             )*
+            // Naming each function (in an unevaluated operand: nothing to link) does not
+            // compile unless the headers declare it.
+            for name in SYMBOLS {
+                src += &format!("  (void)sizeof(__typeof__(&{name}));\n");
+            }
+            src += "  printf(\"LIBRBD_VERSION %d.%d.%d\\n\",\n";
+            src += "         LIBRBD_VER_MAJOR, LIBRBD_VER_MINOR, LIBRBD_VER_EXTRA);\n";
             src + "  return 0;\n}\n"
         }
     };
@@ -94,7 +104,12 @@ fn struct_layouts_match_the_librbd_headers() {
     let out = Command::new(dir.join("layout")).output().unwrap();
     assert!(out.status.success(), "the layout program failed: {out:?}");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let c: std::collections::HashMap<&str, usize> = stdout
+    let (layout, version) = stdout.rsplit_once("LIBRBD_VERSION ").unwrap();
+    let version: Vec<i32> = version.trim().split('.').map(|n| n.parse().unwrap()).collect();
+    if let Err(e) = check_version((version[0], version[1], version[2])) {
+        panic!("the librbd headers are from a release the bindings refuse: {e}");
+    }
+    let c: std::collections::HashMap<&str, usize> = layout
         .lines()
         .map(|l| {
             let (name, value) = l.rsplit_once(' ').unwrap();
@@ -113,5 +128,10 @@ fn struct_layouts_match_the_librbd_headers() {
         .collect();
     assert!(mismatches.is_empty(), "struct layouts differ from rbd/librbd.h:\n{}", mismatches.join("\n"));
     assert_eq!(c.len(), rust.len(), "the C program printed other values than Rust computed:\n{stdout}");
-    eprintln!("checked {} sizes, alignments and offsets against rbd/librbd.h", rust.len());
+    eprintln!(
+        "checked {} sizes, alignments and offsets and {} function declarations against rbd/librbd.h {}",
+        rust.len(),
+        SYMBOLS.len(),
+        version.iter().map(i32::to_string).collect::<Vec<_>>().join(".")
+    );
 }

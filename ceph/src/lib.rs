@@ -2,7 +2,8 @@
 //! loaded with `dlopen` on first use (`librbd.so.1`), so the sink builds without Ceph headers
 //! and runs without Ceph unless an `rbd:` target is used. No crate fits: `librbd-sys` lacks
 //! `rbd_diff_iterate2`/`rbd_write2`, the bindgen crates need libclang at build time. The C API
-//! used here is stable since Octopus; prototypes follow `rbd/librbd.h` and `rados/librados.h`.
+//! used here needs librbd from Ceph 15.2.5 (Octopus) or later, checked when the library is
+//! loaded; prototypes follow `rbd/librbd.h` and `rados/librados.h`.
 //!
 //! Modules: `api` (the dlopen'd function table and C layouts), `rados` (cluster and pool
 //! handles), `image` (an open image and its blocking operations), `aio` (asynchronous data I/O
