@@ -1,0 +1,306 @@
+//! An open RBD image (`rbd_image_t`): the shared handle that closes the image when its last
+//! reference goes, and the blocking metadata operations (size, features, snapshots, image
+//! metadata, diffs). Data I/O is asynchronous and lives in `aio`.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::{Arc, Mutex};
+
+use crate::api::{api, ImageInfo, ImageT, SnapInfo};
+use crate::error::{check, cstr};
+use crate::rados::IoCtx;
+use crate::RbdError;
+
+pub(crate) struct ImageInner {
+    pub(crate) ptr: ImageT,
+    _ioctx: Arc<IoCtx>,
+    /// Lets tests hold this image's completions and see on which thread it was closed.
+    #[cfg(test)]
+    pub(crate) probe: Arc<crate::aio::CloseProbe>,
+}
+
+// SAFETY: librbd image handles support concurrent aio from several threads.
+unsafe impl Send for ImageInner {}
+unsafe impl Sync for ImageInner {}
+
+impl Drop for ImageInner {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        self.probe.closing();
+        if let Ok(api) = api() {
+            // SAFETY: in-flight requests hold an Arc<ImageInner>, so none is pending. Never
+            // runs on a librbd callback thread, where rbd_close deadlocks (see `aio`).
+            unsafe { (api.rbd_close)(self.ptr) };
+        }
+        #[cfg(test)]
+        self.probe.closed();
+    }
+}
+
+/// An open image. Cheap to clone.
+#[derive(Clone)]
+pub struct Image {
+    pub(crate) inner: Arc<ImageInner>,
+}
+
+/// A changed (or, without a base snapshot, allocated) extent from `rbd_diff_iterate2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub len: u64,
+    /// False: the range was discarded / reads as zeros.
+    pub exists: bool,
+}
+
+impl Image {
+    /// Wrap a handle `rbd_open` returned; the image is closed when the last clone is dropped.
+    pub(crate) fn from_handle(ptr: ImageT, ioctx: Arc<IoCtx>) -> Image {
+        Image {
+            inner: Arc::new(ImageInner {
+                ptr,
+                _ioctx: ioctx,
+                #[cfg(test)]
+                probe: Default::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> ImageT {
+        self.inner.ptr
+    }
+
+    pub fn size(&self) -> Result<u64, RbdError> {
+        let mut info = std::mem::MaybeUninit::<ImageInfo>::zeroed();
+        // SAFETY: info is a properly sized, zero-initialised rbd_image_info_t.
+        check("stat", unsafe {
+            (api()?.rbd_stat)(self.ptr(), info.as_mut_ptr(), std::mem::size_of::<ImageInfo>())
+        })?;
+        // SAFETY: rbd_stat filled it in.
+        Ok(unsafe { info.assume_init() }.size)
+    }
+
+    pub fn resize(&self, size: u64) -> Result<(), RbdError> {
+        // SAFETY: valid image.
+        check(format!("resize to {size}"), unsafe { (api()?.rbd_resize)(self.ptr(), size) })?;
+        Ok(())
+    }
+
+    pub fn features(&self) -> Result<u64, RbdError> {
+        let mut f = 0u64;
+        // SAFETY: out-pointer to a local.
+        check("get features", unsafe { (api()?.rbd_get_features)(self.ptr(), &mut f) })?;
+        Ok(f)
+    }
+
+    pub fn snap_create(&self, name: &str) -> Result<(), RbdError> {
+        let n = cstr(name)?;
+        // SAFETY: valid image and C string.
+        check(format!("create snapshot {name}"), unsafe {
+            (api()?.rbd_snap_create)(self.ptr(), n.as_ptr())
+        })?;
+        Ok(())
+    }
+
+    pub fn snap_remove(&self, name: &str) -> Result<(), RbdError> {
+        let n = cstr(name)?;
+        // SAFETY: valid image and C string.
+        check(format!("remove snapshot {name}"), unsafe {
+            (api()?.rbd_snap_remove)(self.ptr(), n.as_ptr())
+        })?;
+        Ok(())
+    }
+
+    pub fn snap_rollback(&self, name: &str) -> Result<(), RbdError> {
+        let n = cstr(name)?;
+        // SAFETY: valid image and C string.
+        check(format!("roll back to snapshot {name}"), unsafe {
+            (api()?.rbd_snap_rollback)(self.ptr(), n.as_ptr())
+        })?;
+        Ok(())
+    }
+
+    /// Snapshot names (with ids), oldest first.
+    pub fn snap_list(&self) -> Result<Vec<(u64, String)>, RbdError> {
+        let api = api()?;
+        let mut max: c_int = 16;
+        loop {
+            // librbd writes count + 1 entries (a terminator).
+            let mut buf: Vec<SnapInfo> = Vec::with_capacity(max as usize + 1);
+            let mut n = max;
+            // SAFETY: buf has room for max + 1 entries.
+            let r = unsafe { (api.rbd_snap_list)(self.ptr(), buf.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            let count = check("list snapshots", r)? as usize;
+            // SAFETY: librbd initialised `count` entries (+ terminator).
+            unsafe { buf.set_len(count) };
+            let mut out: Vec<(u64, String)> = buf
+                .iter()
+                // SAFETY: names are NUL-terminated strings owned by the list until snap_list_end.
+                .map(|s| (s.id, unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned()))
+                .collect();
+            // SAFETY: releases the names of the entries librbd filled in.
+            unsafe { (api.rbd_snap_list_end)(buf.as_mut_ptr()) };
+            out.sort_by_key(|(id, _)| *id);
+            return Ok(out);
+        }
+    }
+
+    pub fn metadata_set(&self, key: &str, value: &str) -> Result<(), RbdError> {
+        let (k, v) = (cstr(key)?, cstr(value)?);
+        // SAFETY: valid image and C strings.
+        check(format!("set image metadata {key}"), unsafe {
+            (api()?.rbd_metadata_set)(self.ptr(), k.as_ptr(), v.as_ptr())
+        })?;
+        Ok(())
+    }
+
+    /// A metadata value, or None when the key is absent.
+    pub fn metadata_get(&self, key: &str) -> Result<Option<String>, RbdError> {
+        let api = api()?;
+        let k = cstr(key)?;
+        let mut len: usize = 4096;
+        loop {
+            let mut buf = vec![0u8; len];
+            let mut n = len;
+            // SAFETY: buf has n bytes.
+            let r = unsafe {
+                (api.rbd_metadata_get)(self.ptr(), k.as_ptr(), buf.as_mut_ptr() as *mut c_char, &mut n)
+            };
+            match r {
+                r if r == -libc::ENOENT => return Ok(None),
+                r if r == -libc::ERANGE => len = n.max(len * 2),
+                r => {
+                    check(format!("get image metadata {key}"), r)?;
+                    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+                    buf.truncate(end);
+                    return String::from_utf8(buf)
+                        .map(Some)
+                        .map_err(|_| RbdError::Invalid(format!("metadata {key} is not UTF-8")));
+                }
+            }
+        }
+    }
+
+    pub fn metadata_remove(&self, key: &str) -> Result<(), RbdError> {
+        let k = cstr(key)?;
+        // SAFETY: valid image and C string.
+        let r = unsafe { (api()?.rbd_metadata_remove)(self.ptr(), k.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(format!("remove image metadata {key}"), r)?;
+        Ok(())
+    }
+
+    /// Extents changed since snapshot `from` (None: allocated extents) in `[offset, offset+len)`.
+    /// Blocking.
+    pub fn diff(
+        &self,
+        from: Option<&str>,
+        offset: u64,
+        len: u64,
+        whole_object: bool,
+    ) -> Result<Vec<DiffExtent>, RbdError> {
+        unsafe extern "C" fn collect(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: arg is the Mutex<Vec> below, alive for the whole rbd_diff_iterate2 call.
+            let out = unsafe { &*(arg as *const Mutex<Vec<DiffExtent>>) };
+            out.lock().unwrap_or_else(|p| p.into_inner()).push(DiffExtent {
+                offset: off,
+                len: len as u64,
+                exists: exists != 0,
+            });
+            0
+        }
+        let from_c = match from {
+            Some(s) => Some(cstr(s)?),
+            None => None,
+        };
+        let out: Mutex<Vec<DiffExtent>> = Mutex::new(Vec::new());
+        // SAFETY: the callback only touches `out`, which outlives the call.
+        check("diff", unsafe {
+            (api()?.rbd_diff_iterate2)(
+                self.ptr(),
+                from_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                offset,
+                len,
+                1,
+                u8::from(whole_object),
+                collect,
+                &out as *const _ as *mut c_void,
+            )
+        })?;
+        let mut v = out.into_inner().unwrap_or_else(|p| p.into_inner());
+        v.sort_by_key(|e| e.offset);
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::testing::cluster;
+    use crate::{FEATURE_EXCLUSIVE_LOCK, FEATURE_FAST_DIFF, FEATURE_LAYERING, FEATURE_OBJECT_MAP};
+
+    #[tokio::test]
+    async fn image_round_trip() {
+        let Some(rados) = cluster() else { return };
+        let io = Arc::new(rados.ioctx("rbd", None).unwrap());
+        let name = format!("librbd-test-{}", std::process::id());
+        let _ = io.remove(&name);
+        io.create(
+            &name,
+            8 << 20,
+            FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK | FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF,
+        )
+        .unwrap();
+        assert_eq!(io.create(&name, 8 << 20, FEATURE_LAYERING).unwrap_err().errno(), Some(libc::EEXIST));
+        let img = io.open(&name).unwrap();
+        assert_eq!(img.size().unwrap(), 8 << 20);
+        assert_ne!(img.features().unwrap() & FEATURE_FAST_DIFF, 0);
+
+        let data = Bytes::from(vec![0x42u8; 1 << 20]);
+        img.write(4096, data.clone()).await.unwrap();
+        img.flush().await.unwrap();
+        assert_eq!(img.read(4096, 1 << 20).await.unwrap(), data.to_vec());
+        img.snap_create("s1").unwrap();
+        img.write_zeroes(0, 8 << 20).await.unwrap();
+        img.flush().await.unwrap();
+        assert!(img.read(4096, 4096).await.unwrap().iter().all(|&b| b == 0));
+        let changed = img.diff(Some("s1"), 0, 8 << 20, false).unwrap();
+        assert!(changed.iter().any(|e| !e.exists), "{changed:?}");
+        let at_s1 = io.open_at(&name, Some("s1")).unwrap();
+        assert_eq!(
+            at_s1.read(4096, 16).await.unwrap(),
+            vec![0x42; 16],
+            "snapshot does not hold the old data"
+        );
+        assert!(at_s1.write(0, Bytes::from_static(b"x")).await.is_err(), "a snapshot accepted a write");
+        drop(at_s1);
+        img.snap_rollback("s1").unwrap();
+        assert_eq!(img.read(4096, 16).await.unwrap(), vec![0x42; 16]);
+        let allocated = img.diff(None, 0, 8 << 20, false).unwrap();
+        assert!(allocated.iter().all(|e| e.offset < (2 << 20)), "{allocated:?}");
+
+        img.metadata_set("blockship.test", "v1").unwrap();
+        assert_eq!(img.metadata_get("blockship.test").unwrap().as_deref(), Some("v1"));
+        let long = "x".repeat(10_000);
+        img.metadata_set("blockship.long", &long).unwrap();
+        assert_eq!(img.metadata_get("blockship.long").unwrap(), Some(long));
+        img.metadata_remove("blockship.test").unwrap();
+        assert_eq!(img.metadata_get("blockship.test").unwrap(), None);
+
+        img.resize(16 << 20).unwrap();
+        assert_eq!(img.size().unwrap(), 16 << 20);
+        assert!(img.read(20 << 20, 10).await.is_err(), "read past the end succeeded");
+        assert_eq!(img.snap_list().unwrap().iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), vec!["s1"]);
+        img.snap_remove("s1").unwrap();
+        drop(img);
+        io.remove(&name).unwrap();
+        assert_eq!(io.open(&name).err().and_then(|e| e.errno()), Some(libc::ENOENT));
+    }
+}
