@@ -98,6 +98,11 @@ impl<'a> TestImage<'a> {
     }
 
     fn remove(&self) {
+        // Protected snapshots (test-failover clones) would block the purge.
+        let out = self.ceph.rbd(&["snap", "ls", "--format", "json", &self.spec()]);
+        for snap in String::from_utf8_lossy(&out.stdout).split('"').filter(|s| s.starts_with("blockship-")) {
+            let _ = self.ceph.rbd(&["snap", "unprotect", &format!("{}@{snap}", self.spec())]);
+        }
         let _ = self.ceph.rbd(&["snap", "purge", &self.spec()]);
         let _ = self.ceph.rbd(&["rm", "--no-progress", &self.spec()]);
     }
@@ -523,4 +528,41 @@ fn an_interrupted_rbd_epoch_is_retried_from_its_own_snapshot() {
     std::fs::remove_file(&export).unwrap();
     ceph.rbd_ok(&["export", "--no-progress", &src.spec(), export.to_str().unwrap()]);
     assert!(same_file(&export, &lab.target("dr")));
+}
+
+#[test]
+fn commits_go_on_while_an_old_epoch_snapshot_has_a_clone() {
+    // A test-failover clone of an old epoch (protected snapshot, clone v1 style) makes that
+    // snapshot impossible to remove: commits must go on, and the snapshot go once it is free.
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "clone");
+    let clone = format!("rbd/{}-failover", img.name);
+    let _ = ceph.rbd(&["rm", "--no-progress", &clone]);
+    let src = lab.path("src.img");
+    image::generate(&src, 64 * MIB, Profile::Mixed, 18).unwrap();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &["--keep-snapshots", "1"]);
+    lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    let epoch1 = sha(&src);
+    ceph.rbd_ok(&["snap", "protect", &format!("{}@blockship-1", img.spec())]);
+    ceph.rbd_ok(&["clone", &format!("{}@blockship-1", img.spec()), &clone]);
+    for epoch in 2..=3u64 {
+        scribble(&src, epoch * MIB, 4096, epoch);
+        let s = lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+        assert_eq!(u(&s, "epoch"), epoch, "{s}");
+        assert_eq!(ceph.export_hash(&format!("{}@blockship-{epoch}", img.spec()), lab.dir.path()), sha(&src));
+    }
+    let snaps = ceph.rbd_ok(&["snap", "ls", &img.spec()]);
+    assert!(
+        snaps.contains("blockship-1") && !snaps.contains("blockship-2") && snaps.contains("blockship-3"),
+        "{snaps}"
+    );
+    assert_eq!(ceph.export_hash(&clone, lab.dir.path()), epoch1, "the clone lost its epoch");
+    // Once the clone is gone, the next commit prunes the old snapshot.
+    ceph.rbd_ok(&["rm", "--no-progress", &clone]);
+    ceph.rbd_ok(&["snap", "unprotect", &format!("{}@blockship-1", img.spec())]);
+    scribble(&src, 9 * MIB, 4096, 9);
+    lab.sync(&sink, "esx01", &src, &img.target(), &[]);
+    let snaps = ceph.rbd_ok(&["snap", "ls", &img.spec()]);
+    assert!(!snaps.contains("blockship-1") && snaps.contains("blockship-4"), "{snaps}");
 }

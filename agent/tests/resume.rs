@@ -154,3 +154,52 @@ fn an_interrupted_incremental_of_a_file_that_changed_starts_over() {
     assert_eq!(u(&second, "resumed_from"), 0, "resumed although the file changed: {second}");
     assert!(same_file(&src, &lab.target("vm")), "the target mixes two versions of the file");
 }
+
+#[test]
+fn a_file_target_rolls_back_to_its_last_committed_epoch() {
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 9).unwrap();
+    let mut sink = lab.sink(&["esx01=file:*"], &[]);
+    lab.sync(&sink, "esx01", &src, "file:vm", &[]);
+    // sha256 of the committed epoch 1, as an operator would record it.
+    let sha256 = |p: &std::path::Path| {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    let epoch1 = sha256(&lab.target("vm"));
+    // Epoch 2 rewrites most of the disk (and grows it); the sink dies half-way.
+    for i in 0..800u64 {
+        scribble(&src, i * MIB, MIB as usize, 40_000 + i);
+    }
+    std::fs::OpenOptions::new().write(true).open(&src).unwrap().set_len(DISK + 64 * MIB).unwrap();
+    let agent = paced_sync(&lab, &sink, &src, "file:vm", &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm") >= 300 * MIB),
+        "no durable progress; sink log:\n{}",
+        lab.sink_log()
+    );
+    sink.kill9();
+    assert!(!agent.wait_with_output().unwrap().status.success());
+    assert_ne!(sha256(&lab.target("vm")), epoch1, "nothing was overwritten before the crash");
+
+    let out = Command::new(bin("blockship-sink"))
+        .args(["rollback", "--target", "file:vm", "--file-root"])
+        .arg(lab.path("root"))
+        .arg("--state-dir")
+        .arg(lab.path("state"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rollback failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unfinished epoch 2 was dropped"));
+    assert_eq!(sha256(&lab.target("vm")), epoch1, "the file is not back at epoch 1");
+    let state = state_of(&lab, "file:vm").unwrap();
+    assert!(state["committed_epoch"] == 1 && state["in_progress"].is_null(), "{state}");
+
+    // Replication goes on from epoch 1; the index does not vouch for rolled-back chunks.
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let again = lab.sync(&sink, "esx01", &src, "file:vm", &[]);
+    assert_eq!(u(&again, "epoch"), 2, "{again}");
+    assert!(same_file(&src, &lab.target("vm")));
+    assert!(lab.verify(&sink, "esx01", &src, "file:vm").status.success());
+}

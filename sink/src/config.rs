@@ -52,6 +52,11 @@ pub struct ServeSettings {
     /// Drop a silent agent connection after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// Keep no undo journal for file targets: incremental epochs write each byte once instead
+    /// of saving what they overwrite, but a failed epoch can no longer be rolled back.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_file_rollback: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub ceph: CephSettings,
@@ -141,6 +146,7 @@ pub struct Resolved {
     pub checkpoint: CheckpointPolicy,
     pub tuning: QuicTuning,
     pub ceph: Option<CephOptions>,
+    pub file_rollback: bool,
 }
 
 impl ServeSettings {
@@ -164,6 +170,7 @@ impl ServeSettings {
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
             checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            no_file_rollback: self.no_file_rollback || file.no_file_rollback,
             ceph: self.ceph.over(file.ceph),
         }
     }
@@ -209,6 +216,7 @@ impl ServeSettings {
             checkpoint,
             tuning,
             ceph,
+            file_rollback: !self.no_file_rollback,
         })
     }
 }

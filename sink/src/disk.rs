@@ -16,8 +16,9 @@ use crate::index::{HashIndex, IndexOrigin};
 use crate::lease::Lease;
 use crate::refusal::{join, Refusal};
 use crate::server::SinkContext;
-use crate::state::{ReplicationState, StateDir};
+use crate::state::{ReplicationState, StateDir, StateLock};
 use crate::target::{Access, Opened, Target, TargetError, TargetName};
+use crate::undo::UndoJournal;
 use crate::writer::WriterMsg;
 
 pub struct Disk {
@@ -33,6 +34,8 @@ pub struct Disk {
     pub chunk_size: u32,
     pub epoch: Mutex<Option<ActiveEpoch>>,
     _lease: Lease,
+    /// This process's hold on the state dir (writers only).
+    _lock: Option<StateLock>,
 }
 
 /// The epoch a disk is receiving.
@@ -59,6 +62,20 @@ impl Disk {
 
     pub fn index(&self) -> Result<&HashIndex, Refusal> {
         self.index.as_ref().ok_or_else(|| Refusal::bad_request("disk was opened for verification only"))
+    }
+
+    /// An undo journal for the epoch about to begin: file targets with a committed epoch to
+    /// return to (and rollback not turned off) keep one; RBD targets have their snapshots.
+    pub fn undo_journal(&self, enabled: bool) -> Result<Option<UndoJournal>, Refusal> {
+        let state = self.state();
+        if !enabled || state.committed_epoch == 0 || !matches!(self.target, Target::File(_)) {
+            return Ok(None);
+        }
+        // States written before the committed size was recorded: the file's size now.
+        let base = if state.committed_size > 0 { state.committed_size } else { self.target.size() };
+        UndoJournal::open(&self.state_dir.undo_path(), state.committed_epoch, base)
+            .map(Some)
+            .map_err(|e| Refusal::internal(format!("{}: undo journal: {e}", self.name)))
     }
 
     /// Sender of the active epoch's writer.
@@ -140,6 +157,8 @@ pub async fn open(
     }
     let lease = ctx.leases.acquire(&canonical, agent, conn).await?;
     let state_dir = StateDir::for_target(&ctx.state_root, &canonical)?;
+    // Another sink process on the same state dir, or a rollback running, must not interleave.
+    let lock = if mode == SyncMode::Verify { None } else { Some(state_dir.lock(&canonical)?) };
 
     let access = match mode {
         SyncMode::Verify => Access::ReadOnly,
@@ -198,6 +217,7 @@ pub async fn open(
         chunk_size,
         epoch: Mutex::new(None),
         _lease: lease,
+        _lock: lock,
     };
     Ok((Arc::new(disk), reply))
 }
@@ -348,6 +368,7 @@ mod tests {
             plan_digest: digest.to_string(),
             durable_offset: 64 << 20,
             view: "rbd:rbd/vm@blockship-src-2#7".into(),
+            undo: false,
         };
         let r = resume_point(&p(&good)).expect("a valid digest resumes");
         assert_eq!(r.plan_digest.as_ref(), &[0xab; 32][..]);

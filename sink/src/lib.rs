@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod disk;
+pub mod failpoint;
 pub mod index;
 pub mod lease;
 pub mod pki;
@@ -13,5 +14,6 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod target;
+pub mod undo;
 pub mod watermark;
 pub mod writer;

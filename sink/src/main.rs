@@ -33,15 +33,19 @@ enum Cmd {
         #[command(flatten)]
         settings: Box<ServeSettings>,
     },
-    /// Roll an RBD target back to the snapshot of its last committed epoch (drops an unfinished
-    /// epoch). Stop any sink writing the target first.
+    /// Roll a target back to its last committed epoch, dropping an unfinished epoch: an RBD
+    /// image to its blockship-<epoch> snapshot, a file through its undo journal. Stop any sink
+    /// writing the target first.
     Rollback {
-        /// The target, e.g. rbd:volumes/volume-1234.
+        /// The target, e.g. rbd:volumes/volume-1234 or file:esx01/vm1-disk0.
         #[arg(long)]
         target: String,
-        /// The sink's state dir, to drop the target's hash index there too (optional).
+        /// The sink's state dir (file targets: required; rbd: its hash index is dropped too).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// The sink's file root (file targets).
+        #[arg(long)]
+        file_root: Option<PathBuf>,
         #[command(flatten)]
         ceph: CephSettings,
     },
@@ -91,6 +95,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    blockship_sink::failpoint::setup().map_err(anyhow::Error::msg)?;
     match cli.cmd {
         Cmd::Pki { cmd: PkiCmd::Init { dir, agents, sink_names, force } } => {
             let report = blockship_sink::pki::init(&dir, &agents, &sink_names, force)?;
@@ -102,9 +107,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Rollback { target, state_dir, ceph } => {
-            let ceph = ceph.resolve()?.context("rollback needs rbd support (drop --no-rbd)")?;
-            let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
+        Cmd::Rollback { target, state_dir, file_root, ceph } => {
+            let ceph = if target.starts_with("rbd:") {
+                Some(
+                    ceph.resolve()?
+                        .context("rolling back an rbd target needs rbd support (drop --no-rbd)")?,
+                )
+            } else {
+                None
+            };
+            let roots = TargetRoots { file_root, ceph: ceph.map(|c| std::sync::Arc::new(Ceph::new(c))) };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let msg = runtime.block_on(blockship_sink::rollback::rollback(
                 &roots,
@@ -137,6 +149,7 @@ fn run(cli: Cli) -> Result<()> {
                 leases: Default::default(),
                 checkpoint: r.checkpoint,
                 idle_timeout: r.tuning.idle_timeout,
+                file_rollback: r.file_rollback,
             };
             let _: &std::sync::Arc<Leases> = &ctx.leases;
             let runtime = tokio::runtime::Builder::new_multi_thread()

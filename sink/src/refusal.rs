@@ -51,7 +51,11 @@ impl From<AuthError> for Refusal {
 
 impl From<StateError> for Refusal {
     fn from(e: StateError) -> Self {
-        Refusal::internal(e.to_string())
+        let code = match e {
+            StateError::Locked { .. } => ErrorCode::Busy,
+            _ => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
     }
 }
 

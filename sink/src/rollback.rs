@@ -1,26 +1,104 @@
-//! `blockship-sink rollback`: return an RBD target to the snapshot of its last committed epoch,
-//! dropping a partially applied epoch the way rbd-mirror drops a partial delta. The replication
-//! state is reset to that epoch and the hash index is invalidated (it is rebuilt from the image).
+//! `blockship-sink rollback`: return a target to its last committed epoch, dropping an epoch that
+//! was applied only in part (the way rbd-mirror drops a partial delta): an RBD image to its
+//! `blockship-<epoch>` snapshot, a file through its undo journal. The replication state is reset
+//! to that epoch and the hash index entries of what changed are invalidated (rebuilt from the
+//! data when next needed).
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::index::{HashIndex, IndexOrigin, STALE};
 use crate::state::StateDir;
+use crate::target::file::FileTarget;
 use crate::target::rbd::RbdTarget;
 use crate::target::{Access, TargetError, TargetName, TargetRoots};
+use crate::writer::touched;
 
 /// How long rollback waits for a dead writer's exclusive lock.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 pub async fn rollback(roots: &TargetRoots, state_root: Option<&Path>, target: &str) -> Result<String> {
     let name = TargetName::parse(target)?;
-    let TargetName::Rbd(spec) = &name else {
-        bail!("{name}: rollback needs an rbd: target (file targets keep no snapshots)");
+    match &name {
+        TargetName::Rbd(_) => rollback_rbd(roots, state_root, &name).await,
+        TargetName::File(rel) => {
+            let root = roots.file_root.clone().context("a file target needs the sink's --file-root")?;
+            let state_root = state_root
+                .context("a file target keeps its state and undo journal in the sink's --state-dir: give it")?
+                .to_path_buf();
+            let (rel, name) = (rel.clone(), name.clone());
+            tokio::task::spawn_blocking(move || rollback_file(&root, &state_root, &name, &rel)).await?
+        }
+    }
+}
+
+fn rollback_file(root: &Path, state_root: &Path, name: &TargetName, rel: &Path) -> Result<String> {
+    let canonical = name.to_string();
+    let dir = StateDir::for_target(state_root, &canonical)?;
+    // No sink may write the file meanwhile (it holds this lock while it has the target open).
+    let _lock = dir.lock(&canonical)?;
+    let mut state = dir.load()?.with_context(|| {
+        format!("{name} has no replication state in this --state-dir; nothing to roll back")
+    })?;
+    let epoch = state.committed_epoch;
+    if epoch == 0 {
+        bail!("{name} has no committed epoch yet; there is nothing to roll back to");
+    }
+    let Some(unfinished) = state.in_progress.clone() else {
+        return Ok(format!(
+            "{name}: epoch {epoch} is committed and no epoch is in progress; nothing to roll back"
+        ));
     };
+    if !unfinished.undo {
+        bail!(
+            "{name}: epoch {} was written without an undo journal (sink started with --no-file-rollback), so the file cannot be returned to epoch {epoch}; a compare-mode sync brings it up to date",
+            unfinished.epoch
+        );
+    }
+    let (target, _) = FileTarget::open(root, rel, name, 0, Access::Repair)?;
+    let journal = dir.undo_path();
+    let restored = match crate::undo::roll_back(&journal, &target.file(), epoch)
+        .with_context(|| format!("{name}: applying the undo journal {}", journal.display()))?
+    {
+        Some(r) => r,
+        // The journal is created before the epoch's first write: none, nothing was written.
+        None if !journal.exists() => Default::default(),
+        None => bail!("{name}: the undo journal {} belongs to another epoch", journal.display()),
+    };
+    // The index must not vouch for what was restored.
+    if !state.index_token.is_empty() {
+        let size = std::fs::metadata(root.join(rel)).map(|m| m.len()).unwrap_or(state.size);
+        if let Ok((index, IndexOrigin::Reused)) =
+            HashIndex::open(&dir.index_path(), state.chunk_size, size, &state.index_token, false)
+        {
+            for &(o, l) in &restored.ranges {
+                index.fill(touched(o, l, state.chunk_size), &STALE)?;
+            }
+            index.sync()?;
+        } else {
+            state.index_token.clear();
+        }
+    }
+    state.in_progress = None;
+    if let Some(size) = restored.truncated_to {
+        state.size = size;
+    }
+    dir.store(&state)?;
+    crate::undo::discard(&journal)?;
+    Ok(format!(
+        "{name}: rolled back to epoch {epoch}; the unfinished epoch {} was dropped ({} ranges restored{})",
+        unfinished.epoch,
+        restored.ranges.len(),
+        restored.truncated_to.map(|s| format!(", truncated to {s} bytes")).unwrap_or_default()
+    ))
+}
+
+async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &TargetName) -> Result<String> {
+    let TargetName::Rbd(spec) = name else { unreachable!("called for rbd targets") };
     let ceph = roots.ceph.as_ref().context("rbd targets are disabled (--no-rbd)")?;
-    let (image, _) = RbdTarget::open(ceph, spec, &name, 0, Access::ReadOnly).await?;
+    let (image, _) = RbdTarget::open(ceph, spec, name, 0, Access::ReadOnly).await?;
     let mut state = image
         .load_state()
         .await?

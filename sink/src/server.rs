@@ -21,6 +21,8 @@ pub struct SinkContext {
     pub checkpoint: CheckpointPolicy,
     /// A session that shows no progress for this long is dropped (and its leases released).
     pub idle_timeout: std::time::Duration,
+    /// Keep an undo journal per file target so a failed epoch can be rolled back.
+    pub file_rollback: bool,
 }
 
 pub struct Server {

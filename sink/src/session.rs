@@ -271,19 +271,37 @@ async fn begin_epoch(
             )));
         }
     }
+    let undo = {
+        let (d, enabled) = (disk.clone(), ctx.file_rollback);
+        tokio::task::spawn_blocking(move || d.undo_journal(enabled))
+            .await
+            .map_err(|e| join("undo journal", e))??
+    };
+    // Rollback is possible only if every attempt at this epoch journaled what it overwrote.
+    let journaled_before = match &state.in_progress {
+        Some(p) if p.epoch == req.epoch => p.undo,
+        _ => true,
+    };
     let in_progress = InProgress {
         epoch: req.epoch,
         mode: req.mode,
         plan_digest: digest,
         durable_offset: req.resume_offset,
         view: req.view.clone(),
+        undo: undo.is_some() && journaled_before,
     };
     disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
 
     let (tx, rx) = mpsc::channel(crate::writer::BATCH);
     *disk.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk::ActiveEpoch { epoch: req.epoch, tx });
-    let writer =
-        EpochWriter::new(disk.clone(), req.epoch, req.resume_offset, control.out.clone(), ctx.checkpoint);
+    let writer = EpochWriter::new(
+        disk.clone(),
+        req.epoch,
+        req.resume_offset,
+        control.out.clone(),
+        ctx.checkpoint,
+        undo,
+    );
     let (d, fatal) = (disk.clone(), fatal.clone());
     tokio::spawn(async move {
         let result = writer.run(rx).await;

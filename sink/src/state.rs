@@ -27,6 +27,9 @@ pub struct ReplicationState {
     pub change_point: String,
     /// Unix seconds of the last commit.
     pub committed_at: u64,
+    /// Size of the disk at the last commit (0: unknown, states written before it was recorded).
+    #[serde(default)]
+    pub committed_size: u64,
     pub in_progress: Option<InProgress>,
     /// Identifies the hash index that matches this state; any other index is rebuilt.
     pub index_token: String,
@@ -44,6 +47,9 @@ pub struct InProgress {
     /// The frozen view of the source the epoch reads; it resumes only from the same view.
     #[serde(default)]
     pub view: String,
+    /// Everything this epoch overwrote (in every attempt) is in the undo journal (file targets).
+    #[serde(default)]
+    pub undo: bool,
 }
 
 impl ReplicationState {
@@ -58,6 +64,7 @@ impl ReplicationState {
             committed_epoch: 0,
             change_point: String::new(),
             committed_at: 0,
+            committed_size: 0,
             in_progress: None,
             index_token: String::new(),
         }
@@ -72,6 +79,15 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("state {path} has format version {found}; this sink understands {STATE_VERSION}")]
     Version { path: PathBuf, found: u32 },
+    #[error("{target} is in use by another process on this state dir (a running sink, or a rollback); stop it first")]
+    Locked { target: String },
+}
+
+/// Exclusive use of a target's state dir by one process (an advisory lock on `lock`), held by
+/// the session writing the target and by `rollback`; released when dropped or when the process
+/// dies.
+pub struct StateLock {
+    _file: File,
 }
 
 /// Per-target directory in the sink's `--state-dir` (state document and hash index).
@@ -97,6 +113,27 @@ impl StateDir {
 
     pub fn index_path(&self) -> PathBuf {
         self.dir.join("index.bin")
+    }
+
+    /// The undo journal of a file target (see `undo`).
+    pub fn undo_path(&self) -> PathBuf {
+        crate::undo::path_in(&self.dir)
+    }
+
+    /// Take the state dir for this process, or fail at once if another process has it.
+    pub fn lock(&self, target: &str) -> Result<StateLock, StateError> {
+        let path = self.dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateError::Io { path: path.clone(), source })?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(StateError::Locked { target: target.to_string() }),
+            Err(e) => Err(StateError::Io { path, source: e.into() }),
+        }
     }
 
     fn state_path(&self) -> PathBuf {
@@ -154,6 +191,7 @@ mod tests {
             plan_digest: "ab".into(),
             durable_offset: 64 << 20,
             view: "file:1:2:3:4".into(),
+            undo: true,
         });
         dir.store(&s).unwrap();
         assert_eq!(dir.load().unwrap(), Some(s.clone()));
@@ -162,6 +200,18 @@ mod tests {
         dir.store(&s).unwrap();
         assert_eq!(dir.load().unwrap(), Some(s));
         assert!(!dir.dir.join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn one_process_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = StateDir::for_target(root.path(), "file:x").unwrap();
+        let held = dir.lock("file:x").unwrap();
+        // flock locks belong to open file descriptions: a second open conflicts like a second
+        // process would.
+        assert!(matches!(dir.lock("file:x"), Err(StateError::Locked { .. })));
+        drop(held);
+        dir.lock("file:x").unwrap();
     }
 
     #[test]

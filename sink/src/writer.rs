@@ -1,9 +1,10 @@
 //! The epoch writer: one task per disk and epoch that applies verified items to the target and
 //! makes them durable in checkpoints (every N bytes or T seconds): flush the target, then record
 //! the chunks' hashes in the index, then persist the durable watermark, and only then
-//! acknowledge. Before an item is written, the index entries it touches are durably marked
-//! stale, so a crash between write and checkpoint can never leave the index vouching for torn
-//! data. On commit the state moves to the new epoch atomically.
+//! acknowledge. Before an item is written, the committed data it overwrites is saved in the
+//! undo journal (file targets) and the index entries it touches are durably marked stale, so a
+//! crash between write and checkpoint can never leave the index vouching for torn data, nor
+//! the previous point in time lost. On commit the state moves to the new epoch atomically.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,8 +16,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::disk::{index_err, Disk};
+use crate::failpoint::crash_point;
 use crate::index::STALE;
 use crate::refusal::{join, Refusal};
+use crate::target::Target;
+use crate::undo::UndoJournal;
 use crate::watermark::Watermark;
 
 /// Items written (and their stale marks synced) together; with the queue in front of the writer
@@ -99,6 +103,8 @@ pub struct EpochWriter {
     since_checkpoint: u64,
     durable_bytes: u64,
     last_checkpoint: Instant,
+    /// File targets: the previous point in time, saved before it is overwritten.
+    undo: Option<UndoJournal>,
 }
 
 impl EpochWriter {
@@ -108,6 +114,7 @@ impl EpochWriter {
         resume_offset: u64,
         acks: mpsc::Sender<Body>,
         policy: CheckpointPolicy,
+        undo: Option<UndoJournal>,
     ) -> Self {
         EpochWriter {
             disk,
@@ -119,6 +126,7 @@ impl EpochWriter {
             since_checkpoint: 0,
             durable_bytes: 0,
             last_checkpoint: Instant::now(),
+            undo,
         }
     }
 
@@ -185,6 +193,20 @@ impl EpochWriter {
     async fn apply(&mut self, items: Vec<Item>) -> Result<(), Refusal> {
         let disk = &self.disk;
         let cs = disk.chunk_size;
+        // 0. Save the committed data these items overwrite (file targets), durably.
+        if let (Some(mut undo), Target::File(t)) = (self.undo.take(), &disk.target) {
+            let ranges: Vec<(u64, u64)> = items.iter().map(|i| (i.offset, i.length())).collect();
+            let file = t.file();
+            let (undo, saved) = tokio::task::spawn_blocking(move || {
+                let r = undo.save(&file, &ranges);
+                (undo, r)
+            })
+            .await
+            .map_err(|e| join("undo journal", e))?;
+            saved.map_err(|e| Refusal::internal(format!("{}: undo journal: {e}", disk.name)))?;
+            self.undo = Some(undo);
+            crash_point("sink::after-journal");
+        }
         // 1. Durably mark every touched index entry stale before the data can change.
         {
             let ranges: Vec<Range<u64>> = items.iter().map(|i| touched(i.offset, i.length(), cs)).collect();
@@ -207,6 +229,7 @@ impl EpochWriter {
             }
         });
         futures::future::try_join_all(writes).await?;
+        crash_point("sink::after-write");
         // 3. Account; the index learns the new hashes at the next checkpoint.
         for item in items {
             self.wm.complete(item.seq, item.end()).map_err(|e| Refusal::bad_request(e.to_string()))?;
@@ -235,6 +258,7 @@ impl EpochWriter {
             return Ok(());
         }
         self.disk.target.flush().await?;
+        crash_point("sink::after-flush");
         let known = std::mem::take(&mut self.known);
         let d = self.disk.clone();
         tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
@@ -250,6 +274,7 @@ impl EpochWriter {
         })
         .await
         .map_err(|e| join("update index", e))??;
+        crash_point("sink::after-index");
         let offset = self.wm.offset();
         self.disk
             .update_state(|s| {
@@ -258,6 +283,7 @@ impl EpochWriter {
                 }
             })
             .await?;
+        crash_point("sink::after-state");
         self.durable_bytes += self.since_checkpoint;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
@@ -265,27 +291,47 @@ impl EpochWriter {
         Ok(())
     }
 
+    /// Commit the epoch: make the rest durable, mark the point in time on the target (an RBD
+    /// snapshot), record the commit in the state, and only then acknowledge it and release what
+    /// the previous point in time needed (older snapshots): a crash anywhere leaves either the
+    /// previous epoch committed with everything it needs, or this one.
     async fn commit(&mut self, change_point: String) -> Result<(), Refusal> {
         self.checkpoint().await?;
-        // The point in time (a snapshot on RBD) exists before the state says it does.
-        self.disk.target.commit_epoch(self.epoch).await?;
+        // The point in time exists before the state says it does.
+        self.disk.target.mark_epoch(self.epoch).await?;
+        crash_point("sink::after-snapshot");
         let epoch = self.epoch;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let token = self.disk.index()?.token().to_string();
+        let size = self.disk.size;
         self.disk
             .update_state(|s| {
                 s.committed_epoch = epoch;
                 s.change_point = change_point;
                 s.committed_at = now;
+                s.committed_size = size;
                 s.in_progress = None;
                 s.index_token = token;
             })
             .await?;
+        crash_point("sink::after-commit-state");
         tracing::info!(target = %self.disk.name, epoch, bytes = self.durable_bytes, "epoch committed");
+        // The journal guarded the previous epoch, which the state no longer names.
+        self.undo = None;
+        if matches!(self.disk.target, Target::File(_)) {
+            if let Err(e) = crate::undo::discard(&self.disk.state_dir.undo_path()) {
+                tracing::warn!(target = %self.disk.name, "cannot remove the undo journal: {e}");
+            }
+        }
         self.ack(true).await;
+        // Only now may the previous point in time go; failing to drop it never fails a commit
+        // (a snapshot with clones, say): the next commit tries again.
+        if let Err(e) = self.disk.target.release_older(epoch).await {
+            tracing::warn!(target = %self.disk.name, epoch, "older points in time kept: {e}");
+        }
         Ok(())
     }
 
@@ -298,6 +344,7 @@ impl EpochWriter {
             durable_bytes: self.durable_bytes,
             committed,
         };
+        crash_point("sink::before-ack");
         // The agent may be gone; the state on disk is what counts.
         let _ = self.acks.send(Body::Ack(ack)).await;
     }

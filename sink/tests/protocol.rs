@@ -3,151 +3,15 @@
 //! corrupted chunks, out-of-bounds extents, wrong versions and out-of-order messages. Also
 //! checks that acknowledgements come only after the state on disk says the same.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 
-use blockship_proto::codec::{Compression, Encoder};
 use blockship_proto::pb::{self, ErrorCode, SyncMode};
 use blockship_proto::{version, Body};
-use blockship_transport::{quic, tls, FrameReader, FrameWriter, QuicTuning, TlsFiles, TransportError};
+use blockship_transport::{quic, FrameWriter, QuicTuning, TlsFiles, TransportError};
 use bytes::Bytes;
-
-struct Lab {
-    dir: tempfile::TempDir,
-    sink: Child,
-    addr: String,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.sink.kill();
-        let _ = self.sink.wait();
-    }
-}
-
-impl Lab {
-    fn start() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = env!("CARGO_BIN_EXE_blockship-sink");
-        let pki = dir.path().join("pki");
-        let st =
-            Command::new(bin).args(["pki", "init", "--agent", "esx01", "--dir"]).arg(&pki).output().unwrap();
-        assert!(st.status.success());
-        std::fs::create_dir(dir.path().join("root")).unwrap();
-        let mut sink = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--allow", "esx01=file:*", "--pki"])
-            .arg(&pki)
-            .arg("--file-root")
-            .arg(dir.path().join("root"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("sink.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(sink.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("listening on ").expect("sink started").to_string();
-        Lab { dir, sink, addr }
-    }
-
-    fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sink.log")).unwrap()
-    }
-
-    fn state(&self) -> serde_json::Value {
-        let dir = self.dir.path().join("state/targets");
-        let entry = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap();
-        serde_json::from_slice(&std::fs::read(entry.path().join("state.json")).unwrap()).unwrap()
-    }
-
-    async fn agent(&self) -> Fake {
-        let files = TlsFiles::agent_in_pki(&self.pki(), "esx01");
-        let (endpoint, conn) =
-            quic::connect(tls::client_config(&files).unwrap(), &QuicTuning::default(), &self.addr, None)
-                .await
-                .unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        Fake { _endpoint: endpoint, conn, w: FrameWriter::new(send), r: FrameReader::new(recv) }
-    }
-}
-
-struct Fake {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    w: FrameWriter,
-    r: FrameReader<quinn::RecvStream>,
-}
-
-impl Fake {
-    async fn hello(&mut self) {
-        self.w.send(&Body::Hello(version::hello("fake"))).await.unwrap();
-        assert!(
-            matches!(self.r.next_body("HelloReply").await.unwrap(), Body::HelloReply(r) if r.identity == "esx01")
-        );
-    }
-
-    async fn open(&mut self, size: u64) -> pb::DiskOpened {
-        let req = pb::OpenDisk {
-            disk: 1,
-            disk_id: "fake-disk".into(),
-            size,
-            target: "file:disk".into(),
-            mode: SyncMode::Compare as i32,
-            chunk_size: 1 << 20,
-        };
-        self.w.send(&Body::OpenDisk(req)).await.unwrap();
-        match self.r.next_body("DiskOpened").await.unwrap() {
-            Body::DiskOpened(d) => d,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    async fn begin(&mut self, epoch: u64) {
-        let req = pb::EpochBegin {
-            disk: 1,
-            epoch,
-            mode: SyncMode::Full as i32,
-            plan_digest: Bytes::new(),
-            resume_offset: 0,
-            view: String::new(),
-        };
-        self.w.send(&Body::EpochBegin(req)).await.unwrap();
-        assert!(matches!(self.r.next_body("EpochStarted").await.unwrap(), Body::EpochStarted(_)));
-    }
-
-    /// Expect the sink to refuse with `code`; returns its message.
-    async fn refused(&mut self, code: ErrorCode) -> String {
-        match self.r.next_body("Error").await {
-            Err(TransportError::Remote { code: c, message }) => {
-                assert_eq!(c, code, "{message}");
-                message
-            }
-            other => panic!("expected a refusal, got {other:?}"),
-        }
-    }
-}
-
-fn chunk(seq: u64, offset: u64, data: &[u8]) -> (pb::ChunkHeader, Bytes) {
-    let e =
-        Encoder::new(Compression::Auto { level: 1 }).unwrap().encode(Bytes::copy_from_slice(data)).unwrap();
-    let h = pb::ChunkHeader {
-        disk: 1,
-        seq,
-        offset,
-        length: data.len() as u32,
-        blake3: Bytes::copy_from_slice(&e.hash),
-        codec: e.codec as i32,
-        encoded_length: e.payload.len() as u32,
-    };
-    (h, e.payload)
-}
+use common::*;
 
 fn target_bytes(lab: &Lab) -> Vec<u8> {
     std::fs::read(lab.dir.path().join("root/disk")).unwrap()

@@ -105,14 +105,14 @@ impl FileTarget {
                 ),
             });
         }
-        let opened = if access == Access::ReadOnly {
+        let opened = if access == Access::ReadOnly || access == Access::Repair {
             return Ok((
                 FileTarget {
                     file: Arc::new(file),
                     direct: None,
                     size: meta.len(),
                     name: name.clone(),
-                    can_punch: Arc::new(AtomicBool::new(false)),
+                    can_punch: Arc::new(AtomicBool::new(access == Access::Repair)),
                 },
                 Opened::Existing,
             ));
@@ -192,6 +192,11 @@ impl FileTarget {
             r => r,
         })
         .await
+    }
+
+    /// The file itself, for the undo journal's reads of committed data and for rollback.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Whether aligned writes bypass the page cache.

@@ -147,6 +147,8 @@ pub enum Access {
     Existing,
     /// It must exist; never modified (verification).
     ReadOnly,
+    /// It must exist; opened for writing with its size untouched (rollback).
+    Repair,
 }
 
 /// How an open target came to be.
@@ -278,11 +280,22 @@ impl Target {
         }
     }
 
-    /// Mark a committed epoch's point in time on the target (RBD: snapshot `blockship-<epoch>`).
-    pub async fn commit_epoch(&self, epoch: u64) -> Result<(), TargetError> {
+    /// Mark the point in time of an epoch about to be committed (RBD: snapshot
+    /// `blockship-<epoch>`, replacing a leftover of an attempt that crashed before its commit
+    /// was recorded). Files: nothing (their undo journal holds the previous point in time).
+    pub async fn mark_epoch(&self, epoch: u64) -> Result<(), TargetError> {
         match self {
             Target::File(_) => Ok(()),
             Target::Rbd(t) => t.snapshot_epoch(epoch).await,
+        }
+    }
+
+    /// After the commit of `committed` is recorded: drop the points in time no longer kept (RBD:
+    /// all but the newest N epoch snapshots up to `committed`).
+    pub async fn release_older(&self, committed: u64) -> Result<(), TargetError> {
+        match self {
+            Target::File(_) => Ok(()),
+            Target::Rbd(t) => t.prune(committed).await,
         }
     }
 }

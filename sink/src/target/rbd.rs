@@ -192,7 +192,7 @@ impl RbdTarget {
         let current = blocking(name, move || img.size()).await?;
         let opened = if created {
             Opened::Created
-        } else if access == Access::ReadOnly || current == size {
+        } else if matches!(access, Access::ReadOnly | Access::Repair) || current == size {
             Opened::Existing
         } else if current < size {
             let img = image.clone();
@@ -205,7 +205,7 @@ impl RbdTarget {
                 source_size: size,
             });
         };
-        let size = if access == Access::ReadOnly { current } else { size };
+        let size = if matches!(access, Access::ReadOnly | Access::Repair) { current } else { size };
         Ok((RbdTarget { image, size, name: name.clone(), keep: ceph.opts.keep_snapshots }, opened))
     }
 
@@ -269,29 +269,44 @@ impl RbdTarget {
         blocking(&self.name, move || img.metadata_set(STATE_KEY, &text)).await
     }
 
-    /// Snapshot the (flushed) image as `blockship-<epoch>` and keep only the newest N.
+    /// Snapshot the (flushed) image as `blockship-<epoch>`. A snapshot of that name is left over
+    /// from an attempt at this epoch that crashed before its commit was recorded: replaced.
     pub async fn snapshot_epoch(&self, epoch: u64) -> Result<(), TargetError> {
-        let (img, keep) = (self.image.clone(), self.keep.max(1) as usize);
+        let img = self.image.clone();
         blocking(&self.name, move || {
             let name = format!("{SNAP_PREFIX}{epoch}");
-            // Left over from an attempt at this epoch that crashed before it committed.
             if img.snap_list()?.iter().any(|(_, n)| *n == name) {
                 img.snap_remove(&name)?;
             }
-            img.snap_create(&name)?;
+            img.snap_create(&name)
+        })
+        .await
+    }
+
+    /// Keep the newest N epoch snapshots up to `committed` and remove older ones (snapshots of
+    /// later, uncommitted epochs are left to the commit that replaces them). Every removal is
+    /// tried; the first error is returned after the others.
+    pub async fn prune(&self, committed: u64) -> Result<(), TargetError> {
+        let (img, keep) = (self.image.clone(), self.keep.max(1) as usize);
+        blocking(&self.name, move || {
             let mut ours: Vec<(u64, String)> = img
                 .snap_list()?
                 .into_iter()
                 .filter_map(|(_, n)| {
                     n.strip_prefix(SNAP_PREFIX).and_then(|e| e.parse().ok()).map(|e: u64| (e, n))
                 })
+                .filter(|(e, _)| *e <= committed)
                 .collect();
             ours.sort();
             let excess = ours.len().saturating_sub(keep);
+            let mut first_error = None;
             for (_, n) in ours.into_iter().take(excess) {
-                img.snap_remove(&n)?;
+                if let Err(e) = img.snap_remove(&n) {
+                    tracing::warn!(snapshot = %n, "cannot remove an old epoch snapshot (clones or protection?): {e}");
+                    first_error.get_or_insert(e);
+                }
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         })
         .await
     }
