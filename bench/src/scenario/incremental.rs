@@ -1,6 +1,7 @@
 //! `incremental`: an 8 GiB `mixed` image synced in full, then 1 % and then 10 % of it changed
 //! (scattered extents of 64 KiB to 1 MiB) and replicated from a DiskChangeInfo change list: time
-//! and bytes of each incremental epoch against the full sync.
+//! and bytes of each incremental epoch against the full sync. The same again with a sink that
+//! keeps no undo journal (`--no-file-rollback`), to show what the file targets' rollback costs.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -48,25 +49,32 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let mut full = Row::new("full sync");
     let mut one = Row::new("incremental 1 %");
     let mut ten = Row::new("incremental 10 %");
+    let mut one_bare = Row::new("incremental 1 %, no undo journal");
+    let mut ten_bare = Row::new("incremental 10 %, no undo journal");
     let list_s = list.to_string_lossy().to_string();
     ctx.repeat(|measured| {
-        std::fs::copy(&base, &src)?;
-        let sink = ctx.lab.sink(&[])?;
-        let f = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &[])?;
-        change(&src, &list, size, 0.01, 7)?;
-        let a = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &["--changed-areas", &list_s])?;
-        change(&src, &list, size, 0.10, 8)?;
-        let b = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &["--changed-areas", &list_s])?;
-        let usage = sink.server.stop()?;
-        if measured {
-            // The sink served all three epochs; its CPU is attributed to the full sync.
-            full.samples.push(blockship_sample(&f, &usage, size));
-            let mut s = blockship_sample(&a, &usage, size);
-            s.sides.truncate(1);
-            one.samples.push(s);
-            let mut s = blockship_sample(&b, &usage, size);
-            s.sides.truncate(1);
-            ten.samples.push(s);
+        for (journal, rows) in [(true, [&mut one, &mut ten]), (false, [&mut one_bare, &mut ten_bare])] {
+            std::fs::copy(&base, &src)?;
+            let sink = ctx.lab.sink(if journal { &[] } else { &["--no-file-rollback"] })?;
+            let f = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &[])?;
+            change(&src, &list, size, 0.01, 7)?;
+            let a = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &["--changed-areas", &list_s])?;
+            change(&src, &list, size, 0.10, 8)?;
+            let b = ctx.lab.sync(&sink.addr, &src_s, "file:inc.img", &["--changed-areas", &list_s])?;
+            let usage = sink.server.stop()?;
+            crate::lab::check_copy(&ctx.lab.target_path("inc.img"), &src)?;
+            if measured {
+                // The sink served all three epochs; its CPU is attributed to the full sync.
+                if journal {
+                    full.samples.push(blockship_sample(&f, &usage, size));
+                }
+                let [r1, r10] = rows;
+                for (row, run) in [(r1, &a), (r10, &b)] {
+                    let mut s = blockship_sample(run, &usage, size);
+                    s.sides.truncate(1);
+                    row.samples.push(s);
+                }
+            }
         }
         Ok(())
     })?;
@@ -82,7 +90,11 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     if let (Some(w1), Some(wf)) = (one.median_wire(), full.median_wire()) {
         result.ratios.push(Ratio::info("incremental 1 % wire bytes / full wire bytes", w1 / wf));
     }
-    result.rows = vec![full, one, ten];
+    result.ratios.push(Ratio::info(
+        "incremental 10 % time with / without the undo journal",
+        ten.median_wall() / ten_bare.median_wall(),
+    ));
+    result.rows = vec![full, one, ten, one_bare, ten_bare];
     result
         .notes
         .push("MB/s counts the whole disk for every row (disk covered per second of replication).".into());
