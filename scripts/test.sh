@@ -28,11 +28,16 @@ export BLOCKSHIP_CEPH_AUTH=cephx
 trap 'bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT
 eval "$(bash scripts/ceph-up.sh)"
 export BLOCKSHIP_REQUIRE_CEPH=1
-# QEMU and NBD tools come from deps.sh: their tests must run, not skip.
-export BLOCKSHIP_REQUIRE_NBD=1
+# QEMU and NBD tools come from deps.sh: their tests must run, not skip. So must io_uring and
+# O_DIRECT: the tests' files live under /var/tmp (disk-backed, where /tmp may be a tmpfs; and a
+# short path, for the Unix sockets of the NBD tests).
+export BLOCKSHIP_REQUIRE_NBD=1 BLOCKSHIP_REQUIRE_IO_URING=1 BLOCKSHIP_REQUIRE_DIRECT_IO=1
+TMPDIR=$(mktemp -d /var/tmp/blockship-test.XXXXXX)
+export TMPDIR
+trap 'rm -rf "$TMPDIR"; bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT
 bash scripts/ceph-smoke.sh >/dev/null
 
-step "cargo test (release: the same build the bench and demo use)"
+step "cargo test (release build, plus the sink's test-only failpoints)"
 cargo test --release --workspace $FEATURES --no-fail-fast --quiet -- --test-threads=2
 
 step "benchmark smoke test (blockship-bench all --quick; no thresholds)"

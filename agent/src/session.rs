@@ -2,6 +2,7 @@
 //! request/reply exchanges on the control stream (open disk, fetch the hash index, begin and
 //! commit epochs). Data streams are driven by the pipeline; acks are read by the sync task.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use blockship_proto::pb::{self, DiskOpened, HelloReply, OpenDisk};
@@ -16,7 +17,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Session {
     pub endpoint: quinn::Endpoint,
     pub conn: quinn::Connection,
-    pub writer: FrameWriter,
+    /// The control stream's writer, shared by requests and progress heartbeats.
+    pub writer: Arc<tokio::sync::Mutex<FrameWriter>>,
     pub reader: FrameReader<quinn::RecvStream>,
     pub hello: HelloReply,
     pub sink: String,
@@ -105,11 +107,39 @@ impl Session {
             other => return Err(transport(unexpected("HelloReply", &other))),
         };
         tracing::info!(sink, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
         Ok(Session { endpoint, conn, writer, reader, hello, sink: sink.to_string() })
     }
 
+    /// The sink's reason, if it closed the connection: it says more than the broken stream
+    /// (`connection lost`) that surfaced `e` in the first place.
+    pub fn reason(&self, e: AgentError) -> AgentError {
+        match (self.conn.close_reason(), e) {
+            (_, e @ (AgentError::Refused { .. } | AgentError::Closed(_))) => e,
+            (Some(quinn::ConnectionError::ApplicationClosed(c)), _) => {
+                AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            (Some(quinn::ConnectionError::TimedOut), _) => AgentError::Closed(
+                "the sink stopped answering (no packet within --idle-timeout): is it still running?".into(),
+            ),
+            (_, e) => e,
+        }
+    }
+
+    /// Send one frame on the control stream.
+    pub async fn send(&self, body: &Body) -> Result<(), AgentError> {
+        self.writer.lock().await.send(body).await.map_err(transport)
+    }
+
+    /// How often to tell the sink the epoch progresses while no data flows: a third of the
+    /// sink's idle timeout (it drops sessions that show no progress for that long).
+    pub fn heartbeat(&self) -> Duration {
+        let ms = if self.hello.idle_timeout_ms == 0 { 30_000 } else { self.hello.idle_timeout_ms };
+        (Duration::from_millis(u64::from(ms)) / 3).clamp(Duration::from_millis(200), Duration::from_secs(10))
+    }
+
     async fn request(&mut self, body: Body, waiting_for: &'static str) -> Result<Body, AgentError> {
-        self.writer.send(&body).await.map_err(transport)?;
+        self.send(&body).await?;
         self.reader.next_body(waiting_for).await.map_err(transport)
     }
 
@@ -122,7 +152,7 @@ impl Session {
 
     /// The target's hash index, one entry per chunk.
     pub async fn fetch_index(&mut self, disk: u32, chunks: u64) -> Result<Vec<[u8; HASH_LEN]>, AgentError> {
-        self.writer.send(&Body::IndexRequest(pb::IndexRequest { disk })).await.map_err(transport)?;
+        self.send(&Body::IndexRequest(pb::IndexRequest { disk })).await?;
         let mut index = Vec::with_capacity(chunks as usize);
         loop {
             let list = self.next_hash_list().await?;
@@ -171,8 +201,8 @@ impl Session {
     /// epoch; everything the sink must know is already durable and acknowledged, and a lost
     /// close only leaves the sink to time the connection out.
     pub async fn close(self) {
-        let Session { endpoint, conn, mut writer, .. } = self;
-        writer.close();
+        let Session { endpoint, conn, writer, .. } = self;
+        writer.lock().await.close();
         conn.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_millis(20), endpoint.wait_idle()).await;
     }

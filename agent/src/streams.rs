@@ -1,5 +1,8 @@
-//! Data streams: N unidirectional QUIC streams that take pipeline output from one shared queue,
-//! so a slow stream never holds up the others, optionally paced by a token bucket (`--bwlimit`).
+//! Data streams: up to N unidirectional QUIC streams that take pipeline output from one shared
+//! queue, so a slow stream never holds up the others, optionally paced by a token bucket
+//! (`--bwlimit`). The sink decides how many streams a connection may have (fewer when many
+//! agents share it): the first is opened at once, the others as the sink allows, and those
+//! still waiting when the queue runs dry are given up.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -37,6 +40,7 @@ impl Limiter {
 
 pub struct Streams {
     tasks: Vec<JoinHandle<Result<(), AgentError>>>,
+    done: tokio::sync::watch::Sender<bool>,
 }
 
 impl Streams {
@@ -46,11 +50,22 @@ impl Streams {
         rx: async_channel::Receiver<Out>,
         limiter: Option<Arc<Limiter>>,
     ) -> Result<Self, AgentError> {
+        let (done, _) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::with_capacity(n);
+        let mut first = Some(conn.open_uni().await.map_err(|e| transport(e.into()))?);
         for _ in 0..n.max(1) {
-            let send = conn.open_uni().await.map_err(|e| transport(e.into()))?;
-            let (rx, limiter) = (rx.clone(), limiter.clone());
+            let (rx, limiter, conn) = (rx.clone(), limiter.clone(), conn.clone());
+            let mut finished = done.subscribe();
+            let first = first.take();
             tasks.push(tokio::spawn(async move {
+                let send = match first {
+                    Some(s) => s,
+                    None => tokio::select! {
+                        s = conn.open_uni() => s.map_err(|e| transport(e.into()))?,
+                        // Everything was sent before the sink allowed this stream.
+                        _ = finished.wait_for(|d| *d) => return Ok(()),
+                    },
+                };
                 let mut w = FrameWriter::new(send);
                 while let Ok(item) = rx.recv().await {
                     match item {
@@ -67,12 +82,21 @@ impl Streams {
                 Ok(())
             }));
         }
-        Ok(Streams { tasks })
+        Ok(Streams { tasks, done })
     }
 
-    /// Wait until every stream has handed all its frames to QUIC.
+    /// Wait until every stream has handed all its frames to QUIC (call once the queue's sender
+    /// is dropped).
     pub async fn finish(self) -> Result<(), AgentError> {
-        for t in self.tasks {
+        let Streams { tasks, done } = self;
+        let mut tasks = tasks.into_iter();
+        // The first stream ends when the queue is empty and closed; then no stream still
+        // waiting for the sink's permission will ever get an item.
+        if let Some(first) = tasks.next() {
+            first.await.map_err(|e| AgentError::Internal(format!("data stream task: {e}")))??;
+        }
+        let _ = done.send(true);
+        for t in tasks {
             t.await.map_err(|e| AgentError::Internal(format!("data stream task: {e}")))??;
         }
         Ok(())

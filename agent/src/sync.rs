@@ -140,7 +140,9 @@ async fn sync_origin(
             target: &req.target,
         })
         .await?;
-    let outcome = run_epoch(cfg, req, origin, &point, &mut session, &opened, file_extents, started).await;
+    let outcome = run_epoch(cfg, req, origin, &point, &mut session, &opened, file_extents, started)
+        .await
+        .map_err(|e| session.reason(e));
     let committed = outcome.is_ok();
     if let Err(e) = origin.finish(point, committed).await {
         if committed {
@@ -367,8 +369,10 @@ async fn run_epoch(
     });
     let streams = Streams::start(&session.conn, cfg.streams, rx, limiter).await?;
 
+    let heartbeat = session.heartbeat();
     let ack = {
         let Session { writer, reader, .. } = &mut *session;
+        let control = writer.clone();
         let data = async {
             let plan = pipeline::Plan {
                 mode,
@@ -380,7 +384,7 @@ async fn run_epoch(
             let items = pipeline::run(point.source.clone(), works, plan, stats.clone(), tx).await?;
             streams.finish().await?;
             let commit = EpochCommit { disk: DISK, epoch, items, change_point: change_point.clone() };
-            writer.send(&Body::EpochCommit(commit)).await.map_err(transport)?;
+            writer.lock().await.send(&Body::EpochCommit(commit)).await.map_err(transport)?;
             Ok::<u64, AgentError>(items)
         };
         let acks = async {
@@ -394,8 +398,22 @@ async fn run_epoch(
         };
         tokio::pin!(data, acks);
         let mut items = None;
+        // Tell the sink the epoch progresses when no data flows (equal chunks in compare mode,
+        // holes, the wait for the commit), and only then: a stuck agent must lose its session.
+        let mut beat = tokio::time::interval(heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_done = 0;
         loop {
             tokio::select! {
+                _ = beat.tick() => {
+                    let done = Stats::get(&stats.bytes_done);
+                    if done > last_done || items.is_some() {
+                        last_done = done;
+                        let p = pb::Progress { disk: DISK, bytes_done: done };
+                        // A broken stream shows up in the data and ack futures as well.
+                        let _ = control.lock().await.send(&Body::Progress(p)).await;
+                    }
+                }
                 r = &mut data, if items.is_none() => match r {
                     Ok(n) => {
                         items = Some(n);

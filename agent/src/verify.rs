@@ -12,7 +12,7 @@ use futures::StreamExt;
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
 use crate::report::VerifySummary;
-use crate::session::{transport, Session};
+use crate::session::Session;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
 
@@ -60,7 +60,7 @@ pub async fn verify(
     };
     let cs = opened.chunk_size;
     let compared = size.min(opened.target_size);
-    session.writer.send(&Body::VerifyRequest(VerifyRequest { disk: DISK })).await.map_err(transport)?;
+    session.send(&Body::VerifyRequest(VerifyRequest { disk: DISK })).await?;
 
     let allocated = source.allocated().await?;
     let (_, works) = chunker::compare(allocated, cs, compared);

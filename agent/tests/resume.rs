@@ -203,3 +203,31 @@ fn a_file_target_rolls_back_to_its_last_committed_epoch() {
     assert!(same_file(&src, &lab.target("vm")));
     assert!(lab.verify(&sink, "esx01", &src, "file:vm").status.success());
 }
+
+#[test]
+fn verify_during_a_sync_does_not_break_it() {
+    // Verification needs no write lease: it must not take over (and so kill) the agent's own
+    // running sync; it says the target is busy instead.
+    let lab = Lab::new(&["esx01"]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK, Profile::Mixed, 10).unwrap();
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let agent = paced_sync(&lab, &sink, &src, "file:vm", &[]);
+    assert!(wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm") >= 64 * MIB));
+    let v = lab.verify(&sink, "esx01", &src, "file:vm");
+    assert!(!v.status.success(), "verify of a target being written reported a result");
+    let e = String::from_utf8_lossy(&v.stderr);
+    assert!(e.contains("being written"), "{e}");
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "the sync was broken by verify: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(lab.verify(&sink, "esx01", &src, "file:vm").status.success());
+
+    // A session the sink closes (here: replaced by a newer one of the same agent) says why.
+    let first = paced_sync(&lab, &sink, &src, "file:vm2", &[]);
+    assert!(wait_until(Duration::from_secs(30), || durable_offset(&lab, "file:vm2") >= 32 * MIB));
+    lab.sync(&sink, "esx01", &src, "file:vm2", &[]);
+    let out = first.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("replaced by a new session"), "the closed agent did not print the sink's reason: {e}");
+}

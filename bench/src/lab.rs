@@ -11,6 +11,14 @@ use anyhow::{bail, Context, Result};
 use crate::image::{self, Profile};
 use crate::proc::{self, Server, Usage};
 
+/// Agents of the fleet (the `memory` scenario's many agents at once), besides `bench`.
+pub const FLEET: usize = 64;
+
+/// Name of the fleet's agent `i`.
+pub fn fleet_agent(i: usize) -> String {
+    format!("host-{i}")
+}
+
 /// The workspace's binaries.
 #[derive(Debug, Clone)]
 pub struct Bins {
@@ -124,9 +132,12 @@ impl Lab {
         std::fs::create_dir_all(dir.join("root"))?;
         let images = work.join("images");
         std::fs::create_dir_all(&images)?;
-        proc::run_ok(
-            Command::new(&bins.sink).args(["pki", "init", "--agent", "bench", "--dir"]).arg(dir.join("pki")),
-        )?;
+        let mut pki = Command::new(&bins.sink);
+        pki.args(["pki", "init", "--agent", "bench", "--dir"]).arg(dir.join("pki"));
+        for i in 0..FLEET {
+            pki.arg("--agent").arg(fleet_agent(i));
+        }
+        proc::run_ok(&mut pki)?;
         Ok(Lab { dir, bins, images, ceph: CephEnv::from_env() })
     }
 
@@ -176,6 +187,9 @@ impl Lab {
         .arg(self.dir.join("state"))
         .args(extra)
         .env("RUST_LOG", "warn");
+        for i in 0..FLEET {
+            cmd.arg("--allow").arg(format!("{}=file:**", fleet_agent(i)));
+        }
         if let Some(c) = &self.ceph {
             cmd.args(&c.sink_args);
         }
@@ -185,14 +199,31 @@ impl Lab {
     }
 
     pub fn agent(&self, sink: &str, sub: &str) -> Command {
+        self.agent_as("bench", sink, sub)
+    }
+
+    /// The agent with the identity `name` (bench, or one of the fleet).
+    pub fn agent_as(&self, name: &str, sink: &str, sub: &str) -> Command {
         let mut cmd = Command::new(&self.bins.agent);
-        cmd.args([sub, "--sink", sink, "--name", "bench", "--pki"]).arg(self.dir.join("pki"));
+        cmd.args([sub, "--sink", sink, "--name", name, "--pki"]).arg(self.dir.join("pki"));
         cmd
     }
 
     /// `blockship-agent sync ... --json`.
     pub fn sync(&self, sink: &str, source: &str, target: &str, extra: &[&str]) -> Result<AgentRun> {
-        let mut cmd = self.agent(sink, "sync");
+        self.sync_as("bench", sink, source, target, extra)
+    }
+
+    /// `sync` as agent `name`.
+    pub fn sync_as(
+        &self,
+        name: &str,
+        sink: &str,
+        source: &str,
+        target: &str,
+        extra: &[&str],
+    ) -> Result<AgentRun> {
+        let mut cmd = self.agent_as(name, sink, "sync");
         cmd.args(["--source", source, "--target", target, "--json", "--no-progress"]).args(extra);
         let f = proc::run_ok(&mut cmd)?;
         let summary =

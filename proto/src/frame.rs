@@ -110,8 +110,10 @@ impl FrameDecoder {
         Self::default()
     }
 
-    /// Take the next whole frame out of `buf`, or `None` if more bytes are needed.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    /// Decode the next frame's header out of `buf` (once; it stays pending until its payload is
+    /// taken): the message and the payload length it announces, or `None` if more bytes are
+    /// needed. A reader can admit the payload (e.g. against a memory budget) before reading it.
+    pub fn header(&mut self, buf: &mut BytesMut) -> Result<Option<(&Body, usize)>, FrameError> {
         if self.pending.is_none() {
             if buf.len() < LEN_PREFIX {
                 return Ok(None);
@@ -126,6 +128,14 @@ impl FrameDecoder {
             let body = decode_header(&header)?;
             let plen = payload_len(&body)?;
             self.pending = Some((body, plen));
+        }
+        Ok(self.pending.as_ref().map(|(b, n)| (b, *n)))
+    }
+
+    /// Take the next whole frame out of `buf`, or `None` if more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if self.header(buf)?.is_none() {
+            return Ok(None);
         }
         let plen = self.pending.as_ref().map_or(0, |(_, n)| *n);
         if buf.len() < plen {

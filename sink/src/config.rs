@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use blockship_transport::{QuicTuning, TlsFiles};
 
+use crate::limits::Limits;
 use crate::target::rbd::CephOptions;
 use crate::writer::CheckpointPolicy;
 
@@ -52,6 +53,27 @@ pub struct ServeSettings {
     /// Drop a silent agent connection after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// Most agent connections served at once (default 256); more are told BUSY.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most connections of one agent at once (default 16).
+    #[arg(long)]
+    pub max_agent_connections: Option<usize>,
+    /// Most disks one connection may have open (default 256).
+    #[arg(long)]
+    pub max_disks_per_connection: Option<usize>,
+    /// Largest source disk accepted (default 64TiB).
+    #[arg(long)]
+    pub max_disk_size: Option<String>,
+    /// Drop a connection that has not said Hello after this long (default 10s).
+    #[arg(long)]
+    pub hello_timeout: Option<String>,
+    /// Chunk bytes held in memory at once, in all (default 96MiB; one agent gets half at most).
+    #[arg(long)]
+    pub max_inflight: Option<String>,
+    /// ... and per connection (default 32MiB).
+    #[arg(long)]
+    pub max_inflight_per_connection: Option<String>,
     /// Keep no undo journal for file targets: incremental epochs write each byte once instead
     /// of saving what they overwrite, but a failed epoch can no longer be rolled back.
     #[arg(long)]
@@ -147,6 +169,7 @@ pub struct Resolved {
     pub tuning: QuicTuning,
     pub ceph: Option<CephOptions>,
     pub file_rollback: bool,
+    pub limits: Limits,
 }
 
 impl ServeSettings {
@@ -171,6 +194,15 @@ impl ServeSettings {
             checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             no_file_rollback: self.no_file_rollback || file.no_file_rollback,
+            max_connections: self.max_connections.or(file.max_connections),
+            max_agent_connections: self.max_agent_connections.or(file.max_agent_connections),
+            max_disks_per_connection: self.max_disks_per_connection.or(file.max_disks_per_connection),
+            max_disk_size: self.max_disk_size.or(file.max_disk_size),
+            hello_timeout: self.hello_timeout.or(file.hello_timeout),
+            max_inflight: self.max_inflight.or(file.max_inflight),
+            max_inflight_per_connection: self
+                .max_inflight_per_connection
+                .or(file.max_inflight_per_connection),
             ceph: self.ceph.over(file.ceph),
         }
     }
@@ -203,10 +235,37 @@ impl ServeSettings {
                 bail!("--checkpoint-interval must be at least 10ms");
             }
         }
-        let mut tuning = QuicTuning::default();
+        // The sink's receive side: 1 MiB per data stream (a 1 MiB chunk per round trip and
+        // stream), at most 16 streams per connection (see server::Windows).
+        let mut tuning = QuicTuning { stream_window: 1 << 20, max_uni_streams: 16, ..QuicTuning::default() };
         if let Some(t) = &self.idle_timeout {
             tuning.set_idle_timeout(t).map_err(anyhow::Error::msg)?;
         }
+        let mut limits = Limits { idle_timeout: tuning.idle_timeout, ..Limits::default() };
+        if let Some(n) = self.max_connections {
+            limits.max_connections = n;
+        }
+        if let Some(n) = self.max_agent_connections {
+            limits.max_agent_connections = n;
+        }
+        if let Some(n) = self.max_disks_per_connection {
+            limits.max_disks_per_connection = n;
+        }
+        if let Some(v) = &self.max_disk_size {
+            limits.max_disk_size = parse_bytes(v).with_context(|| format!("--max-disk-size {v:?}"))?;
+        }
+        if let Some(v) = &self.hello_timeout {
+            limits.hello_timeout =
+                humantime::parse_duration(v).with_context(|| format!("--hello-timeout {v:?}"))?;
+        }
+        if let Some(v) = &self.max_inflight {
+            limits.max_inflight = parse_bytes(v).with_context(|| format!("--max-inflight {v:?}"))?;
+        }
+        if let Some(v) = &self.max_inflight_per_connection {
+            limits.max_inflight_per_connection =
+                parse_bytes(v).with_context(|| format!("--max-inflight-per-connection {v:?}"))?;
+        }
+        limits.check().map_err(anyhow::Error::msg)?;
         Ok(Resolved {
             listen,
             tls,
@@ -217,6 +276,7 @@ impl ServeSettings {
             tuning,
             ceph,
             file_rollback: !self.no_file_rollback,
+            limits,
         })
     }
 }

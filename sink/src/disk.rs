@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::index::{HashIndex, IndexOrigin};
-use crate::lease::Lease;
+use crate::lease::{Holder, Lease};
 use crate::refusal::{join, Refusal};
 use crate::server::SinkContext;
 use crate::state::{ReplicationState, StateDir, StateLock};
@@ -141,10 +141,11 @@ pub fn index_err(e: std::io::Error) -> Refusal {
 /// Open the disk an agent asked for, with all checks.
 pub async fn open(
     ctx: &Arc<SinkContext>,
-    agent: &str,
-    conn: Option<quinn::Connection>,
+    who: Holder,
     req: &OpenDisk,
 ) -> Result<(Arc<Disk>, DiskOpened), Refusal> {
+    let agent = who.agent.clone();
+    let agent = agent.as_str();
     let name = TargetName::parse(&req.target)?;
     let canonical = name.to_string();
     ctx.auth.check(agent, &canonical)?;
@@ -155,7 +156,22 @@ pub async fn open(
     if req.size == 0 {
         return Err(Refusal::bad_request("source size is 0"));
     }
-    let lease = ctx.leases.acquire(&canonical, agent, conn).await?;
+    let max = ctx.admission.limits.max_disk_size;
+    if req.size > max {
+        return Err(Refusal::new(
+            ErrorCode::Size,
+            format!(
+                "{canonical}: the source is {} bytes, more than this sink's --max-disk-size of {max} bytes",
+                req.size
+            ),
+        ));
+    }
+    // Verification reads: it needs no write lease (and must not take one over), but no writer.
+    let lease = if mode == SyncMode::Verify {
+        ctx.leases.read(&canonical, agent)?
+    } else {
+        ctx.leases.write(&canonical, who).await?
+    };
     let state_dir = StateDir::for_target(&ctx.state_root, &canonical)?;
     // Another sink process on the same state dir, or a rollback running, must not interleave.
     let lock = if mode == SyncMode::Verify { None } else { Some(state_dir.lock(&canonical)?) };

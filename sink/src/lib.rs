@@ -3,10 +3,14 @@
 
 pub mod auth;
 pub mod config;
+pub mod datastream;
 pub mod disk;
 pub mod failpoint;
+pub mod hashes;
 pub mod index;
 pub mod lease;
+pub mod limits;
+pub mod liveness;
 pub mod pki;
 pub mod refusal;
 pub mod rollback;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use blockship_sink::auth::Authorizer;
 use blockship_sink::config::{CephSettings, ServeSettings};
-use blockship_sink::lease::Leases;
+use blockship_sink::limits::Admission;
 use blockship_sink::server::{Server, SinkContext};
 use blockship_sink::target::rbd::Ceph;
 use blockship_sink::target::TargetRoots;
@@ -148,10 +148,9 @@ fn run(cli: Cli) -> Result<()> {
                 auth: Authorizer::parse(&r.allow)?,
                 leases: Default::default(),
                 checkpoint: r.checkpoint,
-                idle_timeout: r.tuning.idle_timeout,
+                admission: Admission::new(r.limits.clone()),
                 file_rollback: r.file_rollback,
             };
-            let _: &std::sync::Arc<Leases> = &ctx.leases;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(32)

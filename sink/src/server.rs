@@ -1,5 +1,8 @@
 //! The sink server: a QUIC endpoint with mutual TLS that hands each agent connection to a
-//! session, sharing the authorisation rules, target roots, state directory and target leases.
+//! session, sharing the authorisation rules, target roots, state directory, target leases and
+//! resource limits. QUIC buffers up to a connection's receive window of data the sink has not
+//! read yet, so the windows are sized from the in-flight budget and the number of connections:
+//! many connections get smaller windows, and memory stays bounded however many agents connect.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,10 +10,17 @@ use std::sync::Arc;
 
 use blockship_transport::{quic, tls, QuicTuning, TlsFiles, TransportError};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use crate::auth::Authorizer;
 use crate::lease::Leases;
+use crate::limits::Admission;
 use crate::target::TargetRoots;
 use crate::writer::CheckpointPolicy;
+
+/// Data streams shared by all connections (see `Windows`).
+pub const TOTAL_STREAMS: u64 = 64;
 
 /// Everything sessions share.
 pub struct SinkContext {
@@ -19,8 +29,8 @@ pub struct SinkContext {
     pub auth: Authorizer,
     pub leases: Arc<Leases>,
     pub checkpoint: CheckpointPolicy,
-    /// A session that shows no progress for this long is dropped (and its leases released).
-    pub idle_timeout: std::time::Duration,
+    /// Connection limits and in-flight budgets.
+    pub admission: Arc<Admission>,
     /// Keep an undo journal per file target so a failed epoch can be rolled back.
     pub file_rollback: bool,
 }
@@ -28,6 +38,66 @@ pub struct SinkContext {
 pub struct Server {
     endpoint: quinn::Endpoint,
     ctx: Arc<SinkContext>,
+    windows: Arc<Windows>,
+}
+
+/// The QUIC receive budget of the open connections. A connection may open `n` data streams and
+/// has a receive window of `(n + 1)` stream windows: then the data a stream's agent sent and the
+/// sink has not read yet (a stream waiting for in-flight budget) can never use up the credit
+/// another stream needs to finish its chunk, so gating reads on the budget cannot deadlock. `n`
+/// is the connection's share of `total_streams` (at least 1, at most `max_streams`), so QUIC's
+/// buffered data stays within `(total_streams + connections)` stream windows.
+pub struct Windows {
+    stream_window: u64,
+    max_streams: u64,
+    total_streams: u64,
+    conns: Mutex<Vec<(quinn::Connection, Arc<AtomicUsize>)>>,
+}
+
+/// A connection's place among the windows; leaving widens the others'.
+pub struct Window {
+    windows: Arc<Windows>,
+    id: usize,
+    /// Data streams the connection has open (kept up to date by the session).
+    pub open: Arc<AtomicUsize>,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let mut c = self.windows.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(conn, _)| conn.stable_id() != self.id);
+        self.windows.resize(&c);
+    }
+}
+
+impl Windows {
+    pub fn new(tuning: &QuicTuning, total_streams: u64) -> Self {
+        Windows {
+            stream_window: tuning.stream_window,
+            max_streams: u64::from(tuning.max_uni_streams),
+            total_streams,
+            conns: Mutex::default(),
+        }
+    }
+
+    pub fn join(self: &Arc<Self>, conn: &quinn::Connection) -> Window {
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.push((conn.clone(), open.clone()));
+        self.resize(&c);
+        Window { windows: self.clone(), id: conn.stable_id(), open }
+    }
+
+    fn resize(&self, conns: &[(quinn::Connection, Arc<AtomicUsize>)]) {
+        let n = (self.total_streams / conns.len().max(1) as u64).clamp(1, self.max_streams.max(1));
+        for (c, open) in conns {
+            // Streams opened under an earlier, larger share keep their credit until they end.
+            let streams = n.max(open.load(Ordering::Relaxed) as u64);
+            let window = (streams + 1) * self.stream_window;
+            c.set_max_concurrent_uni_streams(quinn::VarInt::from_u64(n).unwrap_or(quinn::VarInt::MAX));
+            c.set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        }
+    }
 }
 
 impl Server {
@@ -39,7 +109,8 @@ impl Server {
     ) -> Result<Self, TransportError> {
         let tls = tls::server_config(tls_files)?;
         let endpoint = quic::server_endpoint(listen, tls, tuning)?;
-        Ok(Server { endpoint, ctx: Arc::new(ctx) })
+        let windows = Arc::new(Windows::new(tuning, TOTAL_STREAMS));
+        Ok(Server { endpoint, ctx: Arc::new(ctx), windows })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -49,7 +120,7 @@ impl Server {
     /// Accept connections until the endpoint is closed.
     pub async fn run(self) {
         while let Some(incoming) = self.endpoint.accept().await {
-            tokio::spawn(crate::session::handle(self.ctx.clone(), incoming));
+            tokio::spawn(crate::session::handle(self.ctx.clone(), self.windows.clone(), incoming));
         }
     }
 }

@@ -1,45 +1,37 @@
 //! One agent connection. The agent's identity comes from its verified certificate; the first
 //! bidirectional stream carries control messages (hello, open, index, verify, epoch begin and
-//! commit; acks and errors back), every unidirectional stream carries chunks and zero extents.
-//! Chunks are decoded and BLAKE3-verified on the blocking pool before they reach the epoch
-//! writer; any refusal is sent as an `Error` frame and as the connection's close reason.
+//! commit, progress; acks and errors back), every unidirectional stream carries chunks and zero
+//! extents (see `datastream`). The session is seated within the sink's connection limits after
+//! Hello, must say Hello within the hello timeout and show progress within the idle timeout;
+//! any refusal is sent as an `Error` frame and as the connection's close reason.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use blockship_proto::codec::{chunk_digest, Decoder};
-use blockship_proto::frame::MAX_HASHES_PER_FRAME;
 use blockship_proto::pb::{self, ErrorCode, SyncMode};
-use blockship_proto::{version, Body, HASH_LEN};
+use blockship_proto::{version, Body};
 use blockship_transport::framed::unexpected;
 use blockship_transport::{tls, FrameReader, FrameWriter};
-use bytes::Bytes;
-use futures::stream::FuturesOrdered;
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::disk::{self, check_bounds, Disk};
+use crate::datastream::{data_stream, lookup, Disks, StreamCtx};
+use crate::disk::{self, Disk};
+use crate::lease::Holder;
+use crate::limits::Seat;
+use crate::liveness::Liveness;
 use crate::refusal::{join, Refusal};
-use crate::server::SinkContext;
+use crate::server::{SinkContext, Windows};
 use crate::state::InProgress;
-use crate::writer::{epoch_mismatch, EpochWriter, Item, ItemKind, WriterMsg};
-
-/// Chunks decoded concurrently per data stream.
-const DECODE_DEPTH: usize = 2;
-/// Hashes per `HashList` frame while verifying (small, so the agent compares as it goes).
-const VERIFY_HASHES_PER_FRAME: usize = 256;
-
-type Disks = Arc<Mutex<HashMap<u32, Arc<Disk>>>>;
+use crate::writer::{epoch_mismatch, EpochWriter, WriterMsg};
 
 fn software() -> String {
     format!("blockship-sink {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Serve one incoming connection until it ends.
-pub async fn handle(ctx: Arc<SinkContext>, incoming: quinn::Incoming) {
+pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -57,8 +49,9 @@ pub async fn handle(ctx: Arc<SinkContext>, incoming: quinn::Incoming) {
         }
     };
     tracing::info!(%remote, agent = %identity, "agent connected");
+    let window = windows.join(&conn);
     let disks: Disks = Arc::default();
-    let result = session(&ctx, &conn, &identity, &disks).await;
+    let result = session(&ctx, &conn, &identity, &disks, &window.open).await;
     // Ending the epochs lets each writer make what it has durable and release its target.
     for disk in disks.lock().unwrap_or_else(|p| p.into_inner()).values() {
         disk.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -117,14 +110,36 @@ async fn session(
     conn: &quinn::Connection,
     identity: &str,
     disks: &Disks,
+    open_streams: &Arc<AtomicUsize>,
 ) -> Result<(), Refusal> {
-    let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+    let limits = &ctx.admission.limits;
+    let hello_timeout = limits.hello_timeout;
+    let no_hello =
+        || Refusal::bad_request(format!("no Hello within {hello_timeout:?}: closing the connection"));
+    let deadline = tokio::time::Instant::now() + hello_timeout;
+    let (send, recv) = tokio::time::timeout_at(deadline, conn.accept_bi())
         .await
-        .map_err(|_| Refusal::bad_request("no control stream within 10 s"))?
+        .map_err(|_| no_hello())?
         .map_err(|e| Refusal::bad_request(format!("control stream: {e}")))?;
     let mut reader = FrameReader::new(recv);
     let control = Control::start(send);
-    let result = run(ctx, conn, identity, disks, &mut reader, &control).await;
+    let result = async {
+        let hello = match tokio::time::timeout_at(deadline, reader.next_body("Hello"))
+            .await
+            .map_err(|_| no_hello())??
+        {
+            Body::Hello(h) => h,
+            other => return Err(unexpected("Hello", &other).into()),
+        };
+        let idle_ms = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
+        let reply = version::negotiate(&hello, &software(), identity, idle_ms)
+            .map_err(|e| Refusal::new(ErrorCode::Version, e.to_string()))?;
+        ctx.auth.knows(identity)?;
+        let seat = ctx.admission.seat(identity)?;
+        control.send(Body::HelloReply(reply)).await;
+        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams).await
+    }
+    .await;
     match result {
         Ok(()) => Ok(()),
         Err(r) => {
@@ -134,6 +149,7 @@ async fn session(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: &Arc<SinkContext>,
     conn: &quinn::Connection,
@@ -141,20 +157,30 @@ async fn run(
     disks: &Disks,
     reader: &mut FrameReader<quinn::RecvStream>,
     control: &Control,
+    seat: Seat,
+    open_streams: &Arc<AtomicUsize>,
 ) -> Result<(), Refusal> {
-    let hello = match reader.next_body("Hello").await? {
-        Body::Hello(h) => h,
-        other => return Err(unexpected("Hello", &other).into()),
-    };
-    let idle_ms = u32::try_from(ctx.idle_timeout.as_millis()).unwrap_or(u32::MAX);
-    let reply = version::negotiate(&hello, &software(), identity, idle_ms)
-        .map_err(|e| Refusal::new(ErrorCode::Version, e.to_string()))?;
-    ctx.auth.knows(identity)?;
-    control.send(Body::HelloReply(reply)).await;
-
+    let limits = &ctx.admission.limits;
+    let liveness = Liveness::new();
+    liveness.touch();
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<Refusal>(4);
-    let acceptor = tokio::spawn(accept_data_streams(conn.clone(), disks.clone(), fatal_tx.clone()));
+    let streams = StreamCtx {
+        disks: disks.clone(),
+        budget: seat.budget.clone(),
+        liveness: liveness.clone(),
+        fatal: fatal_tx.clone(),
+    };
+    let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
     let _abort = AbortOnDrop(acceptor);
+    let holder = Holder {
+        agent: identity.to_string(),
+        session: conn.stable_id() as u64,
+        close: Some({
+            let conn = conn.clone();
+            Arc::new(move |why: &str| conn.close(0u32.into(), why.as_bytes()))
+        }),
+    };
+    let idle = limits.idle_timeout;
 
     loop {
         let frame = tokio::select! {
@@ -165,14 +191,32 @@ async fn run(
                 Err(e) => return Err(e.into()),
             },
             Some(r) = fatal_rx.recv() => return Err(r),
+            _ = liveness.expired(idle) => {
+                return Err(Refusal::new(
+                    ErrorCode::Idle,
+                    format!("no progress from the agent for {idle:?}: closing the session and releasing its targets"),
+                ))
+            }
         };
         let Some(frame) = frame else { return Ok(()) };
+        liveness.touch();
+        let _busy = liveness.busy();
         match frame.body {
             Body::OpenDisk(req) => {
+                let open = disks.lock().unwrap_or_else(|p| p.into_inner()).len();
                 if disks.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&req.disk) {
                     return Err(Refusal::bad_request(format!("disk handle {} opened twice", req.disk)));
                 }
-                let (disk, opened) = disk::open(ctx, identity, Some(conn.clone()), &req).await?;
+                if open >= limits.max_disks_per_connection {
+                    return Err(Refusal::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "this connection already has {open} disks open (--max-disks-per-connection {}); open more connections or close disks",
+                            limits.max_disks_per_connection
+                        ),
+                    ));
+                }
+                let (disk, opened) = disk::open(ctx, holder.clone(), &req).await?;
                 disks.lock().unwrap_or_else(|p| p.into_inner()).insert(req.disk, disk);
                 control.send(Body::DiskOpened(opened)).await;
             }
@@ -181,15 +225,15 @@ async fn run(
                 if disk.writer().is_ok() {
                     return Err(Refusal::bad_request("index requested during an epoch"));
                 }
-                send_index(&disk, control).await?;
+                crate::hashes::send_index(&disk, &control.out).await?;
             }
             Body::VerifyRequest(req) => {
                 let disk = lookup(disks, req.disk)?;
-                send_verify_hashes(&disk, control).await?;
+                crate::hashes::send_verify_hashes(&disk, &control.out).await?;
             }
             Body::EpochBegin(req) => {
                 let disk = lookup(disks, req.disk)?;
-                begin_epoch(ctx, &disk, &req, control, &fatal_tx).await?;
+                begin_epoch(ctx, &disk, &req, control, &fatal_tx, &liveness).await?;
                 control.send(Body::EpochStarted(pb::EpochStarted { disk: req.disk, epoch: req.epoch })).await;
             }
             Body::EpochCommit(req) => {
@@ -205,7 +249,7 @@ async fn run(
                     .await
                     .map_err(|_| Refusal::internal("epoch writer stopped"))?;
             }
-            // Liveness only (the session's idle deadline); nothing to answer.
+            // Progress only: it reset the idle deadline above.
             Body::Progress(_) => {}
             other => return Err(unexpected("a control message", &other).into()),
         }
@@ -223,21 +267,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn lookup(disks: &Disks, handle: u32) -> Result<Arc<Disk>, Refusal> {
-    disks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&handle)
-        .cloned()
-        .ok_or_else(|| Refusal::bad_request(format!("disk handle {handle} is not open")))
-}
-
 async fn begin_epoch(
     ctx: &Arc<SinkContext>,
     disk: &Arc<Disk>,
     req: &pb::EpochBegin,
     control: &Control,
     fatal: &mpsc::Sender<Refusal>,
+    liveness: &Arc<Liveness>,
 ) -> Result<(), Refusal> {
     if disk.index.is_none() {
         return Err(Refusal::bad_request("disk was opened for verification only"));
@@ -301,6 +337,7 @@ async fn begin_epoch(
         control.out.clone(),
         ctx.checkpoint,
         undo,
+        liveness.clone(),
     );
     let (d, fatal) = (disk.clone(), fatal.clone());
     tokio::spawn(async move {
@@ -314,152 +351,17 @@ async fn begin_epoch(
     Ok(())
 }
 
-async fn send_index(disk: &Arc<Disk>, control: &Control) -> Result<(), Refusal> {
-    disk.refresh_index().await?;
-    let index = disk.index()?;
-    let chunks = index.chunks();
-    let mut first = 0;
-    loop {
-        let count = (chunks - first).min(MAX_HASHES_PER_FRAME as u64) as usize;
-        let hashes = index.get(first, count).map_err(disk::index_err)?;
-        let last = first + count as u64 >= chunks;
-        control
-            .send(Body::HashList(pb::HashList {
-                disk: disk.handle,
-                first_chunk: first,
-                hashes: hashes.into(),
-                last,
-            }))
-            .await;
-        if last {
-            return Ok(());
-        }
-        first += count as u64;
-    }
-}
-
-async fn send_verify_hashes(disk: &Arc<Disk>, control: &Control) -> Result<(), Refusal> {
-    let cs = u64::from(disk.chunk_size);
-    let size = disk.size.min(disk.target.size());
-    let chunks = blockship_proto::chunk_count(size, disk.chunk_size);
-    let mut digests = futures::stream::iter(0..chunks)
-        .map(|chunk| {
-            let disk = disk.clone();
-            async move {
-                let offset = chunk * cs;
-                let data = disk.target.read(offset, cs.min(size - offset) as usize).await?;
-                tokio::task::spawn_blocking(move || chunk_digest(&data)).await.map_err(|e| join("hash", e))
-            }
-        })
-        .buffered(4);
-    let mut first = 0u64;
-    let mut buf = Vec::with_capacity(VERIFY_HASHES_PER_FRAME * HASH_LEN);
-    let mut n = 0u64;
-    while let Some(d) = digests.next().await {
-        buf.extend_from_slice(&d?);
-        n += 1;
-        if buf.len() == VERIFY_HASHES_PER_FRAME * HASH_LEN || n == chunks {
-            let hashes = Bytes::from(std::mem::take(&mut buf));
-            let count = (hashes.len() / HASH_LEN) as u64;
-            let last = n == chunks;
-            control
-                .send(Body::HashList(pb::HashList { disk: disk.handle, first_chunk: first, hashes, last }))
-                .await;
-            first += count;
-        }
-    }
-    if chunks == 0 {
-        control
-            .send(Body::HashList(pb::HashList {
-                disk: disk.handle,
-                first_chunk: 0,
-                hashes: Bytes::new(),
-                last: true,
-            }))
-            .await;
-    }
-    Ok(())
-}
-
-async fn accept_data_streams(conn: quinn::Connection, disks: Disks, fatal: mpsc::Sender<Refusal>) {
+async fn accept_data_streams(conn: quinn::Connection, ctx: StreamCtx, open: Arc<AtomicUsize>) {
     while let Ok(recv) = conn.accept_uni().await {
-        let (disks, fatal) = (disks.clone(), fatal.clone());
+        let (ctx, open) = (ctx.clone(), open.clone());
+        open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(r) = data_stream(recv, &disks).await {
+            let fatal = ctx.fatal.clone();
+            let result = data_stream(recv, ctx).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+            if let Err(r) = result {
                 let _ = fatal.send(r).await;
             }
         });
     }
-}
-
-thread_local! {
-    static DECODER: RefCell<Option<Decoder>> = const { RefCell::new(None) };
-}
-
-fn decode(header: &pb::ChunkHeader, payload: Bytes) -> Result<Bytes, Refusal> {
-    DECODER.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.is_none() {
-            *cell = Some(Decoder::new()?);
-        }
-        Ok(cell.as_mut().expect("decoder initialised above").decode(header, payload)?)
-    })
-}
-
-type Verified = Result<(mpsc::Sender<WriterMsg>, Item), Refusal>;
-
-async fn forward(done: Result<Verified, tokio::task::JoinError>) -> Result<(), Refusal> {
-    let (tx, item) = done.map_err(|e| join("verify chunk", e))??;
-    tx.send(WriterMsg::Item(item)).await.map_err(|_| Refusal::internal("epoch writer stopped"))
-}
-
-/// Read one data stream: bounds-check, decode and verify each chunk, hand it to its epoch writer.
-/// Verification results are taken as soon as they are ready, so a bad chunk is refused at once
-/// even if the agent sends nothing more.
-async fn data_stream(recv: quinn::RecvStream, disks: &Disks) -> Result<(), Refusal> {
-    let mut reader = FrameReader::new(recv);
-    let mut pending: FuturesOrdered<JoinHandle<Verified>> = FuturesOrdered::new();
-    loop {
-        let frame = tokio::select! {
-            biased;
-            Some(done) = pending.next(), if !pending.is_empty() => {
-                forward(done).await?;
-                continue;
-            }
-            // Cancel-safe: a partly read frame stays in the reader's buffer.
-            f = reader.next(), if pending.len() < DECODE_DEPTH => f?,
-        };
-        let Some(frame) = frame else { break };
-        match frame.body {
-            Body::Chunk(h) => {
-                let disk = lookup(disks, h.disk)?;
-                let (_, tx) = disk.writer()?;
-                check_bounds(&disk, h.offset, u64::from(h.length))?;
-                let payload = frame.payload;
-                pending.push_back(tokio::task::spawn_blocking(move || {
-                    let data = decode(&h, payload)?;
-                    let mut hash = [0u8; HASH_LEN];
-                    hash.copy_from_slice(&h.blake3);
-                    Ok((tx, Item { seq: h.seq, offset: h.offset, kind: ItemKind::Data { data, hash } }))
-                }));
-            }
-            Body::Zero(z) => {
-                let disk = lookup(disks, z.disk)?;
-                let (_, tx) = disk.writer()?;
-                check_bounds(&disk, z.offset, z.length)?;
-                tx.send(WriterMsg::Item(Item {
-                    seq: z.seq,
-                    offset: z.offset,
-                    kind: ItemKind::Zero { len: z.length },
-                }))
-                .await
-                .map_err(|_| Refusal::internal("epoch writer stopped"))?;
-            }
-            other => return Err(unexpected("ChunkHeader or ZeroExtent", &other).into()),
-        }
-    }
-    while let Some(done) = pending.next().await {
-        forward(done).await?;
-    }
-    Ok(())
 }

@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 use crate::disk::{index_err, Disk};
 use crate::failpoint::crash_point;
 use crate::index::STALE;
+use crate::limits::Grant;
+use crate::liveness::Liveness;
 use crate::refusal::{join, Refusal};
 use crate::target::Target;
 use crate::undo::UndoJournal;
@@ -46,6 +48,8 @@ pub struct Item {
     pub seq: u64,
     pub offset: u64,
     pub kind: ItemKind,
+    /// The in-flight budget its data holds until it is written.
+    pub grant: Option<Grant>,
 }
 
 #[derive(Debug)]
@@ -105,6 +109,8 @@ pub struct EpochWriter {
     last_checkpoint: Instant,
     /// File targets: the previous point in time, saved before it is overwritten.
     undo: Option<UndoJournal>,
+    /// The session's progress: every write and acknowledgement counts.
+    liveness: Arc<Liveness>,
 }
 
 impl EpochWriter {
@@ -115,6 +121,7 @@ impl EpochWriter {
         acks: mpsc::Sender<Body>,
         policy: CheckpointPolicy,
         undo: Option<UndoJournal>,
+        liveness: Arc<Liveness>,
     ) -> Self {
         EpochWriter {
             disk,
@@ -127,6 +134,7 @@ impl EpochWriter {
             durable_bytes: 0,
             last_checkpoint: Instant::now(),
             undo,
+            liveness,
         }
     }
 
@@ -230,6 +238,7 @@ impl EpochWriter {
         });
         futures::future::try_join_all(writes).await?;
         crash_point("sink::after-write");
+        self.liveness.touch();
         // 3. Account; the index learns the new hashes at the next checkpoint.
         for item in items {
             self.wm.complete(item.seq, item.end()).map_err(|e| Refusal::bad_request(e.to_string()))?;
@@ -296,6 +305,8 @@ impl EpochWriter {
     /// the previous point in time needed (older snapshots): a crash anywhere leaves either the
     /// previous epoch committed with everything it needs, or this one.
     async fn commit(&mut self, change_point: String) -> Result<(), Refusal> {
+        // The agent waits for the commit meanwhile: the session is busy, not idle.
+        let _busy = self.liveness.busy();
         self.checkpoint().await?;
         // The point in time exists before the state says it does.
         self.disk.target.mark_epoch(self.epoch).await?;
@@ -345,6 +356,7 @@ impl EpochWriter {
             committed,
         };
         crash_point("sink::before-ack");
+        self.liveness.touch();
         // The agent may be gone; the state on disk is what counts.
         let _ = self.acks.send(Body::Ack(ack)).await;
     }

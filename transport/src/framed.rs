@@ -51,6 +51,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Read until the next frame's header is decoded and return it with the length of the
+    /// payload that follows (`None` at a clean end of stream), without reading that payload:
+    /// the caller may admit it first (a memory budget), then take the frame with `next`.
+    /// Cancel-safe like `next`.
+    pub async fn next_header(&mut self) -> Result<Option<(&Body, usize)>, TransportError> {
+        loop {
+            if self.decoder.header(&mut self.buf)?.is_some() {
+                return Ok(self.decoder.header(&mut self.buf)?);
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                self.decoder.finish(&self.buf)?;
+                return Ok(None);
+            }
+        }
+    }
+
     /// Read a large payload into an aligned buffer of exactly its size: one copy out of the
     /// transport, no regrowth of the frame buffer, and ready for O_DIRECT writes.
     /// The partial payload lives in `self`, so `next` stays cancel-safe.
@@ -222,6 +241,39 @@ mod tests {
         cut.truncate(cut.len() - 10);
         let mut r = FrameReader::new(&cut[..]);
         assert!(matches!(r.next().await, Err(TransportError::Frame(_))));
+    }
+
+    #[tokio::test]
+    async fn headers_come_before_their_payloads() {
+        let data = vec![7u8; 100_000];
+        let chunk = Body::Chunk(pb::ChunkHeader {
+            disk: 1,
+            seq: 0,
+            offset: 0,
+            length: data.len() as u32,
+            blake3: Bytes::from(vec![0u8; 32]),
+            codec: pb::Codec::None as i32,
+            encoded_length: data.len() as u32,
+        });
+        let zero = Body::Zero(pb::ZeroExtent { disk: 1, seq: 1, offset: 0, length: 4 });
+        // Only the header of the chunk has arrived so far: the header is available anyway.
+        let head = frame::encode(&chunk, &data);
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&head[..head.len() - data.len() + 10]).await.unwrap();
+        let mut r = FrameReader::new(rx);
+        let (b, n) = r.next_header().await.unwrap().unwrap();
+        assert_eq!((b, n), (&chunk, data.len()));
+        // Asking again gives the same pending header; then the payload completes the frame.
+        assert_eq!(r.next_header().await.unwrap().unwrap().1, data.len());
+        tx.write_all(&head[head.len() - data.len() + 10..]).await.unwrap();
+        tx.write_all(&frame::encode(&zero, &[])).await.unwrap();
+        drop(tx);
+        let f = r.next().await.unwrap().unwrap();
+        assert_eq!((f.body, f.payload.len()), (chunk, data.len()));
+        assert_eq!(r.next_header().await.unwrap().unwrap(), (&zero, 0));
+        assert_eq!(r.next().await.unwrap().unwrap().body, zero);
+        assert!(r.next_header().await.unwrap().is_none());
     }
 
     #[tokio::test]

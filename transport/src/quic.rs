@@ -183,7 +183,12 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, TransportError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(tuning.transport()?);
+    // Credit granted in the handshake cannot be taken back: every connection starts with one data
+    // stream and a window for two streams' worth, which the server raises once it knows how
+    // many connections share its memory (`set_max_concurrent_uni_streams`, `set_receive_window`).
+    let initial =
+        QuicTuning { max_uni_streams: 1, connection_window: 2 * tuning.stream_window, ..tuning.clone() };
+    server.transport_config(initial.transport()?);
     let socket = udp_socket(listen, tuning.socket_buffer)
         .map_err(|source| TransportError::Bind { addr: listen, source })?;
     // Accept the large datagrams an agent on a large-MTU path sends (see `connect`).

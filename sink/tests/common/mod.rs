@@ -45,7 +45,7 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         let st = Command::new(bin())
-            .args(["pki", "init", "--agent", "esx01", "--dir"])
+            .args(["pki", "init", "--agent", "esx01", "--agent", "esx02", "--dir"])
             .arg(&pki)
             .output()
             .unwrap();
@@ -145,7 +145,12 @@ impl Lab {
     }
 
     pub async fn agent(&self) -> Fake {
-        let files = TlsFiles::agent_in_pki(&self.pki(), "esx01");
+        self.agent_as("esx01").await
+    }
+
+    /// A fake agent with the certificate of `name` (esx01 or esx02).
+    pub async fn agent_as(&self, name: &str) -> Fake {
+        let files = TlsFiles::agent_in_pki(&self.pki(), name);
         // A sink killed by a failpoint is noticed by the idle timeout (no packet says it died).
         let mut tuning = QuicTuning::default();
         tuning.set_idle_timeout("2s").unwrap();
@@ -166,10 +171,15 @@ pub struct Fake {
 
 impl Fake {
     pub async fn hello(&mut self) {
-        self.w.send(&Body::Hello(version::hello("fake"))).await.unwrap();
-        assert!(
-            matches!(self.r.next_body("HelloReply").await.unwrap(), Body::HelloReply(r) if r.identity == "esx01")
-        );
+        self.try_hello().await.unwrap();
+    }
+
+    pub async fn try_hello(&mut self) -> Result<pb::HelloReply, TransportError> {
+        self.w.send(&Body::Hello(version::hello("fake"))).await?;
+        match self.r.next_body("HelloReply").await? {
+            Body::HelloReply(r) => Ok(r),
+            other => panic!("{other:?}"),
+        }
     }
 
     pub async fn open(&mut self, size: u64) -> pb::DiskOpened {
@@ -351,4 +361,22 @@ impl Ceph {
         let _ = self.rbd(&["snap", "purge", spec]);
         let _ = self.rbd(&["rm", "--no-progress", spec]);
     }
+}
+
+/// The real agent binary (built next to the sink by `cargo test --workspace`).
+pub fn agent_bin() -> PathBuf {
+    let p = std::path::Path::new(bin()).with_file_name("blockship-agent");
+    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// Peak resident set size of process `pid` (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
 }
