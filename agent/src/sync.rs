@@ -338,6 +338,7 @@ async fn run_epoch(
             plan_digest: digest.into(),
             resume_offset: resumed_from,
             view: point.view.clone(),
+            group: String::new(),
         })
         .await?;
     tracing::info!(target = %req.target, epoch, mode = ?sync_mode, planned, resumed_from, "epoch begun");

@@ -4,9 +4,9 @@
 use crate::pb::{Hello, HelloReply};
 
 /// Oldest protocol version this build speaks.
-pub const MIN_VERSION: u32 = 2;
+pub const MIN_VERSION: u32 = 3;
 /// Newest protocol version this build speaks.
-pub const MAX_VERSION: u32 = 2;
+pub const MAX_VERSION: u32 = 3;
 
 /// Capabilities this build understands; unknown ones offered by a peer are ignored.
 pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS];

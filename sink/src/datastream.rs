@@ -3,7 +3,10 @@
 //! budget grants its bytes (the grant travels with the chunk until it is written), so a client
 //! announcing many large chunks and sending them slowly holds its own share and nothing more.
 //! Each chunk is bounds-checked, decoded and BLAKE3-verified on the blocking pool before it
-//! reaches its epoch writer; a bad chunk ends the session at once with an error naming it.
+//! reaches its epoch writer; a bad chunk ends its disk's epoch at once with an error naming it
+//! (the other disks of the connection go on), a malformed stream ends the connection. Items of
+//! a disk handle that is closed (after such an error) are dropped unread: handles are never
+//! reused on a connection, so they cannot reach another epoch.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,6 +22,7 @@ use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::disk::{check_bounds, Disk};
+use crate::epoch::DiskErrors;
 use crate::limits::Budget;
 use crate::liveness::Liveness;
 use crate::refusal::{join, Refusal};
@@ -58,7 +62,15 @@ pub struct StreamCtx {
     pub disks: Disks,
     pub budget: Arc<Budget>,
     pub liveness: Arc<Liveness>,
+    /// Problems of one disk (its epoch ends).
+    pub errors: DiskErrors,
+    /// Problems of the connection (it ends).
     pub fatal: mpsc::Sender<Refusal>,
+}
+
+/// The open disk `handle`, or None when it was closed (its items are dropped).
+fn open_disk(disks: &Disks, handle: u32) -> Option<Arc<Disk>> {
+    disks.lock().unwrap_or_else(|p| p.into_inner()).get(&handle).cloned()
 }
 
 /// Read one data stream to its end.
@@ -70,8 +82,6 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
         let grant = match reader.next_header().await? {
             None => break,
             Some((Body::Chunk(h), _)) => {
-                let disk = lookup(&ctx.disks, h.disk)?;
-                check_bounds(&disk, h.offset, u64::from(h.length))?;
                 let bytes = u64::from(h.length.max(h.encoded_length));
                 Some(ctx.budget.grant(bytes, || ctx.liveness.busy()).await)
             }
@@ -79,13 +89,27 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
         };
         let Some(frame) = reader.next().await? else { break };
         ctx.liveness.touch();
+        let (handle, offset, len) = match &frame.body {
+            Body::Chunk(h) => (h.disk, h.offset, u64::from(h.length)),
+            Body::Zero(z) => (z.disk, z.offset, z.length),
+            other => return Err(unexpected("ChunkHeader or ZeroExtent", other).into()),
+        };
+        let Some(disk) = open_disk(&ctx.disks, handle) else {
+            tracing::debug!(disk = handle, "item of a closed disk dropped");
+            continue;
+        };
+        let tx = match check_bounds(&disk, offset, len).and_then(|()| disk.writer()) {
+            Ok((_, tx)) => tx,
+            Err(r) => {
+                let _ = ctx.errors.send((handle, r)).await;
+                continue;
+            }
+        };
         match frame.body {
             Body::Chunk(h) => {
-                let disk = lookup(&ctx.disks, h.disk)?;
-                let (_, tx) = disk.writer()?;
                 let slot =
                     slots.clone().acquire_owned().await.map_err(|_| Refusal::internal("decode slots"))?;
-                let (payload, fatal) = (frame.payload, ctx.fatal.clone());
+                let (payload, errors) = (frame.payload, ctx.errors.clone());
                 tokio::spawn(async move {
                     let verified = tokio::task::spawn_blocking(move || {
                         let data = decode(&h, payload)?;
@@ -110,25 +134,22 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                     };
                     drop(slot);
                     if let Err(r) = result {
-                        let _ = fatal.send(r).await;
+                        let _ = errors.send((handle, r)).await;
                     }
                 });
             }
             Body::Zero(z) => {
-                let disk = lookup(&ctx.disks, z.disk)?;
-                let (_, tx) = disk.writer()?;
-                check_bounds(&disk, z.offset, z.length)?;
                 let item = Item {
                     seq: z.seq,
                     offset: z.offset,
                     kind: ItemKind::Zero { len: z.length },
                     grant: None,
                 };
-                tx.send(WriterMsg::Item(item))
-                    .await
-                    .map_err(|_| Refusal::internal("epoch writer stopped"))?;
+                if tx.send(WriterMsg::Item(item)).await.is_err() {
+                    let _ = ctx.errors.send((handle, Refusal::internal("epoch writer stopped"))).await;
+                }
             }
-            other => return Err(unexpected("ChunkHeader or ZeroExtent", &other).into()),
+            _ => unreachable!("only items get here"),
         }
     }
     // Wait for the chunks still being verified.

@@ -385,6 +385,8 @@ mod tests {
             durable_offset: 64 << 20,
             view: "rbd:rbd/vm@blockship-src-2#7".into(),
             undo: false,
+            prepared: None,
+            group: String::new(),
         };
         let r = resume_point(&p(&good)).expect("a valid digest resumes");
         assert_eq!(r.plan_digest.as_ref(), &[0xab; 32][..]);

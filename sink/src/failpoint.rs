@@ -11,7 +11,9 @@ pub const POINTS: &[&str] = &[
     "sink::after-flush",
     "sink::after-index",
     "sink::after-state",
+    "sink::group-between-snapshots",
     "sink::after-snapshot",
+    "sink::group-between-states",
     "sink::after-commit-state",
     "sink::before-ack",
 ];

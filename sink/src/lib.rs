@@ -2,10 +2,13 @@
 //! chunk's BLAKE3, writes it into the target and acknowledges only what is durable.
 
 pub mod auth;
+pub mod commit;
 pub mod config;
 pub mod datastream;
 pub mod disk;
+pub mod epoch;
 pub mod failpoint;
+pub mod group;
 pub mod hashes;
 pub mod index;
 pub mod lease;

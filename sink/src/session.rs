@@ -5,11 +5,12 @@
 //! Hello, must say Hello within the hello timeout and show progress within the idle timeout;
 //! any refusal is sent as an `Error` frame and as the connection's close reason.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockship_proto::pb::{self, ErrorCode, SyncMode};
+use blockship_proto::pb::{self, ErrorCode};
 use blockship_proto::{version, Body};
 use blockship_transport::framed::unexpected;
 use blockship_transport::{tls, FrameReader, FrameWriter};
@@ -18,13 +19,14 @@ use tokio::task::JoinHandle;
 
 use crate::datastream::{data_stream, lookup, Disks, StreamCtx};
 use crate::disk::{self, Disk};
+use crate::epoch::DiskErrors;
 use crate::lease::Holder;
 use crate::limits::Seat;
 use crate::liveness::Liveness;
-use crate::refusal::{join, Refusal};
+use crate::refusal::Refusal;
 use crate::server::{SinkContext, Windows};
-use crate::state::InProgress;
-use crate::writer::{epoch_mismatch, EpochWriter, WriterMsg};
+use crate::state::GroupRecord;
+use crate::writer::WriterMsg;
 
 fn software() -> String {
     format!("blockship-sink {}", env!("CARGO_PKG_VERSION"))
@@ -69,29 +71,36 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quin
 
 struct Control {
     out: mpsc::Sender<Body>,
+    /// Ends the writer after what is queued (epoch writers may still hold senders).
+    end: tokio::sync::oneshot::Sender<()>,
     writer: JoinHandle<()>,
 }
 
 impl Control {
-    /// The control writer: frames go out in order; after an `Error` the stream is finished and
-    /// the task waits (briefly) until the agent has read it.
+    /// The control writer: frames go out in order; when the session ends, what is queued is
+    /// sent, the stream is finished and the task waits (briefly) until the agent has read it, so
+    /// a last `Error` arrives before the connection closes.
     fn start(send: quinn::SendStream) -> Self {
         let (out, mut rx) = mpsc::channel::<Body>(256);
+        let (end, mut ended) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
             let mut w = FrameWriter::new(send);
-            while let Some(body) = rx.recv().await {
-                let is_error = matches!(body, Body::Error(_));
+            loop {
+                let body = tokio::select! {
+                    b = rx.recv() => b,
+                    _ = &mut ended => {
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                let Some(body) = body else { break };
                 if w.send(&body).await.is_err() {
                     return;
                 }
-                if is_error {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
-                    return;
-                }
             }
-            w.close();
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
         });
-        Control { out, writer }
+        Control { out, end, writer }
     }
 
     async fn send(&self, body: Body) {
@@ -99,8 +108,10 @@ impl Control {
     }
 
     async fn fail(self, r: &Refusal) {
-        self.send(Body::Error(pb::Error { code: r.code as i32, message: r.message.clone(), disk: 0 })).await;
-        drop(self.out);
+        let body =
+            pb::Error { code: r.code as i32, message: r.message.clone(), disk: 0, group: String::new() };
+        self.send(Body::Error(body)).await;
+        let _ = self.end.send(());
         let _ = tokio::time::timeout(Duration::from_secs(3), self.writer).await;
     }
 }
@@ -149,6 +160,27 @@ async fn session(
     }
 }
 
+/// What the control loop keeps for a session.
+struct Session<'a> {
+    ctx: &'a Arc<SinkContext>,
+    disks: &'a Disks,
+    control: &'a Control,
+    liveness: Arc<Liveness>,
+    holder: Holder,
+    errors: DiskErrors,
+    /// Groups opened on this session: their members and committed epoch.
+    groups: HashMap<String, (GroupRecord, Vec<u32>, u64)>,
+    /// Disk handles only grow: items of a closed handle can never reach another disk's epoch.
+    last_handle: u32,
+}
+
+/// Which part of a session a refusal ends.
+enum Scope {
+    Disk(u32),
+    Group(String),
+    Connection,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: &Arc<SinkContext>,
@@ -164,10 +196,12 @@ async fn run(
     let liveness = Liveness::new();
     liveness.touch();
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<Refusal>(4);
+    let (errors_tx, mut errors_rx) = mpsc::channel::<(u32, Refusal)>(64);
     let streams = StreamCtx {
         disks: disks.clone(),
         budget: seat.budget.clone(),
         liveness: liveness.clone(),
+        errors: errors_tx.clone(),
         fatal: fatal_tx.clone(),
     };
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
@@ -181,7 +215,16 @@ async fn run(
         }),
     };
     let idle = limits.idle_timeout;
-
+    let mut s = Session {
+        ctx,
+        disks,
+        control,
+        liveness: liveness.clone(),
+        holder,
+        errors: errors_tx,
+        groups: HashMap::new(),
+        last_handle: 0,
+    };
     loop {
         let frame = tokio::select! {
             f = reader.next() => match f {
@@ -191,6 +234,13 @@ async fn run(
                 Err(e) => return Err(e.into()),
             },
             Some(r) = fatal_rx.recv() => return Err(r),
+            Some((handle, r)) = errors_rx.recv() => {
+                // A disk fails once: later errors of a closed handle (its other items) are echoes.
+                if s.disks.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&handle) {
+                    s.fail(Scope::Disk(handle), r).await;
+                }
+                continue;
+            }
             _ = liveness.expired(idle) => {
                 return Err(Refusal::new(
                     ErrorCode::Idle,
@@ -201,58 +251,200 @@ async fn run(
         let Some(frame) = frame else { return Ok(()) };
         liveness.touch();
         let _busy = liveness.busy();
-        match frame.body {
-            Body::OpenDisk(req) => {
-                let open = disks.lock().unwrap_or_else(|p| p.into_inner()).len();
-                if disks.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&req.disk) {
-                    return Err(Refusal::bad_request(format!("disk handle {} opened twice", req.disk)));
+        if let Err((scope, r)) = s.dispatch(frame.body).await {
+            if let Scope::Connection = scope {
+                return Err(r);
+            }
+            s.fail(scope, r).await;
+        }
+    }
+}
+
+impl Session<'_> {
+    /// End a disk (close its handle: its epoch ends uncommitted, its target is released) or a
+    /// group's epoch, and tell the agent why; the rest of the session goes on.
+    async fn fail(&mut self, scope: Scope, r: Refusal) {
+        let (disk, group) = match scope {
+            Scope::Disk(h) => {
+                let closed = self.disks.lock().unwrap_or_else(|p| p.into_inner()).remove(&h);
+                if let Some(d) = &closed {
+                    d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
                 }
+                let name = closed.map(|d| d.name.clone()).unwrap_or_default();
+                tracing::warn!(target = %name, disk = h, code = ?r.code, "disk refused: {}", r.message);
+                (h, String::new())
+            }
+            Scope::Group(g) => {
+                tracing::warn!(group = %g, code = ?r.code, "group refused: {}", r.message);
+                (0, g)
+            }
+            Scope::Connection => unreachable!("connection refusals end the session"),
+        };
+        self.control
+            .send(Body::Error(pb::Error { code: r.code as i32, message: r.message, disk, group }))
+            .await;
+    }
+
+    fn disk(&self, handle: u32) -> Result<Arc<Disk>, (Scope, Refusal)> {
+        lookup(self.disks, handle).map_err(|r| (Scope::Disk(handle), r))
+    }
+
+    async fn dispatch(&mut self, body: Body) -> Result<(), (Scope, Refusal)> {
+        let limits = &self.ctx.admission.limits;
+        match body {
+            Body::OpenDisk(req) => {
+                let scope = || Scope::Disk(req.disk);
+                if req.disk <= self.last_handle {
+                    return Err((
+                        Scope::Connection,
+                        Refusal::bad_request(format!(
+                            "disk handle {} is not new (handles only grow on a connection; last {})",
+                            req.disk, self.last_handle
+                        )),
+                    ));
+                }
+                self.last_handle = req.disk;
+                let open = self.disks.lock().unwrap_or_else(|p| p.into_inner()).len();
                 if open >= limits.max_disks_per_connection {
-                    return Err(Refusal::new(
-                        ErrorCode::Busy,
-                        format!(
-                            "this connection already has {open} disks open (--max-disks-per-connection {}); open more connections or close disks",
-                            limits.max_disks_per_connection
+                    return Err((
+                        scope(),
+                        Refusal::new(
+                            ErrorCode::Busy,
+                            format!(
+                                "this connection already has {open} disks open (--max-disks-per-connection {}); open more connections or close disks",
+                                limits.max_disks_per_connection
+                            ),
                         ),
                     ));
                 }
-                let (disk, opened) = disk::open(ctx, holder.clone(), &req).await?;
-                disks.lock().unwrap_or_else(|p| p.into_inner()).insert(req.disk, disk);
-                control.send(Body::DiskOpened(opened)).await;
+                let (disk, opened) =
+                    disk::open(self.ctx, self.holder.clone(), &req).await.map_err(|r| (scope(), r))?;
+                self.disks.lock().unwrap_or_else(|p| p.into_inner()).insert(req.disk, disk);
+                self.control.send(Body::DiskOpened(opened)).await;
+            }
+            Body::CloseDisk(req) => {
+                if let Some(d) = self.disks.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.disk) {
+                    d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
+                }
             }
             Body::IndexRequest(req) => {
-                let disk = lookup(disks, req.disk)?;
+                let disk = self.disk(req.disk)?;
                 if disk.writer().is_ok() {
-                    return Err(Refusal::bad_request("index requested during an epoch"));
+                    return Err((
+                        Scope::Disk(req.disk),
+                        Refusal::bad_request("index requested during an epoch"),
+                    ));
                 }
-                crate::hashes::send_index(&disk, &control.out).await?;
+                crate::hashes::send_index(&disk, &self.control.out)
+                    .await
+                    .map_err(|r| (Scope::Disk(req.disk), r))?;
             }
             Body::VerifyRequest(req) => {
-                let disk = lookup(disks, req.disk)?;
-                crate::hashes::send_verify_hashes(&disk, &control.out).await?;
+                let disk = self.disk(req.disk)?;
+                crate::hashes::send_verify_hashes(&disk, &self.control.out)
+                    .await
+                    .map_err(|r| (Scope::Disk(req.disk), r))?;
             }
             Body::EpochBegin(req) => {
-                let disk = lookup(disks, req.disk)?;
-                begin_epoch(ctx, &disk, &req, control, &fatal_tx, &liveness).await?;
-                control.send(Body::EpochStarted(pb::EpochStarted { disk: req.disk, epoch: req.epoch })).await;
+                let disk = self.disk(req.disk)?;
+                let scope = || Scope::Disk(req.disk);
+                let group_committed = if req.group.is_empty() {
+                    None
+                } else {
+                    match self.groups.get(&req.group) {
+                        Some((_, members, committed)) if members.contains(&req.disk) => Some(*committed),
+                        _ => {
+                            return Err((
+                                scope(),
+                                Refusal::bad_request(format!(
+                                    "disk {} is not a member of an open group {:?} (send GroupOpen first)",
+                                    req.disk, req.group
+                                )),
+                            ))
+                        }
+                    }
+                };
+                crate::epoch::begin(
+                    self.ctx,
+                    &disk,
+                    &req,
+                    group_committed,
+                    self.control.out.clone(),
+                    self.errors.clone(),
+                    &self.liveness,
+                )
+                .await
+                .map_err(|r| (scope(), r))?;
+                self.control
+                    .send(Body::EpochStarted(pb::EpochStarted { disk: req.disk, epoch: req.epoch }))
+                    .await;
             }
             Body::EpochCommit(req) => {
-                let disk = lookup(disks, req.disk)?;
-                let (epoch, tx) = disk.writer()?;
+                let disk = self.disk(req.disk)?;
+                let scope = || Scope::Disk(req.disk);
+                let (epoch, tx) = disk.writer().map_err(|r| (scope(), r))?;
                 if epoch != req.epoch {
-                    return Err(Refusal::bad_request(format!(
-                        "commit of epoch {} while epoch {epoch} is open",
-                        req.epoch
-                    )));
+                    return Err((
+                        scope(),
+                        Refusal::bad_request(format!(
+                            "commit of epoch {} while epoch {epoch} is open",
+                            req.epoch
+                        )),
+                    ));
                 }
-                tx.send(WriterMsg::Commit { items: req.items, change_point: req.change_point })
+                let group = disk.state().in_progress.is_some_and(|p| !p.group.is_empty());
+                tx.send(WriterMsg::Commit { items: req.items, change_point: req.change_point, group })
                     .await
-                    .map_err(|_| Refusal::internal("epoch writer stopped"))?;
+                    .map_err(|_| (scope(), Refusal::internal("epoch writer stopped")))?;
             }
-            // Progress only: it reset the idle deadline above.
+            Body::GroupOpen(req) => {
+                let scope = || Scope::Group(req.group.clone());
+                let members = req
+                    .disks
+                    .iter()
+                    .map(|&h| lookup(self.disks, h))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|r| (scope(), r))?;
+                let (record, committed) = crate::group::open(&self.ctx.state_root, &req.group, &members)
+                    .await
+                    .map_err(|r| (scope(), r))?;
+                self.groups.insert(req.group.clone(), (record, req.disks.clone(), committed));
+                self.control
+                    .send(Body::GroupOpened(pb::GroupOpened { group: req.group, committed_epoch: committed }))
+                    .await;
+            }
+            Body::GroupCommit(req) => {
+                let scope = || Scope::Group(req.group.clone());
+                let Some((record, handles, committed)) = self.groups.get(&req.group).cloned() else {
+                    return Err((
+                        scope(),
+                        Refusal::bad_request(format!("group {:?} is not open", req.group)),
+                    ));
+                };
+                if req.epoch != committed + 1 {
+                    return Err((scope(), crate::writer::epoch_mismatch(&req.group, req.epoch, committed)));
+                }
+                let members = handles
+                    .iter()
+                    .map(|&h| lookup(self.disks, h))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|r| (scope(), r))?;
+                crate::commit::commit(&members, req.epoch, Some(&record)).await.map_err(|r| (scope(), r))?;
+                if let Some(g) = self.groups.get_mut(&req.group) {
+                    g.2 = req.epoch;
+                }
+                self.control
+                    .send(Body::GroupCommitted(pb::GroupCommitted { group: req.group, epoch: req.epoch }))
+                    .await;
+                for m in &members {
+                    crate::commit::release(m, req.epoch).await;
+                }
+            }
+            // Progress only: it reset the idle deadline.
             Body::Progress(_) => {}
-            other => return Err(unexpected("a control message", &other).into()),
+            other => return Err((Scope::Connection, unexpected("a control message", &other).into())),
         }
+        Ok(())
     }
 }
 
@@ -265,90 +457,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-async fn begin_epoch(
-    ctx: &Arc<SinkContext>,
-    disk: &Arc<Disk>,
-    req: &pb::EpochBegin,
-    control: &Control,
-    fatal: &mpsc::Sender<Refusal>,
-    liveness: &Arc<Liveness>,
-) -> Result<(), Refusal> {
-    if disk.index.is_none() {
-        return Err(Refusal::bad_request("disk was opened for verification only"));
-    }
-    if disk.writer().is_ok() {
-        return Err(Refusal::bad_request("an epoch is already open on this disk"));
-    }
-    let state = disk.state();
-    if req.epoch != state.committed_epoch + 1 {
-        return Err(epoch_mismatch(&disk.name, req.epoch, state.committed_epoch));
-    }
-    let mode = SyncMode::try_from(req.mode).unwrap_or(SyncMode::Unspecified);
-    if !matches!(mode, SyncMode::Full | SyncMode::Compare | SyncMode::Incremental) {
-        return Err(Refusal::bad_request(format!("epoch mode {mode:?} cannot write")));
-    }
-    let digest = hex::encode(&req.plan_digest);
-    if req.resume_offset > 0 {
-        // Resuming keeps the data below the offset: only sound if it came from the same frozen
-        // view of the source, under the same plan.
-        let ok = state.in_progress.as_ref().is_some_and(|p| {
-            p.epoch == req.epoch
-                && p.plan_digest == digest
-                && !req.view.is_empty()
-                && p.view == req.view
-                && req.resume_offset <= p.durable_offset
-        });
-        if !ok {
-            return Err(Refusal::bad_request(format!(
-                "cannot resume epoch {} at offset {}: the target has no durable progress of this plan from this view of the source",
-                req.epoch, req.resume_offset
-            )));
-        }
-    }
-    let undo = {
-        let (d, enabled) = (disk.clone(), ctx.file_rollback);
-        tokio::task::spawn_blocking(move || d.undo_journal(enabled))
-            .await
-            .map_err(|e| join("undo journal", e))??
-    };
-    // Rollback is possible only if every attempt at this epoch journaled what it overwrote.
-    let journaled_before = match &state.in_progress {
-        Some(p) if p.epoch == req.epoch => p.undo,
-        _ => true,
-    };
-    let in_progress = InProgress {
-        epoch: req.epoch,
-        mode: req.mode,
-        plan_digest: digest,
-        durable_offset: req.resume_offset,
-        view: req.view.clone(),
-        undo: undo.is_some() && journaled_before,
-    };
-    disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
-
-    let (tx, rx) = mpsc::channel(crate::writer::BATCH);
-    *disk.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk::ActiveEpoch { epoch: req.epoch, tx });
-    let writer = EpochWriter::new(
-        disk.clone(),
-        req.epoch,
-        req.resume_offset,
-        control.out.clone(),
-        ctx.checkpoint,
-        undo,
-        liveness.clone(),
-    );
-    let (d, fatal) = (disk.clone(), fatal.clone());
-    tokio::spawn(async move {
-        let result = writer.run(rx).await;
-        d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Err(r) = result {
-            let _ = fatal.send(r).await;
-        }
-    });
-    tracing::info!(target = %disk.name, epoch = req.epoch, ?mode, resume_offset = req.resume_offset, "epoch begun");
-    Ok(())
 }
 
 async fn accept_data_streams(conn: quinn::Connection, ctx: StreamCtx, open: Arc<AtomicUsize>) {

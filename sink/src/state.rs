@@ -33,6 +33,17 @@ pub struct ReplicationState {
     pub in_progress: Option<InProgress>,
     /// Identifies the hash index that matches this state; any other index is rebuilt.
     pub index_token: String,
+    /// The group this target belongs to (its members share every committed epoch).
+    #[serde(default)]
+    pub group: Option<GroupRecord>,
+}
+
+/// Membership of a target in a group: disks committed together, at one point in time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    /// Canonical target names of every member (this one included), sorted.
+    pub members: Vec<String>,
 }
 
 /// An epoch that began and has not committed.
@@ -50,6 +61,13 @@ pub struct InProgress {
     /// Everything this epoch overwrote (in every attempt) is in the undo journal (file targets).
     #[serde(default)]
     pub undo: bool,
+    /// All the epoch's data is durable and it waits for its group's commit; the change point
+    /// it will record.
+    #[serde(default)]
+    pub prepared: Option<String>,
+    /// The group whose epoch this is ("" for a disk on its own).
+    #[serde(default)]
+    pub group: String,
 }
 
 impl ReplicationState {
@@ -67,6 +85,7 @@ impl ReplicationState {
             committed_size: 0,
             in_progress: None,
             index_token: String::new(),
+            group: None,
         }
     }
 }
@@ -192,6 +211,8 @@ mod tests {
             durable_offset: 64 << 20,
             view: "file:1:2:3:4".into(),
             undo: true,
+            prepared: Some("cp-1".into()),
+            group: "vm1".into(),
         });
         dir.store(&s).unwrap();
         assert_eq!(dir.load().unwrap(), Some(s.clone()));

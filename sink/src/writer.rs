@@ -73,7 +73,23 @@ impl Item {
 
 pub enum WriterMsg {
     Item(Item),
-    Commit { items: u64, change_point: String },
+    /// The epoch has `items` items; once all are durable, prepare it, and commit it unless it
+    /// belongs to a group (the group commits all its members together).
+    Commit {
+        items: u64,
+        change_point: String,
+        group: bool,
+    },
+}
+
+/// How an epoch writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The session ended first (what was written is durable: a retry resumes after it).
+    Interrupted,
+    /// All data durable; waits for its group's commit.
+    Prepared,
+    Committed,
 }
 
 /// Chunks touched by `[offset, offset+len)`.
@@ -138,15 +154,15 @@ impl EpochWriter {
         }
     }
 
-    /// Apply items until the epoch commits (Ok(true)) or the session ends (Ok(false), after a
-    /// last checkpoint so a resumed epoch skips what was written).
-    pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) -> Result<bool, Refusal> {
+    /// Apply items until the epoch is prepared (and committed, if on its own) or the session
+    /// ends (after a last checkpoint, so a resumed epoch skips what was written).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) -> Result<Ended, Refusal> {
         let mut batch = Vec::with_capacity(BATCH);
-        let mut commit: Option<(u64, String)> = None;
+        let mut commit: Option<(u64, String, bool)> = None;
         let mut tick = tokio::time::interval(self.policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some((items, _)) = &commit {
+            if let Some((items, _, _)) = &commit {
                 if self.wm.all_of(*items) {
                     break;
                 }
@@ -155,13 +171,13 @@ impl EpochWriter {
                 n = rx.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         self.checkpoint().await?;
-                        return Ok(false);
+                        return Ok(Ended::Interrupted);
                     }
                     let mut items = Vec::with_capacity(n);
                     for msg in batch.drain(..) {
                         match msg {
                             WriterMsg::Item(item) => {
-                                if let Some((limit, _)) = &commit {
+                                if let Some((limit, _, _)) = &commit {
                                     if item.seq >= *limit {
                                         return Err(Refusal::bad_request(format!(
                                             "item {} arrived after a commit of {limit} items", item.seq)));
@@ -169,11 +185,11 @@ impl EpochWriter {
                                 }
                                 items.push(item);
                             }
-                            WriterMsg::Commit { items, change_point } => {
+                            WriterMsg::Commit { items, change_point, group } => {
                                 if commit.is_some() {
                                     return Err(Refusal::bad_request("epoch committed twice"));
                                 }
-                                commit = Some((items, change_point));
+                                commit = Some((items, change_point, group));
                             }
                         }
                     }
@@ -193,9 +209,18 @@ impl EpochWriter {
                 }
             }
         }
-        let (_, change_point) = commit.expect("loop exits only with a commit");
-        self.commit(change_point).await?;
-        Ok(true)
+        let (_, change_point, group) = commit.expect("loop exits only with a commit");
+        // The agent waits for the commit meanwhile: the session is busy, not idle.
+        let _busy = self.liveness.busy();
+        self.prepare(change_point).await?;
+        if group {
+            self.ack(Some(Ended::Prepared)).await;
+            return Ok(Ended::Prepared);
+        }
+        crate::commit::commit(std::slice::from_ref(&self.disk), self.epoch, None).await?;
+        self.ack(Some(Ended::Committed)).await;
+        crate::commit::release(&self.disk, self.epoch).await;
+        Ok(Ended::Committed)
     }
 
     async fn apply(&mut self, items: Vec<Item>) -> Result<(), Refusal> {
@@ -296,64 +321,36 @@ impl EpochWriter {
         self.durable_bytes += self.since_checkpoint;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
-        self.ack(false).await;
+        self.ack(None).await;
         Ok(())
     }
 
-    /// Commit the epoch: make the rest durable, mark the point in time on the target (an RBD
-    /// snapshot), record the commit in the state, and only then acknowledge it and release what
-    /// the previous point in time needed (older snapshots): a crash anywhere leaves either the
-    /// previous epoch committed with everything it needs, or this one.
-    async fn commit(&mut self, change_point: String) -> Result<(), Refusal> {
-        // The agent waits for the commit meanwhile: the session is busy, not idle.
-        let _busy = self.liveness.busy();
+    /// All items are written: make them durable and note in the state that the epoch is
+    /// prepared, with the change point it will record.
+    async fn prepare(&mut self, change_point: String) -> Result<(), Refusal> {
         self.checkpoint().await?;
-        // The point in time exists before the state says it does.
-        self.disk.target.mark_epoch(self.epoch).await?;
-        crash_point("sink::after-snapshot");
         let epoch = self.epoch;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let token = self.disk.index()?.token().to_string();
-        let size = self.disk.size;
         self.disk
             .update_state(|s| {
-                s.committed_epoch = epoch;
-                s.change_point = change_point;
-                s.committed_at = now;
-                s.committed_size = size;
-                s.in_progress = None;
-                s.index_token = token;
+                if let Some(p) = s.in_progress.as_mut().filter(|p| p.epoch == epoch) {
+                    p.prepared = Some(change_point);
+                }
             })
             .await?;
-        crash_point("sink::after-commit-state");
-        tracing::info!(target = %self.disk.name, epoch, bytes = self.durable_bytes, "epoch committed");
-        // The journal guarded the previous epoch, which the state no longer names.
-        self.undo = None;
-        if matches!(self.disk.target, Target::File(_)) {
-            if let Err(e) = crate::undo::discard(&self.disk.state_dir.undo_path()) {
-                tracing::warn!(target = %self.disk.name, "cannot remove the undo journal: {e}");
-            }
-        }
-        self.ack(true).await;
-        // Only now may the previous point in time go; failing to drop it never fails a commit
-        // (a snapshot with clones, say): the next commit tries again.
-        if let Err(e) = self.disk.target.release_older(epoch).await {
-            tracing::warn!(target = %self.disk.name, epoch, "older points in time kept: {e}");
-        }
+        tracing::info!(target = %self.disk.name, epoch, bytes = self.durable_bytes, "epoch prepared");
         Ok(())
     }
 
-    async fn ack(&self, committed: bool) {
+    /// Acknowledge what is durable (`ended`: and that the epoch is prepared or committed).
+    async fn ack(&self, ended: Option<Ended>) {
         let ack = Ack {
             disk: self.disk.handle,
             epoch: self.epoch,
             durable_items: self.wm.next(),
             durable_offset: self.wm.offset(),
             durable_bytes: self.durable_bytes,
-            committed,
+            committed: ended == Some(Ended::Committed),
+            prepared: ended == Some(Ended::Prepared),
         };
         crash_point("sink::before-ack");
         self.liveness.touch();

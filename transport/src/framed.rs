@@ -282,6 +282,7 @@ mod tests {
             code: pb::ErrorCode::Unauthorized as i32,
             message: "no".into(),
             disk: 0,
+            group: String::new(),
         });
         let bytes = frame::encode(&body, &[]);
         let mut r = FrameReader::new(&bytes[..]);

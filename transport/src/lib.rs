@@ -94,5 +94,10 @@ pub fn body_name(body: &blockship_proto::Body) -> &'static str {
         HashList(_) => "HashList",
         Error(_) => "Error",
         Progress(_) => "Progress",
+        CloseDisk(_) => "CloseDisk",
+        GroupOpen(_) => "GroupOpen",
+        GroupOpened(_) => "GroupOpened",
+        GroupCommit(_) => "GroupCommit",
+        GroupCommitted(_) => "GroupCommitted",
     }
 }

@@ -157,12 +157,14 @@ impl Lab {
         let (endpoint, conn) =
             quic::connect(tls::client_config(&files).unwrap(), &tuning, &self.addr, None).await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
-        Fake { _endpoint: endpoint, conn, w: FrameWriter::new(send), r: FrameReader::new(recv) }
+        Fake { disk: 0, _endpoint: endpoint, conn, w: FrameWriter::new(send), r: FrameReader::new(recv) }
     }
 }
 
 /// A fake agent on one connection.
 pub struct Fake {
+    /// Handle of the disk opened last (handles only grow on a connection).
+    pub disk: u32,
     pub _endpoint: quinn::Endpoint,
     pub conn: quinn::Connection,
     pub w: FrameWriter,
@@ -192,8 +194,9 @@ impl Fake {
         size: u64,
         mode: SyncMode,
     ) -> Result<pb::DiskOpened, TransportError> {
+        self.disk += 1;
         let req = pb::OpenDisk {
-            disk: 1,
+            disk: self.disk,
             disk_id: "fake-disk".into(),
             size,
             target: target.into(),
@@ -219,12 +222,13 @@ impl Fake {
         view: &str,
     ) -> Result<(), TransportError> {
         let req = pb::EpochBegin {
-            disk: 1,
+            disk: self.disk,
             epoch,
             mode: mode as i32,
             plan_digest: Bytes::new(),
             resume_offset,
             view: view.into(),
+            group: String::new(),
         };
         self.w.send(&Body::EpochBegin(req)).await?;
         match self.r.next_body("EpochStarted").await? {
@@ -247,16 +251,18 @@ impl Fake {
     /// Send `chunks` (seq, offset, data) on one data stream, then commit `epoch`, while reading
     /// every ack; returns them once the commit is acknowledged or the connection breaks.
     pub async fn send_and_commit(&mut self, epoch: u64, chunks: &[(u64, u64, Vec<u8>)]) -> Vec<pb::Ack> {
-        let Fake { conn, w, r, .. } = self;
+        let Fake { conn, w, r, disk, .. } = self;
+        let disk = *disk;
         let send = async {
             let mut s = FrameWriter::new(conn.open_uni().await?);
             for (seq, offset, data) in chunks {
-                let (h, p) = chunk(*seq, *offset, data);
+                let (mut h, p) = chunk(*seq, *offset, data);
+                h.disk = disk;
                 s.send_with_payload(&Body::Chunk(h), p).await?;
             }
             s.close();
             let commit = pb::EpochCommit {
-                disk: 1,
+                disk,
                 epoch,
                 items: chunks.len() as u64,
                 change_point: format!("cp-{epoch}"),
