@@ -566,3 +566,54 @@ fn commits_go_on_while_an_old_epoch_snapshot_has_a_clone() {
     let snaps = ceph.rbd_ok(&["snap", "ls", &img.spec()]);
     assert!(!snaps.contains("blockship-1") && snaps.contains("blockship-4"), "{snaps}");
 }
+
+#[test]
+fn a_restarted_sink_takes_over_its_images_at_once() {
+    // A SIGKILLed sink keeps the image's exclusive lock until its watch times out (~30 s); the
+    // restarted sink knows from the image's ownership record that its predecessor is gone and
+    // breaks the lock (blocklisting the dead client) instead of waiting.
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let img = TestImage::new(&ceph, "takeover");
+    let src = lab.path("src.img");
+    image::generate(&src, 512 * MIB, Profile::Random, 19).unwrap();
+    let mut sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let mut agent = lab
+        .agent_cmd(&sink, "esx01", "sync")
+        .arg("--source")
+        .arg(&src)
+        .args(["--target", &img.target(), "--json", "--bwlimit", "64MiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let durable = || {
+        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(60), || durable() >= 64 * MIB), "no durable progress");
+    sink.kill9();
+    assert!(!agent.wait().unwrap().success());
+    let before = durable();
+    let restarted = std::time::Instant::now();
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let mut again = lab
+        .agent_cmd(&sink, "esx01", "sync")
+        .arg("--source")
+        .arg(&src)
+        .args(["--target", &img.target(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || durable() > before), "no progress after the restart");
+    let took = restarted.elapsed();
+    println!("first durable write {:.2} s after the sink restarted", took.as_secs_f64());
+    assert!(again.wait().unwrap().success());
+    assert!(took < Duration::from_secs(10), "the restarted sink waited {took:?} for the dead sink's lock");
+    assert!(lab.sink_log().contains("breaking the image's exclusive lock"), "{}", lab.sink_log());
+    assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
+}

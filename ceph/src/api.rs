@@ -167,7 +167,16 @@ api! {
     rbd_metadata_get: fn(ImageT, *const c_char, *mut c_char, *mut usize) -> c_int;
     rbd_metadata_remove: fn(ImageT, *const c_char) -> c_int;
     rbd_diff_iterate2: fn(ImageT, *const c_char, u64, u64, u8, u8, DiffCallback, *mut c_void) -> c_int;
+    rbd_is_exclusive_lock_owner: fn(ImageT, *mut c_int) -> c_int;
+    rbd_lock_acquire: fn(ImageT, c_int) -> c_int;
+    rbd_lock_release: fn(ImageT) -> c_int;
+    rbd_lock_get_owners: fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
+    rbd_lock_get_owners_cleanup: fn(*mut *mut c_char, usize);
+    rbd_lock_break: fn(ImageT, c_int, *const c_char) -> c_int;
 }
+
+/// `RBD_LOCK_MODE_EXCLUSIVE` of `rbd_lock_mode_t`.
+pub(crate) const LOCK_MODE_EXCLUSIVE: c_int = 0;
 
 static API: OnceLock<Result<Api, RbdError>> = OnceLock::new();
 

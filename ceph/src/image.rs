@@ -194,6 +194,68 @@ impl Image {
         Ok(())
     }
 
+    /// Whether this handle holds the image's exclusive lock (blocking).
+    pub fn is_lock_owner(&self) -> Result<bool, RbdError> {
+        let mut owner: c_int = 0;
+        // SAFETY: valid image, out-pointer to a local.
+        check("query the exclusive lock", unsafe {
+            (api()?.rbd_is_exclusive_lock_owner)(self.ptr(), &mut owner)
+        })?;
+        Ok(owner != 0)
+    }
+
+    /// Take the image's exclusive lock and keep it: librbd no longer hands it over when another
+    /// client asks (blocking). Fails (EROFS, EBUSY) while a live client holds it.
+    pub fn lock_acquire(&self) -> Result<(), RbdError> {
+        // SAFETY: valid image.
+        check("acquire the exclusive lock", unsafe {
+            (api()?.rbd_lock_acquire)(self.ptr(), crate::api::LOCK_MODE_EXCLUSIVE)
+        })?;
+        Ok(())
+    }
+
+    /// Release a lock taken with `lock_acquire` (blocking).
+    pub fn lock_release(&self) -> Result<(), RbdError> {
+        // SAFETY: valid image.
+        check("release the exclusive lock", unsafe { (api()?.rbd_lock_release)(self.ptr()) })?;
+        Ok(())
+    }
+
+    /// The clients that hold the image's exclusive lock (blocking): none, or one.
+    pub fn lock_owners(&self) -> Result<Vec<String>, RbdError> {
+        let api = api()?;
+        let mut mode: c_int = 0;
+        let mut owners: [*mut c_char; 8] = [std::ptr::null_mut(); 8];
+        let mut n: usize = owners.len();
+        // SAFETY: room for `n` owner pointers; librbd allocates the strings, freed below.
+        let r = unsafe { (api.rbd_lock_get_owners)(self.ptr(), &mut mode, owners.as_mut_ptr(), &mut n) };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check("list the exclusive lock's owners", r)?;
+        let n = n.min(owners.len());
+        // SAFETY: librbd filled `n` NUL-terminated strings.
+        let out = owners[..n]
+            .iter()
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: releases exactly the strings librbd returned.
+        unsafe { (api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+        Ok(out)
+    }
+
+    /// Break `owner`'s exclusive lock (blocking). librbd blocklists the owner's client first
+    /// (`rbd_blocklist_on_break_lock`), so a writer that is only slow, not dead, can never write
+    /// again: call it only for an owner known to be gone.
+    pub fn lock_break(&self, owner: &str) -> Result<(), RbdError> {
+        let o = cstr(owner)?;
+        // SAFETY: valid image and C string.
+        check(format!("break the exclusive lock of {owner}"), unsafe {
+            (api()?.rbd_lock_break)(self.ptr(), crate::api::LOCK_MODE_EXCLUSIVE, o.as_ptr())
+        })?;
+        Ok(())
+    }
+
     /// Extents changed since snapshot `from` (None: allocated extents) in `[offset, offset+len)`.
     /// Blocking.
     pub fn diff(

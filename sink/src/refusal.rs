@@ -38,6 +38,7 @@ impl From<TargetError> for Refusal {
             TargetError::WouldShrink { .. } => ErrorCode::Size,
             TargetError::Io { .. } | TargetError::Ceph { .. } => ErrorCode::TargetIo,
             TargetError::BadState { .. } => ErrorCode::BadTarget,
+            TargetError::Busy { .. } => ErrorCode::Busy,
         };
         Refusal::new(code, e.to_string())
     }

@@ -98,7 +98,18 @@ fn rollback_file(root: &Path, state_root: &Path, name: &TargetName, rel: &Path) 
 async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &TargetName) -> Result<String> {
     let TargetName::Rbd(spec) = name else { unreachable!("called for rbd targets") };
     let ceph = roots.ceph.as_ref().context("rbd targets are disabled (--no-rbd)")?;
-    let (image, _) = RbdTarget::open(ceph, spec, name, 0, Access::ReadOnly).await?;
+    // Writing needs the image's exclusive lock: a dead sink's is broken at once; a live holder's
+    // (or one whose death is not certain yet) is waited for.
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let image = loop {
+        match RbdTarget::open(ceph, spec, name, 0, Access::Repair).await {
+            Err(TargetError::Busy { reason, .. }) if tokio::time::Instant::now() < deadline => {
+                eprintln!("{reason}; waiting");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            other => break other?.0,
+        }
+    };
     let mut state = image
         .load_state()
         .await?
@@ -112,20 +123,7 @@ async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &Tar
         bail!("{name}: the snapshot blockship-{epoch} of the committed epoch is missing (blockship snapshots: {snaps:?})");
     }
     let dropped = state.in_progress.as_ref().map(|p| p.epoch);
-    // A sink that died still owns the image's exclusive lock until its watch expires (about
-    // 30 s); librbd answers EROFS meanwhile.
-    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match image.rollback_to(epoch).await {
-            Err(TargetError::Ceph { source, .. })
-                if source.errno() == Some(libc::EROFS) && tokio::time::Instant::now() < deadline =>
-            {
-                eprintln!("{name}: waiting for the previous writer's exclusive lock to expire");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            other => break other?,
-        }
-    }
+    image.rollback_to(epoch).await?;
     state.in_progress = None;
     // The image changed under the index: force a rebuild from the data.
     state.index_token.clear();

@@ -162,6 +162,8 @@ async fn crash_at(kind: &Kind<'_>, point: &str, actions: &str) {
         other => panic!("{point}: committed epoch {other}"),
     }
     println!("{point} ({actions}): committed {committed}, {} acks before the crash", acks.len());
+    // A clean stop closes the image: a killed sink's watch would block its removal for ~30 s.
+    lab.stop();
 }
 
 /// Points hit per checkpoint or batch crash on a later hit, so that earlier checkpoints were

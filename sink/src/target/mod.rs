@@ -4,6 +4,7 @@
 
 pub mod direct;
 pub mod file;
+pub mod ownership;
 pub mod rbd;
 
 pub use blockship_ceph as librbd;
@@ -34,6 +35,8 @@ pub enum TargetError {
     Ceph { name: String, source: librbd::RbdError },
     #[error("target {name}: {reason}")]
     BadState { name: String, reason: String },
+    #[error("{reason}")]
+    Busy { name: String, reason: String },
 }
 
 impl From<StateError> for TargetError {

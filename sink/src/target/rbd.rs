@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::librbd::{self, ConnectOptions, Image, IoCtx, Rados, RbdError};
+use super::ownership::{self, Verdict};
 use super::{Access, Opened, TargetError, TargetName};
 use crate::state::ReplicationState;
 
@@ -155,6 +156,66 @@ pub struct RbdTarget {
     size: u64,
     name: TargetName,
     keep: u32,
+    /// Refreshes the ownership record while a writer has the image open.
+    _heartbeat: Option<Heartbeat>,
+}
+
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Take `image`'s exclusive lock for writing (see `ownership`): free, or held by a sink that is
+/// gone (its lock is broken), or refused with who holds it. Starts the heartbeat.
+async fn take_ownership(image: &Image, name: &TargetName) -> Result<Heartbeat, TargetError> {
+    let (img, n) = (image.clone(), name.to_string());
+    let taken = blocking(name, move || {
+        if img.is_lock_owner()? {
+            return Ok(Ok(img.lock_owners()?.into_iter().next().unwrap_or_default()));
+        }
+        let owners = img.lock_owners()?;
+        let record = img.metadata_get(ownership::OWNER_KEY)?.and_then(|t| serde_json::from_str(&t).ok());
+        match ownership::judge(&n, &owners, record.as_ref(), unix_now()) {
+            Verdict::Free => {}
+            Verdict::Dead(why) => {
+                tracing::warn!(target = %n, "breaking the image's exclusive lock: {why}");
+                for o in &owners {
+                    img.lock_break(o)?;
+                }
+            }
+            Verdict::Held(why) => return Ok(Err(why)),
+        }
+        img.lock_acquire()?;
+        let addr = img.lock_owners()?.into_iter().next().unwrap_or_default();
+        let record = serde_json::to_string(&ownership::me(&addr, unix_now())).expect("owner serializes");
+        img.metadata_set(ownership::OWNER_KEY, &record)?;
+        Ok(Ok(addr))
+    })
+    .await?;
+    let addr = taken.map_err(|reason| TargetError::Busy { name: name.to_string(), reason })?;
+    let img = image.clone();
+    Ok(Heartbeat(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ownership::HEARTBEAT).await;
+            let (img, addr) = (img.clone(), addr.clone());
+            let beat = tokio::task::spawn_blocking(move || {
+                let record =
+                    serde_json::to_string(&ownership::me(&addr, unix_now())).expect("owner serializes");
+                img.metadata_set(ownership::OWNER_KEY, &record)
+            })
+            .await;
+            if let Ok(Err(e)) = beat {
+                tracing::warn!("cannot refresh the image ownership heartbeat: {e}");
+            }
+        }
+    })))
 }
 
 impl RbdTarget {
@@ -190,6 +251,18 @@ impl RbdTarget {
         };
         let img = image.clone();
         let current = blocking(name, move || img.size()).await?;
+        if !created && access != Access::ReadOnly && access != Access::Repair && current > size {
+            // Refused before anything (the ownership record included) is written to it.
+            return Err(TargetError::WouldShrink {
+                name: name.to_string(),
+                target: current,
+                source_size: size,
+            });
+        }
+        let heartbeat = match access {
+            Access::ReadOnly => None,
+            _ => Some(take_ownership(&image, name).await?),
+        };
         let opened = if created {
             Opened::Created
         } else if matches!(access, Access::ReadOnly | Access::Repair) || current == size {
@@ -206,7 +279,16 @@ impl RbdTarget {
             });
         };
         let size = if matches!(access, Access::ReadOnly | Access::Repair) { current } else { size };
-        Ok((RbdTarget { image, size, name: name.clone(), keep: ceph.opts.keep_snapshots }, opened))
+        Ok((
+            RbdTarget {
+                image,
+                size,
+                name: name.clone(),
+                keep: ceph.opts.keep_snapshots,
+                _heartbeat: heartbeat,
+            },
+            opened,
+        ))
     }
 
     pub fn size(&self) -> u64 {
