@@ -8,6 +8,9 @@ use blockship_proto::codec::Compression;
 use blockship_transport::TlsFiles;
 use serde::Deserialize;
 
+use crate::engine::Transfer;
+use crate::link::LinkConfig;
+use crate::pace::{Pacer, Schedule};
 use crate::source::rbd::CephClient;
 use crate::source::vmware::VmwareOptions;
 use crate::source::SourceOptions;
@@ -235,6 +238,24 @@ impl AgentSettings {
 }
 
 impl Resolved {
+    /// How the engine reaches the sink.
+    pub fn link(&self) -> LinkConfig {
+        LinkConfig {
+            sink: self.sink.clone(),
+            tls: self.tls.clone(),
+            server_name: self.server_name.clone(),
+            tuning: self.tuning.clone(),
+            streams: self.streams,
+            pacer: self.bwlimit.map(|b| Pacer::new(Schedule::constant(Some(b)))),
+            adaptive: matches!(self.compression, Compression::Auto { .. }),
+        }
+    }
+
+    /// How the engine cuts and encodes data.
+    pub fn transfer(&self) -> Transfer {
+        Transfer { chunk_size: self.chunk_size, compression: self.compression, depth: self.depth }
+    }
+
     /// What the source named `spec` needs: Ceph client settings for rbd:, vSphere settings for
     /// vmware://HOST (checked here, so a missing setting is reported before anything starts).
     pub fn source_options(&self, spec: &str) -> Result<SourceOptions> {

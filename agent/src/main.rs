@@ -109,7 +109,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 progress: !no_progress && !common.json,
                 source_opts: cfg.source_options(&common.source)?,
             };
-            let summary = runtime.block_on(sync(&cfg, &req, &cfg.tuning))?;
+            let summary = runtime.block_on(sync(&cfg, &req))?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
@@ -120,8 +120,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Verify { common } => {
             let cfg = settings(&common)?;
             let opts = cfg.source_options(&common.source)?;
-            let summary =
-                runtime.block_on(verify(&cfg, &common.source, &common.target, &opts, &cfg.tuning))?;
+            let summary = runtime.block_on(verify(&cfg, &common.source, &common.target, &opts))?;
             if common.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -1,5 +1,5 @@
-//! Progress bar for interactive runs (stderr, only when it is a terminal): bytes examined out of
-//! the plan, with what went on the wire.
+//! Progress bars for interactive runs (stderr, only when it is a terminal): bytes examined out of
+//! the plan, with what went on the wire; `Bars` shows one per epoch the engine runs.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -53,6 +53,40 @@ impl Progress {
         }
         if let Some(b) = self.bar {
             b.finish_and_clear();
+        }
+    }
+}
+
+/// An engine observer drawing a bar per epoch (nothing when not on a terminal).
+pub struct Bars {
+    enabled: bool,
+    bars: std::sync::Mutex<Vec<(String, Progress)>>,
+}
+
+impl Bars {
+    pub fn new(enabled: bool) -> Self {
+        Bars { enabled, bars: std::sync::Mutex::default() }
+    }
+}
+
+impl crate::engine::Observer for Bars {
+    fn begun(&self, target: &str, epoch: u64, planned: u64, stats: &Arc<Stats>) {
+        let p = Progress::start(self.enabled, &format!("{target} epoch {epoch}"), planned, stats.clone());
+        self.bars.lock().unwrap_or_else(|p| p.into_inner()).push((target.to_string(), p));
+    }
+
+    fn waiting(&self, target: &str) {
+        for (t, p) in self.bars.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if t == target {
+                p.message("waiting for the sink to make the epoch durable");
+            }
+        }
+    }
+
+    fn ended(&self, target: &str) {
+        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = bars.iter().position(|(t, _)| t == target) {
+            bars.swap_remove(i).1.finish();
         }
     }
 }

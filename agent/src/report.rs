@@ -2,36 +2,25 @@
 
 use serde::Serialize;
 
+use crate::engine::epoch::EpochReport;
+
+/// What `sync` did: the epoch's report with the target, the whole run's time and rate.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncSummary {
     pub target: String,
-    pub epoch: u64,
-    /// "full", "compare" or "incremental".
-    pub mode: String,
-    /// Why a full or compare sync ran instead of the platform's change tracking ("" otherwise).
-    pub note: String,
-    /// Change point recorded with this epoch (changeId, bitmap, snapshot; "" if none).
-    pub change_point: String,
-    /// How the source was read: io_uring, pread, nbd, librbd.
-    pub reader: String,
-    /// Offset an interrupted incremental epoch resumed from (0: from the start).
-    pub resumed_from: u64,
-    pub disk_size: u64,
-    /// Bytes the plan covered (examined).
-    pub bytes_scanned: u64,
-    pub bytes_read: u64,
-    /// Payload bytes on the wire, after compression.
-    pub bytes_sent: u64,
-    /// Raw bytes of the chunks sent.
-    pub bytes_data: u64,
-    pub bytes_zero: u64,
-    /// Bytes equal in source and target (compare mode), not sent.
-    pub bytes_equal: u64,
-    pub chunks_sent: u64,
-    pub zero_extents: u64,
-    pub seconds: f64,
-    /// Scanned bytes per second, in MB/s (10^6).
+    #[serde(flatten)]
+    pub epoch: EpochReport,
+    /// Scanned bytes per second over the whole run, in MB/s (10^6).
     pub mb_per_s: f64,
+}
+
+impl SyncSummary {
+    /// The summary of `epoch`, for a run of `seconds` (connecting and freezing included).
+    pub fn new(target: &str, mut epoch: EpochReport, seconds: f64) -> Self {
+        epoch.seconds = seconds;
+        let mb_per_s = epoch.bytes_scanned as f64 / seconds.max(1e-9) / 1e6;
+        SyncSummary { target: target.to_string(), epoch, mb_per_s }
+    }
 }
 
 fn size(b: u64) -> String {
@@ -40,19 +29,20 @@ fn size(b: u64) -> String {
 
 impl SyncSummary {
     pub fn human(&self) -> String {
+        let e = &self.epoch;
         format!(
             "epoch {} committed to {} ({}{}): {} scanned, {} read, {} sent in {} chunks, {} zero, {} unchanged; {:.1} s, {:.0} MB/s",
-            self.epoch,
+            e.epoch,
             self.target,
-            self.mode,
-            if self.resumed_from > 0 { format!(", resumed at {}", size(self.resumed_from)) } else { String::new() },
-            size(self.bytes_scanned),
-            size(self.bytes_read),
-            size(self.bytes_sent),
-            self.chunks_sent,
-            size(self.bytes_zero),
-            size(self.bytes_equal),
-            self.seconds,
+            e.mode,
+            if e.resumed_from > 0 { format!(", resumed at {}", size(e.resumed_from)) } else { String::new() },
+            size(e.bytes_scanned),
+            size(e.bytes_read),
+            size(e.bytes_sent),
+            e.chunks_sent,
+            size(e.bytes_zero),
+            size(e.bytes_equal),
+            e.seconds,
             self.mb_per_s,
         )
     }

@@ -11,12 +11,11 @@ use futures::StreamExt;
 
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
+use crate::link::Link;
 use crate::report::VerifySummary;
-use crate::session::Session;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
 
-const DISK: u32 = 1;
 /// Differing ranges listed in the report.
 const MAX_RANGES: usize = 10;
 
@@ -25,15 +24,25 @@ pub async fn verify(
     source_spec: &str,
     target: &str,
     opts: &SourceOptions,
-    tuning: &blockship_transport::QuicTuning,
 ) -> Result<VerifySummary, AgentError> {
     let started = Instant::now();
     let origin = Origin::open(source_spec, opts).await?;
+    let result = compare(cfg, &origin, target, started).await;
+    origin.close().await;
+    result
+}
+
+async fn compare(
+    cfg: &Resolved,
+    origin: &Origin,
+    target: &str,
+    started: Instant,
+) -> Result<VerifySummary, AgentError> {
     let size = origin.size();
-    let mut session = Session::connect(&cfg.sink, &cfg.tls, cfg.server_name.as_deref(), tuning).await?;
-    let opened = session
+    let link = Link::connect(&cfg.link()).await?;
+    let (disk, opened) = link
         .open_disk(OpenDisk {
-            disk: DISK,
+            disk: 0,
             disk_id: origin.disk_id(),
             size,
             target: target.to_string(),
@@ -42,7 +51,7 @@ pub async fn verify(
         })
         .await?;
     // An RBD source is compared at the snapshot of the target's last committed epoch.
-    let source: Arc<Source> = match &origin {
+    let source: Arc<Source> = match origin {
         Origin::Plain { source, .. } => source.clone(),
         Origin::Rbd(r) if !opened.change_point.is_empty() => {
             Arc::new(Source::Rbd(r.view(&opened.change_point).await?))
@@ -60,7 +69,7 @@ pub async fn verify(
     };
     let cs = opened.chunk_size;
     let compared = size.min(opened.target_size);
-    session.send(&Body::VerifyRequest(VerifyRequest { disk: DISK })).await?;
+    disk.send(&Body::VerifyRequest(VerifyRequest { disk: disk.handle })).await?;
 
     let allocated = source.allocated().await?;
     let (_, works) = chunker::compare(allocated, cs, compared);
@@ -86,7 +95,7 @@ pub async fn verify(
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let chunks = blockship_proto::chunk_count(compared, cs);
     while chunk < chunks {
-        let list = session.next_hash_list().await?;
+        let list = disk.hash_list().await?;
         if list.first_chunk != chunk || list.hashes.len() % HASH_LEN != 0 {
             return Err(AgentError::Protocol(format!(
                 "verify hashes for chunk {}, expected {chunk}",
@@ -119,10 +128,10 @@ pub async fn verify(
     if chunk != chunks {
         return Err(AgentError::Protocol(format!("sink verified {chunk} chunks, expected {chunks}")));
     }
-    session.close().await;
     drop(ours);
     drop(source);
-    origin.close().await;
+    drop(disk);
+    link.close().await;
     Ok(VerifySummary {
         target: target.to_string(),
         equal: differing == 0 && size == opened.target_size,

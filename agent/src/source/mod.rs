@@ -7,6 +7,7 @@
 //! retried from the view it was reading when that view still exists, and resumes only from it.
 
 pub mod file;
+pub mod group;
 pub mod nbd;
 pub mod rbd;
 pub mod uring;

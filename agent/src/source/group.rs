@@ -1,0 +1,73 @@
+//! The sources of a group of disks that must share a point in time (the disks of one VM). The
+//! group freezes its members together where the platform can: one VM snapshot for all disks of
+//! a VMware VM, one QMP transaction for the disks of a running QEMU. Members of other kinds are
+//! frozen one after another, which is one point in time only for sources that do not change
+//! (stopped machines); `consistency` says which it is, for `status` and the logs.
+
+use super::{Freeze, Origin, PointInTime, SourceError};
+
+/// How a group's point in time is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// One atomic point in time for every member.
+    Atomic,
+    /// Members frozen one after another (crash-consistent per disk, not across disks).
+    PerDisk,
+}
+
+pub struct GroupOrigin {
+    members: Vec<Origin>,
+}
+
+impl GroupOrigin {
+    /// Independent members, frozen one after another.
+    pub fn of(members: Vec<Origin>) -> Self {
+        GroupOrigin { members }
+    }
+
+    pub fn members(&self) -> &[Origin] {
+        &self.members
+    }
+
+    pub fn consistency(&self) -> Consistency {
+        if self.members.len() <= 1 {
+            Consistency::Atomic
+        } else {
+            Consistency::PerDisk
+        }
+    }
+
+    /// Freeze every member's point in time (`freezes[i]` for member i). On failure the points
+    /// already taken are kept for the retry, like a failed epoch's.
+    pub async fn freeze(&self, freezes: &[Freeze<'_>]) -> Result<Vec<PointInTime>, SourceError> {
+        let mut points = Vec::with_capacity(self.members.len());
+        for (m, f) in self.members.iter().zip(freezes) {
+            match m.freeze(f).await {
+                Ok(p) => points.push(p),
+                Err(e) => {
+                    for (m, p) in self.members.iter().zip(points) {
+                        let _ = m.finish(p, false).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    /// End of a cycle: release or keep every member's point in time.
+    pub async fn finish(&self, points: Vec<PointInTime>, committed: bool) {
+        for (m, p) in self.members.iter().zip(points) {
+            if let Err(e) = m.finish(p, committed).await {
+                tracing::warn!(committed, "releasing a source point in time failed: {e}");
+            }
+        }
+    }
+
+    pub async fn close(&self) {
+        for m in &self.members {
+            m.close().await;
+        }
+    }
+}
