@@ -6,6 +6,7 @@ pub mod adaptive;
 pub mod changes;
 pub mod chunker;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod extents;
 pub mod link;

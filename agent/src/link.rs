@@ -536,7 +536,11 @@ async fn read_replies(link: std::sync::Weak<Inner>, mut reader: FrameReader<quin
     };
     if let Some(inner) = link.upgrade() {
         let failure = Link::reason_of(&inner.conn, failure);
-        tracing::warn!(sink = %inner.sink, "connection to the sink failed: {failure}");
+        if inner.data.is_closed() {
+            tracing::debug!(sink = %inner.sink, "connection closed: {failure}");
+        } else {
+            tracing::warn!(sink = %inner.sink, "connection to the sink failed: {failure}");
+        }
         *inner.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure);
         // Every waiter learns of it (its channel closes).
         inner.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();

@@ -1,4 +1,6 @@
-//! `blockship-agent`: `sync` a disk to a sink (one epoch per run) and `verify` a replica.
+//! `blockship-agent`: `sync` a disk to a sink (one epoch per run), `verify` a replica, `run` the
+//! daemon that keeps groups of disks replicated, and talk to a running daemon (`status`,
+//! `pause`, `resume`, `sync-now`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +9,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use blockship_agent::config::AgentSettings;
+use blockship_agent::daemon::pb::{GroupRequest, ListGroupsRequest};
 use blockship_agent::sync::{changes_from_flags, sync, SyncRequest};
 use blockship_agent::verify::verify;
 
@@ -65,6 +68,55 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Run the daemon: keep the groups of the config replicated, each at one point in time.
+    Run {
+        /// The daemon's TOML config ([agent], [daemon], [bandwidth], [[group]]; see README).
+        #[arg(long)]
+        config: PathBuf,
+        /// Unix socket of the control service (default: [daemon] control_socket, else
+        /// /run/blockship/agent.sock).
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+        /// Override [agent] settings.
+        #[command(flatten)]
+        settings: AgentSettings,
+    },
+    /// Show what every group of the running daemon does (RPO, last cycle, next cycle, errors).
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop starting cycles of a group (a running cycle finishes).
+    Pause {
+        #[command(flatten)]
+        control: ControlArgs,
+        group: String,
+    },
+    /// Start cycles of a paused group again.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
+        group: String,
+    },
+    /// Start a cycle of a group now.
+    SyncNow {
+        #[command(flatten)]
+        control: ControlArgs,
+        group: String,
+    },
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/blockship/agent.sock")]
+    control_socket: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -94,9 +146,19 @@ fn settings(common: &Common) -> Result<blockship_agent::config::Resolved> {
     common.settings.clone().over(file).resolve()
 }
 
+/// A control service refusal, in the operator's terms.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(32).build()?;
+    let command = match &cli.cmd {
+        Cmd::Pause { .. } => "pause",
+        Cmd::Resume { .. } => "resume",
+        _ => "sync-now",
+    };
     match cli.cmd {
         Cmd::Sync { common, changes, changed_areas, change_point, disk_id, no_progress } => {
             let cfg = settings(&common)?;
@@ -115,6 +177,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", summary.human());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { config, control_socket, settings } => {
+            let d = blockship_agent::daemon::config::DaemonFile::from_file(&config)?
+                .resolve(settings, control_socket)?;
+            runtime.block_on(blockship_agent::daemon::run(d))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { control, group, json } => {
+            runtime.block_on(async {
+                let mut c = blockship_agent::daemon::control::connect(&control.control_socket).await?;
+                let groups = match group {
+                    Some(name) => {
+                        let r = c.group_status(GroupRequest { name }).await.map_err(status_error)?;
+                        r.into_inner().group.into_iter().collect()
+                    }
+                    None => {
+                        c.list_groups(ListGroupsRequest {}).await.map_err(status_error)?.into_inner().groups
+                    }
+                };
+                if json {
+                    println!("{}", serde_json::to_string(&groups)?);
+                } else {
+                    print!("{}", blockship_agent::daemon::status::table(&groups));
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pause { control, group } | Cmd::Resume { control, group } | Cmd::SyncNow { control, group } => {
+            runtime.block_on(async {
+                let mut c = blockship_agent::daemon::control::connect(&control.control_socket).await?;
+                let req = GroupRequest { name: group };
+                let r = match command {
+                    "pause" => c.pause(req).await,
+                    "resume" => c.resume(req).await,
+                    _ => c.sync_now(req).await,
+                }
+                .map_err(status_error)?;
+                if let Some(g) = r.into_inner().group {
+                    print!("{}", blockship_agent::daemon::status::table(&[g]));
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify { common } => {

@@ -3,8 +3,9 @@
 //! a group is opened, its members' states must agree: all at the same committed epoch, except
 //! after a crash in the middle of a group commit, when some members recorded epoch N and the
 //! others are still prepared for it — every point in time of N already exists then, so the
-//! commit is completed (rolled forward). The membership is also kept in the sink's state dir
-//! (`groups/`), so `rollback --group` can find the members.
+//! commit is completed (rolled forward). Groups are named per agent (`AGENT/GROUP`): agents
+//! never share or see each other's groups. The membership is also kept in the sink's state dir
+//! (`groups/`), so `rollback --group AGENT/GROUP` can find the members.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,11 +85,13 @@ pub fn read(name: &str, states: &[(String, ReplicationState)]) -> Result<Reading
 /// record and committed epoch.
 pub async fn open(
     state_root: &Path,
-    name: &str,
+    agent: &str,
+    group: &str,
     members: &[Arc<Disk>],
 ) -> Result<(GroupRecord, u64), Refusal> {
     let refuse = |m: String| Refusal::new(ErrorCode::BadTarget, m);
-    check_name(name).map_err(refuse)?;
+    check_name(group).map_err(refuse)?;
+    let name = &format!("{agent}/{group}");
     if members.is_empty() {
         return Err(refuse(format!("group {name:?} has no members")));
     }
@@ -138,8 +141,15 @@ pub struct Registered {
     pub members: Vec<String>,
 }
 
+/// `groups/READABLE-DIGEST.json`: agent names may hold any character.
 fn registry_path(state_root: &Path, name: &str) -> PathBuf {
-    state_root.join("groups").join(format!("{name}.json"))
+    let readable: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') { c } else { '_' })
+        .take(80)
+        .collect();
+    let digest = blake3::hash(name.as_bytes()).to_hex();
+    state_root.join("groups").join(format!("{readable}-{}.json", &digest[..12]))
 }
 
 /// Record (atomically) that group `record.name` has these members.
@@ -160,12 +170,15 @@ pub fn register(state_root: &Path, record: &GroupRecord) -> std::io::Result<()> 
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The members of group `name` as this sink recorded them.
+/// The members of group `name` (`AGENT/GROUP`) as this sink recorded them.
 pub fn registered(state_root: &Path, name: &str) -> Result<Registered, String> {
-    check_name(name)?;
     let path = registry_path(state_root, name);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| format!("group {name:?} is not known to this state dir ({}: {e})", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "group {name:?} is not known to this state dir ({}: {e}); groups are named AGENT/GROUP",
+            path.display()
+        )
+    })?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -224,10 +237,10 @@ mod tests {
     #[test]
     fn the_registry_remembers_members() {
         let dir = tempfile::tempdir().unwrap();
-        let rec = GroupRecord { name: "vm42".into(), members: vec!["file:a".into(), "file:b".into()] };
+        let rec = GroupRecord { name: "esx01/vm42".into(), members: vec!["file:a".into(), "file:b".into()] };
         register(dir.path(), &rec).unwrap();
         register(dir.path(), &rec).unwrap();
-        assert_eq!(registered(dir.path(), "vm42").unwrap().members, rec.members);
+        assert_eq!(registered(dir.path(), "esx01/vm42").unwrap().members, rec.members);
         assert!(registered(dir.path(), "nope").unwrap_err().contains("not known"));
     }
 }

@@ -38,8 +38,12 @@ enum Cmd {
     /// writing the target first.
     Rollback {
         /// The target, e.g. rbd:volumes/volume-1234 or file:esx01/vm1-disk0.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        target: Option<String>,
+        /// Every member of group AGENT/GROUP (as the agent's config names it), to the group's
+        /// committed epoch; needs --state-dir.
         #[arg(long)]
-        target: String,
+        group: Option<String>,
         /// The sink's state dir (file targets: required; rbd: its hash index is dropped too).
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -107,22 +111,27 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Rollback { target, state_dir, file_root, ceph } => {
-            let ceph = if target.starts_with("rbd:") {
-                Some(
-                    ceph.resolve()?
-                        .context("rolling back an rbd target needs rbd support (drop --no-rbd)")?,
-                )
-            } else {
-                None
+        Cmd::Rollback { target, group, state_dir, file_root, ceph } => {
+            // Ceph is needed for rbd targets (and may be for a group's members).
+            let ceph = match (&target, ceph.resolve()) {
+                (Some(t), r) if t.starts_with("rbd:") => {
+                    Some(r?.context("rolling back an rbd target needs rbd support (drop --no-rbd)")?)
+                }
+                (Some(_), _) => None,
+                (None, r) => r?,
             };
             let roots = TargetRoots { file_root, ceph: ceph.map(|c| std::sync::Arc::new(Ceph::new(c))) };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let msg = runtime.block_on(blockship_sink::rollback::rollback(
-                &roots,
-                state_dir.as_deref(),
-                &target,
-            ))?;
+            let msg = runtime.block_on(async {
+                match (&target, &group) {
+                    (Some(t), _) => blockship_sink::rollback::rollback(&roots, state_dir.as_deref(), t).await,
+                    (None, Some(g)) => {
+                        let dir = state_dir.as_deref().context("--group needs the sink's --state-dir")?;
+                        blockship_sink::rollback::rollback_group(&roots, dir, g).await
+                    }
+                    (None, None) => unreachable!("clap requires --target or --group"),
+                }
+            })?;
             println!("{msg}");
             Ok(())
         }

@@ -2,7 +2,8 @@
 //! was applied only in part (the way rbd-mirror drops a partial delta): an RBD image to its
 //! `blockship-<epoch>` snapshot, a file through its undo journal. The replication state is reset
 //! to that epoch and the hash index entries of what changed are invalidated (rebuilt from the
-//! data when next needed).
+//! data when next needed). `--group AGENT/GROUP` does it for every member of a group, after
+//! completing a group commit a crash interrupted, so all members end at the same epoch.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::index::{HashIndex, IndexOrigin, STALE};
-use crate::state::StateDir;
+use crate::state::{ReplicationState, StateDir};
 use crate::target::file::FileTarget;
 use crate::target::rbd::RbdTarget;
 use crate::target::{Access, TargetError, TargetName, TargetRoots};
@@ -136,4 +137,79 @@ async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &Tar
         Some(e) => format!("{name}: rolled back to blockship-{epoch}; the unfinished epoch {e} was dropped"),
         None => format!("{name}: rolled back to blockship-{epoch} (no epoch was in progress)"),
     })
+}
+
+/// A member's state, read where it lives.
+async fn member_state(roots: &TargetRoots, state_root: &Path, target: &str) -> Result<ReplicationState> {
+    let name = TargetName::parse(target)?;
+    match &name {
+        TargetName::File(_) => StateDir::for_target(state_root, target)?
+            .load()?
+            .with_context(|| format!("{name} has no replication state in this --state-dir")),
+        TargetName::Rbd(spec) => {
+            let ceph = roots.ceph.as_ref().context("rbd targets are disabled (--no-rbd)")?;
+            let (image, _) = RbdTarget::open(ceph, spec, &name, 0, Access::ReadOnly).await?;
+            image
+                .load_state()
+                .await?
+                .with_context(|| format!("{name} carries no Blockship replication state"))
+        }
+    }
+}
+
+/// Write a member's state where it lives (the image's lock is taken for an RBD member).
+async fn store_member_state(
+    roots: &TargetRoots,
+    state_root: &Path,
+    target: &str,
+    state: &ReplicationState,
+) -> Result<()> {
+    let name = TargetName::parse(target)?;
+    match &name {
+        TargetName::File(_) => {
+            let dir = StateDir::for_target(state_root, target)?;
+            let _lock = dir.lock(target)?;
+            dir.store(state)?;
+            crate::undo::discard(&dir.undo_path())?;
+        }
+        TargetName::Rbd(spec) => {
+            let ceph = roots.ceph.as_ref().context("rbd targets are disabled (--no-rbd)")?;
+            let (image, _) = RbdTarget::open(ceph, spec, &name, 0, Access::Repair).await?;
+            image.store_state(state).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Return every member of group `name` (`AGENT/GROUP`) to the group's committed epoch.
+pub async fn rollback_group(roots: &TargetRoots, state_root: &Path, name: &str) -> Result<String> {
+    let reg = crate::group::registered(state_root, name).map_err(anyhow::Error::msg)?;
+    let mut states = Vec::new();
+    for t in &reg.members {
+        states.push((t.clone(), member_state(roots, state_root, t).await?));
+    }
+    let reading = crate::group::read(name, &states).map_err(anyhow::Error::msg)?;
+    let mut lines = Vec::new();
+    for &i in &reading.roll_forward {
+        let (target, mut state) = states[i].clone();
+        let point = state.in_progress.as_ref().and_then(|p| p.prepared.clone()).unwrap_or_default();
+        let (token, size, committed_at) = (state.index_token.clone(), state.size, state.committed_at);
+        let record = state.group.clone();
+        crate::commit::record(
+            &mut state,
+            reading.committed,
+            point,
+            committed_at,
+            size,
+            token,
+            record.as_ref(),
+        );
+        store_member_state(roots, state_root, &target, &state).await?;
+        lines.push(format!("{target}: completed the group commit of epoch {}", reading.committed));
+    }
+    for target in &reg.members {
+        lines.push(rollback(roots, Some(state_root), target).await?);
+    }
+    lines.push(format!("group {name}: every member is at epoch {}", reading.committed));
+    Ok(lines.join("\n"))
 }

@@ -405,9 +405,10 @@ impl Session<'_> {
                     .map(|&h| lookup(self.disks, h))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|r| (scope(), r))?;
-                let (record, committed) = crate::group::open(&self.ctx.state_root, &req.group, &members)
-                    .await
-                    .map_err(|r| (scope(), r))?;
+                let (record, committed) =
+                    crate::group::open(&self.ctx.state_root, &self.holder.agent, &req.group, &members)
+                        .await
+                        .map_err(|r| (scope(), r))?;
                 self.groups.insert(req.group.clone(), (record, req.disks.clone(), committed));
                 self.control
                     .send(Body::GroupOpened(pb::GroupOpened { group: req.group, committed_epoch: committed }))

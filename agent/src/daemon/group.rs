@@ -1,0 +1,247 @@
+//! One group's life in the daemon: wait for its next cycle (its interval after the last start,
+//! at once when a cycle overran it, or now on `SyncNow`), run the cycle on the shared link, and
+//! report. The group's disks stay open on the sink between cycles, so an idle cycle costs one
+//! change query per disk and one small commit. A failing cycle backs off (exponentially, capped)
+//! without holding up the other groups; its sources are opened afresh. Pause and Resume stop and
+//! restart the schedule; on shutdown a running cycle may finish, then the group's disks close.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use super::config::{Group, Kind};
+use super::links::Links;
+use super::pb;
+use super::status::{unix_ms, Board};
+use crate::config::Resolved;
+use crate::engine::cycle::{self, CycleReport, Member, OpenMember};
+use crate::engine::{Quiet, Transfer};
+use crate::source::group::GroupOrigin;
+use crate::source::Origin;
+use crate::AgentError;
+
+/// What the control service can ask of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    SyncNow,
+    Pause,
+    Resume,
+}
+
+/// What every group task shares.
+pub struct Shared {
+    pub agent: Resolved,
+    pub links: Links,
+    pub board: Arc<Board>,
+    pub transfer: Transfer,
+    pub parallel: Arc<Semaphore>,
+    pub max_backoff: Duration,
+}
+
+/// First wait after a failure; it doubles with every failure in a row.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The initial status of group `g`.
+pub fn initial(g: &Group) -> pb::Group {
+    pb::Group {
+        name: g.name.clone(),
+        kind: serde_json::to_value(g.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        state: if g.paused { "paused" } else { "idle" }.into(),
+        consistency: if g.section.disks.len() <= 1 || matches!(g.kind, Kind::Vmware | Kind::Qemu) {
+            "atomic"
+        } else {
+            "per-disk"
+        }
+        .into(),
+        interval_ms: g.interval.as_millis() as u64,
+        disks: g
+            .section
+            .disks
+            .iter()
+            .map(|d| pb::Disk {
+                target: d.target.clone(),
+                source: d.source.clone().or_else(|| d.disk.clone()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The group's sources, opened.
+async fn open_origin(g: &Group, agent: &Resolved) -> Result<GroupOrigin, AgentError> {
+    match g.kind {
+        Kind::File | Kind::Rbd => {
+            let mut members = Vec::new();
+            for d in &g.section.disks {
+                let source = d.source.as_deref().unwrap_or_default();
+                let opts = agent.source_options(source).map_err(|e| AgentError::Usage(format!("{e:#}")))?;
+                members.push(Origin::open(source, &opts).await?);
+            }
+            Ok(GroupOrigin::of(members))
+        }
+        Kind::Vmware | Kind::Qemu => Err(AgentError::Usage(format!(
+            "group {:?}: {:?} groups are not supported by this build",
+            g.name, g.kind
+        ))),
+    }
+}
+
+/// Run group `g` until `stop` turns true.
+pub async fn run(
+    g: Group,
+    shared: Arc<Shared>,
+    mut commands: mpsc::Receiver<Command>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let members: Vec<Member> = g
+        .section
+        .disks
+        .iter()
+        .map(|d| Member {
+            target: d.target.clone(),
+            disk_id: d.disk_id.clone(),
+            changes: g.changes.clone(),
+            change_point: None,
+            file_extents: None,
+        })
+        .collect();
+    let mut origin: Option<GroupOrigin> = None;
+    let mut open: Vec<Option<OpenMember>> = (0..members.len()).map(|_| None).collect();
+    let mut on_link: Option<u64> = None;
+    let (mut paused, mut failures, mut cycles) = (g.paused, 0u32, 0u64);
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let state = if paused {
+            "paused"
+        } else if failures > 0 {
+            "backoff"
+        } else {
+            "idle"
+        };
+        let next_at = SystemTime::now() + next.saturating_duration_since(tokio::time::Instant::now());
+        shared.board.update(&g.name, |s| {
+            s.state = state.into();
+            s.next_cycle_unix_ms = if paused { 0 } else { unix_ms(next_at) };
+        });
+        tokio::select! {
+            _ = tokio::time::sleep_until(next), if !paused => {}
+            cmd = commands.recv() => {
+                match cmd {
+                    Some(Command::SyncNow) => next = tokio::time::Instant::now(),
+                    Some(Command::Pause) => paused = true,
+                    Some(Command::Resume) => paused = false,
+                    None => {}
+                }
+                continue;
+            }
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+        shared.board.update(&g.name, |s| s.state = "syncing".into());
+        let started = tokio::time::Instant::now();
+        let result = once(&g, &shared, &members, &mut origin, &mut open, &mut on_link).await;
+        cycles += 1;
+        match result {
+            Ok(report) => {
+                failures = 0;
+                record(&shared.board, &g.name, &report, cycles);
+                // An overrunning cycle is followed at once by the next.
+                next = (started + g.interval).max(tokio::time::Instant::now());
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(16)).min(shared.max_backoff);
+                tracing::warn!(group = %g.name, failures, retry_in = ?wait, "cycle failed: {e}");
+                shared.board.update(&g.name, |s| {
+                    s.last_error = e.to_string();
+                    s.failures = failures;
+                    s.cycles = cycles;
+                });
+                // Sources may be what broke: open them afresh.
+                if let Some(o) = origin.take() {
+                    o.close().await;
+                }
+                next = tokio::time::Instant::now() + wait;
+            }
+        }
+    }
+    shared.board.update(&g.name, |s| s.state = "stopping".into());
+    for m in open.iter_mut().filter_map(Option::take) {
+        m.disk.close().await;
+    }
+    if let Some(o) = origin.take() {
+        o.close().await;
+    }
+}
+
+async fn once(
+    g: &Group,
+    shared: &Shared,
+    members: &[Member],
+    origin: &mut Option<GroupOrigin>,
+    open: &mut [Option<OpenMember>],
+    on_link: &mut Option<u64>,
+) -> Result<CycleReport, AgentError> {
+    if origin.is_none() {
+        *origin = Some(open_origin(g, &shared.agent).await?);
+    }
+    let (id, link) = shared.links.get().await?;
+    if *on_link != Some(id) {
+        // A new connection: the disks are opened on it afresh.
+        for slot in open.iter_mut() {
+            *slot = None;
+        }
+        *on_link = Some(id);
+    }
+    let origin = origin.as_ref().expect("opened above");
+    let name = (members.len() > 1 || matches!(g.kind, Kind::Vmware | Kind::Qemu)).then_some(g.name.as_str());
+    let report =
+        cycle::run(&link, name, origin, members, open, &shared.transfer, &shared.parallel, &Quiet).await;
+    if report.is_err() && link.is_broken() {
+        shared.links.drop_broken(id).await;
+    }
+    report
+}
+
+/// Put a committed cycle into the status (and the log).
+fn record(board: &Board, name: &str, r: &CycleReport, cycles: u64) {
+    let point = unix_ms(r.frozen_at);
+    let read: u64 = r.members.iter().map(|m| m.bytes_read).sum();
+    let sent: u64 = r.members.iter().map(|m| m.bytes_sent).sum();
+    let scanned: u64 = r.members.iter().map(|m| m.bytes_scanned).sum();
+    let rpo = (unix_ms(SystemTime::now()) - point) as f64 / 1000.0;
+    tracing::info!(
+        group = name,
+        epoch = r.epoch,
+        seconds = r.seconds,
+        bytes_read = read,
+        rpo,
+        "group epoch committed"
+    );
+    board.update(name, |s| {
+        s.committed_epoch = r.epoch;
+        s.committed_point_unix_ms = point;
+        s.last_cycle_seconds = r.seconds;
+        s.last_cycle_bytes_read = read;
+        s.last_cycle_bytes_sent = sent;
+        s.last_cycle_mb_per_s = scanned as f64 / r.seconds.max(1e-9) / 1e6;
+        s.last_error.clear();
+        s.failures = 0;
+        s.cycles = cycles;
+        for (d, m) in s.disks.iter_mut().zip(&r.members) {
+            d.committed_epoch = m.epoch;
+            d.mode = m.mode.clone();
+            d.note = m.note.clone();
+            d.bytes_read = m.bytes_read;
+            d.bytes_sent = m.bytes_sent;
+            d.seconds = m.seconds;
+        }
+    });
+}
