@@ -66,6 +66,12 @@ async fn compare(
                     .into(),
             ))
         }
+        Origin::Qemu(..) => {
+            return Err(AgentError::Usage(
+                "verify reads a running VM's disk through an NBD export of a frozen view: use --source nbd+unix://..."
+                    .into(),
+            ))
+        }
     };
     let cs = opened.chunk_size;
     let compared = size.min(opened.target_size);

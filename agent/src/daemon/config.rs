@@ -85,6 +85,8 @@ pub struct GroupSection {
     pub nbd_command: Option<String>,
     /// qemu: the QMP socket of the running QEMU or qemu-storage-daemon.
     pub qmp: Option<PathBuf>,
+    /// qemu: the socket of an NBD server QEMU already runs (default: the agent starts one).
+    pub nbd_socket: Option<PathBuf>,
     pub disks: Vec<DiskSection>,
 }
 

@@ -84,7 +84,21 @@ async fn open_origin(g: &Group, agent: &Resolved) -> Result<GroupOrigin, AgentEr
             }
             Ok(GroupOrigin::of(members))
         }
-        Kind::Vmware | Kind::Qemu => Err(AgentError::Usage(format!(
+        Kind::Qemu => {
+            let disks: Vec<(String, String)> = g
+                .section
+                .disks
+                .iter()
+                .map(|d| (d.disk.clone().unwrap_or_default(), d.target.clone()))
+                .collect();
+            let qmp = g.section.qmp.clone().unwrap_or_default();
+            let dir = std::env::temp_dir().join(format!("blockship-qemu-{}", g.name));
+            let vm = crate::source::qemu::QemuVm::open(&qmp, &disks, g.section.nbd_socket.as_deref(), &dir)
+                .await
+                .map_err(crate::source::SourceError::from)?;
+            Ok(GroupOrigin::of((0..disks.len()).map(|i| Origin::Qemu(vm.clone(), i)).collect()))
+        }
+        Kind::Vmware => Err(AgentError::Usage(format!(
             "group {:?}: {:?} groups are not supported by this build",
             g.name, g.kind
         ))),

@@ -154,6 +154,7 @@ async fn cycle(
             epoch,
             prior_view: m.opened.in_progress.as_ref().filter(|p| p.epoch == epoch).map(|p| p.view.as_str()),
             declared_point: spec.change_point.as_deref(),
+            stored_point: Some(m.opened.change_point.as_str()),
             target: &spec.target,
         })
         .collect();

@@ -82,6 +82,22 @@ pub async fn delta(
                 Err(e) => Ok(Delta::Unusable(format!("vCenter could not list the changed areas: {e}"))),
             }
         }
+        (Origin::Qemu(..), Hold::Qemu(view)) => {
+            if stored.is_empty() {
+                return Ok(Delta::Unusable(
+                    "the target has no change point (no dirty bitmap to read)".into(),
+                ));
+            }
+            if view.bitmap.as_deref() != Some(stored) {
+                return Ok(Delta::Unusable(format!(
+                    "the VM has no dirty bitmap {stored:?} (QEMU restarted, or the bitmap was lost)"
+                )));
+            }
+            let n = NbdSource::connect(&view.uri, Some(stored)).await?;
+            let dirty = n.dirty(stored).await;
+            let _ = n.disconnect().await;
+            Ok(Delta::Changed(dirty?))
+        }
         _ => Ok(Delta::Untracked),
     }
 }

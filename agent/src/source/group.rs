@@ -20,6 +20,18 @@ pub struct GroupOrigin {
     members: Vec<Origin>,
 }
 
+/// The VM every member is a disk of, when they all are disks of one QEMU (frozen together).
+fn one_qemu(members: &[Origin]) -> Option<&std::sync::Arc<super::qemu::QemuVm>> {
+    let first = match members.first()? {
+        Origin::Qemu(vm, _) => vm,
+        _ => return None,
+    };
+    members
+        .iter()
+        .all(|m| matches!(m, Origin::Qemu(vm, _) if std::sync::Arc::ptr_eq(vm, first)))
+        .then_some(first)
+}
+
 impl GroupOrigin {
     /// Independent members, frozen one after another.
     pub fn of(members: Vec<Origin>) -> Self {
@@ -31,7 +43,7 @@ impl GroupOrigin {
     }
 
     pub fn consistency(&self) -> Consistency {
-        if self.members.len() <= 1 {
+        if self.members.len() <= 1 || one_qemu(&self.members).is_some() {
             Consistency::Atomic
         } else {
             Consistency::PerDisk
@@ -41,6 +53,10 @@ impl GroupOrigin {
     /// Freeze every member's point in time (`freezes[i]` for member i). On failure the points
     /// already taken are kept for the retry, like a failed epoch's.
     pub async fn freeze(&self, freezes: &[Freeze<'_>]) -> Result<Vec<PointInTime>, SourceError> {
+        if let Some(vm) = one_qemu(&self.members) {
+            // Members are the VM's disks in its order (see `QemuVm::open`).
+            return Ok(vm.freeze(freezes).await?);
+        }
         let mut points = Vec::with_capacity(self.members.len());
         for (m, f) in self.members.iter().zip(freezes) {
             match m.freeze(f).await {
@@ -58,6 +74,12 @@ impl GroupOrigin {
 
     /// End of a cycle: release or keep every member's point in time.
     pub async fn finish(&self, points: Vec<PointInTime>, committed: bool) {
+        if let Some(vm) = one_qemu(&self.members) {
+            if let Err(e) = vm.finish(points, committed).await {
+                tracing::warn!(committed, "releasing the VM's frozen views failed: {e}");
+            }
+            return;
+        }
         for (m, p) in self.members.iter().zip(points) {
             if let Err(e) = m.finish(p, committed).await {
                 tracing::warn!(committed, "releasing a source point in time failed: {e}");

@@ -9,6 +9,7 @@
 pub mod file;
 pub mod group;
 pub mod nbd;
+pub mod qemu;
 pub mod rbd;
 pub mod uring;
 pub mod vmware;
@@ -31,6 +32,8 @@ pub enum SourceError {
     Rbd(#[from] rbd::RbdSourceError),
     #[error(transparent)]
     Vmware(#[from] vmware::VmwareError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
 }
 
 /// Something the agent can read a disk from.
@@ -94,6 +97,8 @@ pub enum Origin {
     },
     Rbd(rbd::RbdOrigin),
     Vmware(Box<vmware::VmwareOrigin>),
+    /// Disk `.1` of a running QEMU (frozen with the VM's other disks; see `group`).
+    Qemu(Arc<qemu::QemuVm>, usize),
 }
 
 /// What a frozen point in time needs undone or kept when the epoch ends.
@@ -101,6 +106,7 @@ pub enum Hold {
     Nothing,
     Rbd(rbd::RbdView),
     Vmware(vmware::VmwareView),
+    Qemu(qemu::QemuView),
 }
 
 /// A point in time to replicate.
@@ -122,6 +128,8 @@ pub struct Freeze<'a> {
     /// The change point declared for this epoch (`--change-point`): it names the frozen view
     /// of an NBD export (the dirty bitmap that started when the view was frozen).
     pub declared_point: Option<&'a str>,
+    /// The change point the target holds (of its last committed epoch).
+    pub stored_point: Option<&'a str>,
     /// The target written: VM snapshots are tagged with it, so a run only ever cleans up its own.
     pub target: &'a str,
 }
@@ -153,6 +161,7 @@ impl Origin {
             Origin::Plain { source, .. } => source.size(),
             Origin::Rbd(r) => r.size(),
             Origin::Vmware(v) => v.size(),
+            Origin::Qemu(vm, i) => vm.disks[*i].size,
         }
     }
 
@@ -166,6 +175,7 @@ impl Origin {
             },
             Origin::Rbd(r) => r.disk_id(),
             Origin::Vmware(v) => v.disk_id(),
+            Origin::Qemu(vm, i) => vm.disk_id(*i),
         }
     }
 
@@ -192,6 +202,11 @@ impl Origin {
                     hold: Hold::Rbd(view),
                 }
             }
+            Origin::Qemu(vm, _) => {
+                // A QEMU disk alone is a group of one: its freeze is the VM's.
+                let mut points = vm.freeze(std::slice::from_ref(f)).await?;
+                points.pop().ok_or_else(|| qemu::QemuError::Other("no point in time".into()))?
+            }
             Origin::Vmware(v) => {
                 let view = v.freeze(f.epoch, f.prior_view, f.target).await?;
                 PointInTime {
@@ -207,6 +222,9 @@ impl Origin {
     /// End of an epoch: on success keep the new point and drop older ones; on failure keep the
     /// new point, so a retry reads the same view (it is dropped once an epoch commits).
     pub async fn finish(&self, point: PointInTime, committed: bool) -> Result<(), SourceError> {
+        if let (Origin::Qemu(vm, _), Hold::Qemu(_)) = (self, &point.hold) {
+            return Ok(vm.finish(vec![point], committed).await?);
+        }
         let PointInTime { source, hold, .. } = point;
         drop(source);
         match (self, hold) {
@@ -234,7 +252,7 @@ impl Origin {
                 }
             }
             Origin::Vmware(v) => v.logout().await,
-            Origin::Rbd(_) => {}
+            Origin::Rbd(_) | Origin::Qemu(..) => {}
         }
     }
 }

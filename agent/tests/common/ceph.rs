@@ -1,0 +1,109 @@
+//! The test Ceph cluster (`scripts/ceph-up.sh`; CEPH_CONF etc. in the environment): `rbd`
+//! commands, exports, a sink with the restricted client, and images unique to a test run that
+//! are removed (with their snapshots) at the end.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+use super::{sha, Lab, Sink};
+
+pub struct Ceph {
+    pub conf: String,
+    /// Sink flags: the restricted client (cephx when the cluster runs with it).
+    pub sink_args: Vec<String>,
+}
+
+pub fn ceph() -> Option<Ceph> {
+    let Ok(conf) = std::env::var("CEPH_CONF") else {
+        assert!(
+            std::env::var("BLOCKSHIP_REQUIRE_CEPH").is_err(),
+            "BLOCKSHIP_REQUIRE_CEPH is set but CEPH_CONF is not"
+        );
+        eprintln!("skipped: no Ceph cluster (source the env printed by scripts/ceph-up.sh)");
+        return None;
+    };
+    let mut sink_args = vec!["--ceph-conf".to_string(), conf.clone()];
+    if let (Ok(id), Ok(keyring)) =
+        (std::env::var("BLOCKSHIP_CEPH_ID"), std::env::var("BLOCKSHIP_CEPH_KEYRING"))
+    {
+        sink_args.extend(["--ceph-id".into(), id, "--keyring".into(), keyring]);
+    }
+    Some(Ceph { conf, sink_args })
+}
+
+impl Ceph {
+    pub fn rbd(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new("timeout")
+            .arg("120")
+            .arg("rbd")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap();
+        out
+    }
+
+    pub fn rbd_ok(&self, args: &[&str]) -> String {
+        let out = self.rbd(args);
+        assert!(out.status.success(), "rbd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// BLAKE3 of `rbd export SPEC` (an image or IMAGE@SNAP).
+    pub fn export_hash(&self, spec: &str, dir: &Path) -> String {
+        let file = dir.join("export.img");
+        let _ = std::fs::remove_file(&file);
+        self.rbd_ok(&["export", "--no-progress", spec, file.to_str().unwrap()]);
+        let h = sha(&file);
+        std::fs::remove_file(&file).unwrap();
+        h
+    }
+
+    pub fn sink(&self, lab: &Lab, allow: &[&str], extra: &[&str]) -> Sink {
+        let mut args: Vec<&str> = self.sink_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        lab.sink(allow, &args)
+    }
+}
+
+/// An image name unique to this test run; removed (with its snapshots) at the end.
+pub struct TestImage<'a> {
+    pub ceph: &'a Ceph,
+    pub name: String,
+}
+
+impl<'a> TestImage<'a> {
+    pub fn new(ceph: &'a Ceph, tag: &str) -> Self {
+        let name = format!("test-{tag}-{}", std::process::id());
+        let img = TestImage { ceph, name };
+        img.remove();
+        img
+    }
+
+    pub fn spec(&self) -> String {
+        format!("rbd/{}", self.name)
+    }
+
+    pub fn target(&self) -> String {
+        format!("rbd:rbd/{}", self.name)
+    }
+
+    pub fn remove(&self) {
+        // Protected snapshots (test-failover clones) would block the purge.
+        let out = self.ceph.rbd(&["snap", "ls", "--format", "json", &self.spec()]);
+        for snap in String::from_utf8_lossy(&out.stdout).split('"').filter(|s| s.starts_with("blockship-")) {
+            let _ = self.ceph.rbd(&["snap", "unprotect", &format!("{}@{snap}", self.spec())]);
+        }
+        let _ = self.ceph.rbd(&["snap", "purge", &self.spec()]);
+        let _ = self.ceph.rbd(&["rm", "--no-progress", &self.spec()]);
+    }
+}
+
+impl Drop for TestImage<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

@@ -1,0 +1,367 @@
+//! Daemon helpers for tests: a running `blockship-agent run` with a config written by the test
+//! (killed on drop), its status through `blockship-agent status --json`, a qemu-storage-daemon
+//! "VM" with several disks, and the sequence-numbered writer with a log of what it wrote, which
+//! checks that every point in time is one consistent cut of that log (crucible's verifier idea).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{bin, wait_until, Lab, Sink};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Daemon {
+    /// Start the daemon for agent `name` of `lab` against `sink`, with `groups` (TOML) and extra
+    /// `[daemon]` lines; waits until its control socket answers.
+    pub fn start(
+        lab: &Lab,
+        sink: &Sink,
+        name: &str,
+        daemon: &str,
+        groups: &str,
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let tag = format!("{name}-{}", lab.dir.path().file_name().unwrap().to_string_lossy());
+        let socket = lab.path(&format!("{tag}.sock"));
+        let log = lab.path(&format!("{tag}.log"));
+        let config = lab.path(&format!("{tag}.toml"));
+        let text = format!(
+            "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"{name}\"\nidle_timeout = \"5s\"\n{}\n[daemon]\ncontrol_socket = \"{}\"\n{daemon}\n{groups}\n",
+            sink.addr,
+            lab.pki().display(),
+            ceph_agent_keys(),
+            socket.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut cmd = Command::new(bin("blockship-agent"));
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let d = Daemon { child: Some(child), socket, log };
+        assert!(
+            wait_until(Duration::from_secs(20), || d.try_status().is_some()),
+            "the daemon did not start: {}",
+            d.log_text()
+        );
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn try_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(bin("blockship-agent"))
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Every group's status.
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().unwrap_or_else(|| panic!("no status from the daemon: {}", self.log_text()))
+    }
+
+    /// Group `name`'s status.
+    pub fn group(&self, name: &str) -> serde_json::Value {
+        let all = self.status();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no group {name}: {all}"))
+    }
+
+    /// Run `blockship-agent COMMAND GROUP` against the daemon.
+    pub fn control(&self, command: &str, group: &str) {
+        let out = Command::new(bin("blockship-agent"))
+            .args([command, "--control-socket"])
+            .arg(&self.socket)
+            .arg(group)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command} {group}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Wait until group `name` committed at least epoch `epoch`.
+    pub fn wait_epoch(&self, name: &str, epoch: u64, limit: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(limit, || {
+            last = self.group(name);
+            last["committed_epoch"].as_u64().unwrap_or(0) >= epoch
+        });
+        assert!(ok, "group {name} did not reach epoch {epoch}: {last}\n{}", self.log_text());
+        last
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: signalling a child process we started.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `[agent]` keys for rbd: sources of the test cluster (the restricted client).
+fn ceph_agent_keys() -> String {
+    match (
+        std::env::var("CEPH_CONF"),
+        std::env::var("BLOCKSHIP_CEPH_ID"),
+        std::env::var("BLOCKSHIP_CEPH_KEYRING"),
+    ) {
+        (Ok(conf), Ok(id), Ok(keyring)) => {
+            format!("ceph_conf = \"{conf}\"\nceph_id = \"{id}\"\nkeyring = \"{keyring}\"")
+        }
+        (Ok(conf), _, _) => format!("ceph_conf = \"{conf}\""),
+        _ => String::new(),
+    }
+}
+
+/// A qemu-storage-daemon with disks `disk0..N` (qcow2 files of `size` bytes), writable NBD
+/// exports `vm0..N` and a QMP monitor; killed on drop.
+pub struct Vm {
+    child: Child,
+    pub qmp: PathBuf,
+    pub nbd: PathBuf,
+    pub images: Vec<PathBuf>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vm {
+    pub fn start(dir: &Path, disks: usize, size: u64) -> Vm {
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let mut cmd = Command::new("qemu-storage-daemon");
+        // The NBD server must exist before the exports.
+        cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+        let mut images = Vec::new();
+        for i in 0..disks {
+            let img = dir.join(format!("disk{i}.qcow2"));
+            super::qemu::run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &size.to_string()],
+            );
+            cmd.arg("--blockdev")
+                .arg(format!("driver=file,node-name=file{i},filename={}", img.display()))
+                .arg("--blockdev")
+                .arg(format!("driver=qcow2,node-name=disk{i},file=file{i}"))
+                .arg("--export")
+                .arg(format!("type=nbd,id=vm{i},node-name=disk{i},name=vm{i},writable=on"));
+            images.push(img);
+        }
+        cmd.arg("--chardev")
+            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
+            .args(["--monitor", "chardev=qmp0"])
+            .stdout(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || qmp.exists() && nbd.exists()),
+            "qemu-storage-daemon did not start"
+        );
+        Vm { child, qmp, nbd, images }
+    }
+
+    pub fn export_uri(&self, i: usize) -> String {
+        format!("nbd+unix:///vm{i}?socket={}", self.nbd.display())
+    }
+}
+
+/// Bytes of a block the writer writes.
+pub const BLOCK: u64 = 64 << 10;
+
+/// The content of write `seq`: the sequence number, then a pattern derived from it.
+pub fn block(seq: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK as usize];
+    b[..8].copy_from_slice(&(seq + 1).to_le_bytes());
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for v in b[8..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *v = x as u8;
+    }
+    b
+}
+
+/// The sequence number a block holds (None: never written), checking its whole content.
+pub fn read_block(data: &[u8]) -> Result<Option<u64>, String> {
+    let stamp = u64::from_le_bytes(data[..8].try_into().unwrap());
+    if stamp == 0 {
+        return if data.iter().all(|&b| b == 0) {
+            Ok(None)
+        } else {
+            Err("a block neither written nor zero".into())
+        };
+    }
+    let seq = stamp - 1;
+    if data != block(seq).as_slice() {
+        return Err(format!("block of write {seq} is torn"));
+    }
+    Ok(Some(seq))
+}
+
+/// One write of the log: (seq, disk, block index).
+pub type Logged = (u64, usize, u64);
+
+/// Writes sequence-numbered blocks round-robin over the VM's disks, one at a time, through
+/// interactive qemu-io processes on the writable exports; logs every completed write.
+pub struct SeqWriter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub log: Arc<Mutex<Vec<Logged>>>,
+}
+
+struct Io {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl SeqWriter {
+    /// Start writing to disks `uris` (each `blocks` blocks long), staging block data in `dir`.
+    pub fn start(uris: Vec<String>, blocks: u64, dir: &Path) -> SeqWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l, dir) = (stop.clone(), log.clone(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let mut ios: Vec<Io> = uris
+                .iter()
+                .map(|u| {
+                    let mut child = Command::new("qemu-io")
+                        .args(["-f", "raw", u])
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    let stdin = child.stdin.take().unwrap();
+                    let stdout = BufReader::new(child.stdout.take().unwrap());
+                    Io { child, stdin, stdout }
+                })
+                .collect();
+            let staged = dir.join("block.bin");
+            let mut seq = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let disk = (seq % ios.len() as u64) as usize;
+                let index = (seq / ios.len() as u64 * 7919) % blocks;
+                std::fs::write(&staged, block(seq)).unwrap();
+                let io = &mut ios[disk];
+                writeln!(io.stdin, "write -s {} {} {BLOCK}", staged.display(), index * BLOCK).unwrap();
+                io.stdin.flush().unwrap();
+                loop {
+                    let mut line = String::new();
+                    if io.stdout.read_line(&mut line).unwrap() == 0 {
+                        panic!("qemu-io ended");
+                    }
+                    if line.contains("wrote") {
+                        break;
+                    }
+                    assert!(!line.contains("error") && !line.contains("failed"), "qemu-io: {line}");
+                }
+                l.lock().unwrap().push((seq, disk, index));
+                seq += 1;
+            }
+            for mut io in ios {
+                drop(io.stdin);
+                let _ = io.child.wait();
+            }
+        });
+        SeqWriter { stop, thread: Some(thread), log }
+    }
+
+    pub fn writes(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Stop writing; returns the log.
+    pub fn finish(mut self) -> Vec<Logged> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// Check that `images` (the disks' contents at one point in time) are one consistent cut of
+/// `log`: a single prefix of the writes explains every block of every disk. Returns the prefix
+/// length.
+pub fn consistent_cut(log: &[Logged], images: &[Vec<u8>]) -> Result<usize, String> {
+    let mut seen: Vec<Vec<Option<u64>>> = Vec::new();
+    for (d, img) in images.iter().enumerate() {
+        let mut blocks = Vec::new();
+        for (b, data) in img.chunks(BLOCK as usize).enumerate() {
+            blocks.push(read_block(data).map_err(|e| format!("disk {d} block {b}: {e}"))?);
+        }
+        seen.push(blocks);
+    }
+    let max = seen.iter().flatten().flatten().max().copied();
+    let prefix = max.map_or(0, |m| m as usize + 1);
+    if prefix > log.len() {
+        return Err(format!("write {} seen but the log has {} writes", prefix - 1, log.len()));
+    }
+    // What each block must hold after the first `prefix` writes.
+    let mut expect: Vec<Vec<Option<u64>>> = seen.iter().map(|d| vec![None; d.len()]).collect();
+    for &(seq, disk, index) in &log[..prefix] {
+        expect[disk][index as usize] = Some(seq);
+    }
+    for (d, (s, e)) in seen.iter().zip(&expect).enumerate() {
+        for (b, (got, want)) in s.iter().zip(e).enumerate() {
+            if got != want {
+                return Err(format!(
+                    "disk {d} block {b} holds write {got:?} but the prefix of {prefix} writes (the newest write seen on any disk) says {want:?}: the disks were not frozen at one instant"
+                ));
+            }
+        }
+    }
+    Ok(prefix)
+}
