@@ -293,7 +293,7 @@ impl Resolved {
                 password,
                 trust,
                 vm: s.vm.clone().context("a vmware:// source needs --vm (BIOS UUID or inventory path)")?,
-                disk: s.disk.clone(),
+                disks: s.disk.clone().into_iter().collect(),
                 nbd_command: s.nbd_command.clone().context(
                     "a vmware:// source needs --nbd-command (e.g. nbdkit ... vddk ...; see README)",
                 )?,

@@ -40,7 +40,7 @@ pub fn check_changes(changes: &Changes, origin: &Origin) -> Result<(), AgentErro
         (Changes::NbdBitmap(_), _) if !is_nbd => {
             Err(usage("--changes nbd-bitmap needs an nbd:// or nbd+unix:// source"))
         }
-        (Changes::Vmware, o) if !matches!(o, Origin::Vmware(_)) => {
+        (Changes::Vmware, o) if !matches!(o, Origin::Vmware(..)) => {
             Err(usage("--changes vmware needs a vmware source"))
         }
         (Changes::RbdSnap, o) if !matches!(o, Origin::Rbd(_)) => {

@@ -60,7 +60,7 @@ async fn compare(
             "the target names no source snapshot to compare with (no committed epoch from an rbd: source)"
                 .into(),
         )),
-        Origin::Vmware(_) => {
+        Origin::Vmware(..) => {
             return Err(AgentError::Usage(
                 "verify reads a VMware disk through an NBD export of a snapshot: use --source nbd+unix://..."
                     .into(),

@@ -118,3 +118,53 @@ fn the_verifier_catches_disks_frozen_at_different_moments() {
     torn[2][(3 * BLOCK) as usize + 100] ^= 1;
     assert!(consistent_cut(&log, &torn).is_err());
 }
+
+#[test]
+fn an_rbd_group_commits_each_epoch_equal_to_its_source_snapshots() {
+    let Some(ceph) = ceph() else { return };
+    let lab = Lab::new(&["esx01"]);
+    let sources: Vec<TestImage> = (0..2).map(|i| TestImage::new(&ceph, &format!("gsrc{i}"))).collect();
+    let targets: Vec<TestImage> = (0..2).map(|i| TestImage::new(&ceph, &format!("gdst{i}"))).collect();
+    for s in &sources {
+        ceph.rbd_ok(&["create", "--size", "64M", &s.spec()]);
+    }
+    let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
+    let disks: Vec<String> = sources
+        .iter()
+        .zip(&targets)
+        .map(|(s, t)| format!("{{ source = \"{}\", target = \"{}\" }}", s.target(), t.target()))
+        .collect();
+    // Cycles on demand (SyncNow), so every epoch can be checked before the next one.
+    let group = format!(
+        "[[group]]\nname = \"dr\"\nkind = \"rbd\"\ninterval = \"1h\"\ndisks = [{}]\n",
+        disks.join(", ")
+    );
+    let daemon = Daemon::start(&lab, &sink, "esx01", "", &group, &[]);
+    for epoch in 1..=3u64 {
+        for (i, s) in sources.iter().enumerate() {
+            write_random(&ceph, &s.name, (epoch * 8 + i as u64) << 20, 4 << 20, epoch * 10 + i as u64);
+        }
+        if epoch > 1 {
+            daemon.control("sync-now", "dr");
+        }
+        let g = daemon.wait_epoch("dr", epoch, Duration::from_secs(60));
+        assert_eq!(g["consistency"], "per-disk", "{g}");
+        for (s, t) in sources.iter().zip(&targets) {
+            let target = ceph.export_hash(&format!("{}@blockship-{epoch}", t.spec()), lab.dir.path());
+            let source = ceph.export_hash(&format!("{}@blockship-src-{epoch}", s.spec()), lab.dir.path());
+            assert_eq!(target, source, "epoch {epoch}: {} differs from its source snapshot", t.target());
+        }
+        if epoch > 1 {
+            let modes: Vec<&str> =
+                g["disks"].as_array().unwrap().iter().map(|d| d["mode"].as_str().unwrap()).collect();
+            assert_eq!(modes, ["incremental", "incremental"], "{g}");
+        }
+    }
+    let table = std::process::Command::new(bin("blockship-agent"))
+        .args(["status", "--control-socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("frozen one after another"), "status does not say the group is per-disk: {table}");
+}

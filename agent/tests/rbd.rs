@@ -341,36 +341,6 @@ fn rbd_source_full_then_two_incrementals() {
     );
 }
 
-/// Overwrite `len` bytes at `offset` of image `rbd/NAME` with pseudo-random data (librbd, as the
-/// admin client), as a guest of the source cluster would.
-fn write_random(ceph: &Ceph, name: &str, offset: u64, len: u64, seed: u64) {
-    use blockship_ceph::{ConnectOptions, Rados};
-    let rados = std::sync::Arc::new(
-        Rados::connect(&ConnectOptions {
-            conf: Some(Path::new(&ceph.conf)),
-            id: "admin",
-            keyring: None,
-            connect_timeout: Duration::from_secs(10),
-            op_timeout: Duration::from_secs(60),
-        })
-        .unwrap(),
-    );
-    let io = std::sync::Arc::new(rados.ioctx("rbd", None).unwrap());
-    let img = io.open(name).unwrap();
-    let mut rng = image::Rng::new(seed);
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(4 * MIB) as usize;
-            let mut buf = vec![0u8; n];
-            rng.fill(&mut buf);
-            img.write(pos, bytes::Bytes::from(buf)).await.unwrap();
-            pos += n as u64;
-        }
-        img.flush().await.unwrap();
-    });
-}
-
 #[test]
 fn an_interrupted_rbd_epoch_is_retried_from_its_own_snapshot() {
     let Some(ceph) = ceph() else { return };

@@ -12,7 +12,7 @@ use crate::AgentError;
 /// Where the source holds data: VMware asks CBT for the allocated areas ("*"), other sources
 /// report their holes themselves.
 pub async fn allocation(origin: &Origin, point: &PointInTime) -> Result<Vec<Extent>, AgentError> {
-    if let (Origin::Vmware(v), Hold::Vmware(view)) = (origin, &point.hold) {
+    if let (Origin::Vmware(v, _), Hold::Vmware(view)) = (origin, &point.hold) {
         if v.cbt_enabled() && view.change_id.is_some() {
             return Ok(v.allocated(view).await?);
         }
@@ -69,7 +69,7 @@ pub async fn delta(
             }
             Ok(Delta::Changed(view.changed_since(stored).await?))
         }
-        (Origin::Vmware(v), Hold::Vmware(view)) => {
+        (Origin::Vmware(v, _), Hold::Vmware(view)) => {
             if let Some(why) = v.unusable(view, stored) {
                 return Ok(Delta::Unusable(why));
             }

@@ -20,6 +20,18 @@ pub struct GroupOrigin {
     members: Vec<Origin>,
 }
 
+/// The VMware VM every member is a disk of, when they all are (one snapshot for all).
+fn one_vmware(members: &[Origin]) -> Option<&std::sync::Arc<super::vmware::VmwareOrigin>> {
+    let first = match members.first()? {
+        Origin::Vmware(vm, _) => vm,
+        _ => return None,
+    };
+    members
+        .iter()
+        .all(|m| matches!(m, Origin::Vmware(vm, _) if std::sync::Arc::ptr_eq(vm, first)))
+        .then_some(first)
+}
+
 /// The VM every member is a disk of, when they all are disks of one QEMU (frozen together).
 fn one_qemu(members: &[Origin]) -> Option<&std::sync::Arc<super::qemu::QemuVm>> {
     let first = match members.first()? {
@@ -43,7 +55,8 @@ impl GroupOrigin {
     }
 
     pub fn consistency(&self) -> Consistency {
-        if self.members.len() <= 1 || one_qemu(&self.members).is_some() {
+        if self.members.len() <= 1 || one_qemu(&self.members).is_some() || one_vmware(&self.members).is_some()
+        {
             Consistency::Atomic
         } else {
             Consistency::PerDisk
@@ -56,6 +69,20 @@ impl GroupOrigin {
         if let Some(vm) = one_qemu(&self.members) {
             // Members are the VM's disks in its order (see `QemuVm::open`).
             return Ok(vm.freeze(freezes).await?);
+        }
+        if let Some(vm) = one_vmware(&self.members) {
+            let priors: Vec<Option<&str>> = freezes.iter().map(|f| f.prior_view).collect();
+            let targets: Vec<&str> = freezes.iter().map(|f| f.target).collect();
+            let views = vm.freeze(freezes.first().map_or(1, |f| f.epoch), &priors, &targets).await?;
+            return Ok(views
+                .into_iter()
+                .map(|view| PointInTime {
+                    source: std::sync::Arc::new(super::Source::Nbd(view.reader.clone())),
+                    change_point: view.change_id.clone(),
+                    view: view.id.clone(),
+                    hold: super::Hold::Vmware(view),
+                })
+                .collect());
         }
         let mut points = Vec::with_capacity(self.members.len());
         for (m, f) in self.members.iter().zip(freezes) {
@@ -80,6 +107,19 @@ impl GroupOrigin {
             }
             return;
         }
+        if let Some(vm) = one_vmware(&self.members) {
+            let views = points
+                .into_iter()
+                .filter_map(|p| match p.hold {
+                    super::Hold::Vmware(v) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            if let Err(e) = vm.finish(views, committed).await {
+                tracing::warn!(committed, "releasing the VM snapshot failed: {e}");
+            }
+            return;
+        }
         for (m, p) in self.members.iter().zip(points) {
             if let Err(e) = m.finish(p, committed).await {
                 tracing::warn!(committed, "releasing a source point in time failed: {e}");
@@ -88,6 +128,11 @@ impl GroupOrigin {
     }
 
     pub async fn close(&self) {
+        if let Some(vm) = one_vmware(&self.members) {
+            // One vCenter session for all the VM's disks.
+            vm.logout().await;
+            return;
+        }
         for m in &self.members {
             m.close().await;
         }

@@ -96,7 +96,8 @@ pub enum Origin {
         source: Arc<Source>,
     },
     Rbd(rbd::RbdOrigin),
-    Vmware(Box<vmware::VmwareOrigin>),
+    /// Disk `.1` of a VMware VM (frozen with the VM's other replicated disks; see `group`).
+    Vmware(Arc<vmware::VmwareOrigin>, usize),
     /// Disk `.1` of a running QEMU (frozen with the VM's other disks; see `group`).
     Qemu(Arc<qemu::QemuVm>, usize),
 }
@@ -149,7 +150,7 @@ impl Origin {
             let v = opts.vmware.clone().ok_or_else(|| {
                 vmware::VmwareError::Config("a vmware source needs --vcenter, --vm and credentials".into())
             })?;
-            return Ok(Origin::Vmware(Box::new(vmware::VmwareOrigin::open(v).await?)));
+            return Ok(Origin::Vmware(Arc::new(vmware::VmwareOrigin::open(v).await?), 0));
         }
         let path = spec.strip_prefix("file:").unwrap_or(spec);
         let f = file::FileSource::open(std::path::Path::new(path), opts.io_uring)?;
@@ -160,7 +161,7 @@ impl Origin {
         match self {
             Origin::Plain { source, .. } => source.size(),
             Origin::Rbd(r) => r.size(),
-            Origin::Vmware(v) => v.size(),
+            Origin::Vmware(v, i) => v.size(*i),
             Origin::Qemu(vm, i) => vm.disks[*i].size,
         }
     }
@@ -174,7 +175,7 @@ impl Origin {
                 Source::Rbd(_) => spec.clone(),
             },
             Origin::Rbd(r) => r.disk_id(),
-            Origin::Vmware(v) => v.disk_id(),
+            Origin::Vmware(v, i) => v.disk_id(*i),
             Origin::Qemu(vm, i) => vm.disk_id(*i),
         }
     }
@@ -207,8 +208,10 @@ impl Origin {
                 let mut points = vm.freeze(std::slice::from_ref(f)).await?;
                 points.pop().ok_or_else(|| qemu::QemuError::Other("no point in time".into()))?
             }
-            Origin::Vmware(v) => {
-                let view = v.freeze(f.epoch, f.prior_view, f.target).await?;
+            Origin::Vmware(v, _) => {
+                let view = v.freeze(f.epoch, &[f.prior_view], &[f.target]).await?.pop().ok_or_else(|| {
+                    vmware::VmwareError::Config("the VM snapshot gave no view of the disk".into())
+                })?;
                 PointInTime {
                     source: Arc::new(Source::Nbd(view.reader.clone())),
                     change_point: view.change_id.clone(),
@@ -238,7 +241,7 @@ impl Origin {
                     tracing::info!(snapshot = %view.name, "epoch not committed: the source snapshot is kept for the retry");
                 }
             }
-            (Origin::Vmware(v), Hold::Vmware(view)) => v.finish(view, committed).await?,
+            (Origin::Vmware(v, _), Hold::Vmware(view)) => v.finish(vec![view], committed).await?,
             _ => {}
         }
         Ok(())
@@ -251,7 +254,7 @@ impl Origin {
                     let _ = n.disconnect().await;
                 }
             }
-            Origin::Vmware(v) => v.logout().await,
+            Origin::Vmware(v, _) => v.logout().await,
             Origin::Rbd(_) | Origin::Qemu(..) => {}
         }
     }

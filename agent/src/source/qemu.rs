@@ -239,7 +239,9 @@ impl QemuVm {
     async fn exported(&self, i: usize) -> Result<bool, QemuError> {
         let exports = self.execute("query-block-exports", json!({})).await?;
         let id = self.disks[i].export_id();
-        Ok(exports.as_array().is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()))))
+        Ok(exports
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()))))
     }
 
     /// Freeze every disk at one instant (`freezes[i]` for disk i), or take up again the views

@@ -46,25 +46,29 @@ pub struct VmwareOptions {
     pub trust: Trust,
     /// VM BIOS UUID or inventory path.
     pub vm: String,
-    /// Disk device key ("2000") or label ("Hard disk 1"); None: the VM's only disk.
-    pub disk: Option<String>,
+    /// Disk device keys ("2000") or labels ("Hard disk 1"), frozen together with one VM
+    /// snapshot; empty: the VM's only disk.
+    pub disks: Vec<String>,
     /// Shell command serving the snapshot disk over NBD on $BLOCKSHIP_NBD_SOCKET.
     pub nbd_command: String,
     /// Quiesce the guest file systems when snapshotting (VMware Tools).
     pub quiesce: bool,
 }
 
-/// A VM disk, before a point in time is frozen.
+/// A VM and the disks replicated from it, before a point in time is frozen.
 pub struct VmwareOrigin {
     opts: VmwareOptions,
     api: Arc<Mutex<Vsphere>>,
     vm: MoRef,
-    disk: VirtualDisk,
+    disks: Vec<VirtualDisk>,
     cbt: bool,
 }
 
-/// A frozen point in time: a VM snapshot, its disk's changeId, and the NBD reader of its data.
+/// A frozen point in time of one disk: a VM snapshot, the disk's changeId, and the NBD reader
+/// of its data.
 pub struct VmwareView {
+    /// Which of the origin's disks.
+    pub disk: usize,
     pub snapshot: MoRef,
     pub change_id: Option<String>,
     pub reader: Arc<NbdSource>,
@@ -110,7 +114,7 @@ async fn call<T: Send + 'static>(
 }
 
 impl VmwareOrigin {
-    /// Log in, find the VM and its disk.
+    /// Log in, find the VM and its disks.
     pub async fn open(opts: VmwareOptions) -> Result<VmwareOrigin, VmwareError> {
         let o = opts.clone();
         let api =
@@ -121,46 +125,57 @@ impl VmwareOrigin {
         let vm_name = opts.vm.clone();
         let vm = call(&api, move |a| a.find_vm(&vm_name)).await?;
         let v = vm.clone();
-        let (disks, cbt) = call(&api, move |a| a.vm_disks(&v)).await?;
-        let disk = pick_disk(&disks, opts.disk.as_deref())?;
-        Ok(VmwareOrigin { opts, api, vm, disk, cbt })
+        let (all, cbt) = call(&api, move |a| a.vm_disks(&v)).await?;
+        let disks = if opts.disks.is_empty() {
+            vec![pick_disk(&all, None)?]
+        } else {
+            opts.disks.iter().map(|d| pick_disk(&all, Some(d))).collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(VmwareOrigin { opts, api, vm, disks, cbt })
     }
 
-    pub fn size(&self) -> u64 {
-        self.disk.capacity
+    /// How many of the VM's disks are replicated.
+    pub fn disks(&self) -> usize {
+        self.disks.len()
     }
 
-    pub fn disk_id(&self) -> String {
-        format!("vmware:{}/{}", self.opts.vm, self.disk.key)
+    pub fn size(&self, disk: usize) -> u64 {
+        self.disks[disk].capacity
+    }
+
+    pub fn disk_id(&self, disk: usize) -> String {
+        format!("vmware:{}/{}", self.opts.vm, self.disks[disk].key)
     }
 
     pub fn cbt_enabled(&self) -> bool {
         self.cbt
     }
 
-    /// The point in time of epoch `epoch` for `target`: the snapshot an interrupted attempt was
-    /// reading (`prior`, as the sink recorded it) if it still exists, else a new snapshot. Other
-    /// snapshots of this target's earlier runs are abandoned and removed; snapshots of other
-    /// targets (another disk of the same VM, another replica) are left alone. Then the changeId
-    /// is read, the data command started and connected to.
+    /// The point in time of epoch `epoch` for every disk: one VM snapshot, the one an
+    /// interrupted attempt was reading if every disk's `priors` entry (as the sink recorded it)
+    /// names it and it still exists, else a new one. Other snapshots tagged for these targets
+    /// are abandoned and removed; snapshots of other targets (other disks of the same VM, other
+    /// replicas) are left alone. Then each disk's changeId is read and its data command started.
     pub async fn freeze(
         &self,
         epoch: u64,
-        prior: Option<&str>,
-        target: &str,
-    ) -> Result<VmwareView, VmwareError> {
-        let tag = target_tag(target);
+        priors: &[Option<&str>],
+        targets: &[&str],
+    ) -> Result<Vec<VmwareView>, VmwareError> {
+        let tag = target_tag(&targets.join(","));
         let v = self.vm.clone();
         let ours: Vec<(String, MoRef)> = call(&self.api, move |a| a.snapshots_named(&v, SNAP_PREFIX))
             .await?
             .into_iter()
             .filter(|(name, _)| name.ends_with(&format!("-{tag}")))
             .collect();
-        let wanted = prior.and_then(view_snapshot);
-        let reused = ours.iter().find(|(_, mo)| Some(mo.value.as_str()) == wanted).map(|(_, mo)| mo.clone());
+        let wanted = priors.first().copied().flatten().and_then(view_snapshot);
+        let agreed = priors.iter().all(|p| p.and_then(view_snapshot) == wanted);
+        let reused =
+            ours.iter().find(|(_, mo)| agreed && Some(mo.value.as_str()) == wanted).map(|(_, mo)| mo.clone());
         for (name, snap) in ours {
             if Some(&snap) != reused.as_ref() {
-                tracing::warn!(snapshot = %name, "removing a Blockship snapshot this target's earlier run abandoned");
+                tracing::warn!(snapshot = %name, "removing a Blockship snapshot these targets' earlier run abandoned");
                 call(&self.api, move |a| a.remove_snapshot(&snap)).await?;
             }
         }
@@ -175,32 +190,42 @@ impl VmwareOrigin {
             }
         };
         let s = snapshot.clone();
-        let key = self.disk.key;
-        let disks = call(&self.api, move |a| a.snapshot_disks(&s)).await?;
-        let snap_disk = disks
-            .into_iter()
-            .find(|d| d.key == key)
-            .ok_or_else(|| VmwareError::Config(format!("the snapshot has no disk with key {key}")))?;
-        match self.start_reader(&snapshot, &snap_disk).await {
-            Ok((process, reader, dir)) => Ok(VmwareView {
-                id: format!(
-                    "vmware:{}/{}#{}",
-                    self.vm.value,
-                    snapshot.value,
-                    snap_disk.change_id.as_deref().unwrap_or("")
-                ),
-                snapshot,
-                change_id: snap_disk.change_id,
-                reader: Arc::new(reader),
-                process,
-                _dir: dir,
-            }),
-            Err(e) => {
-                let s = snapshot.clone();
-                let _ = call(&self.api, move |a| a.remove_snapshot(&s)).await;
-                Err(e)
+        let in_snapshot = call(&self.api, move |a| a.snapshot_disks(&s)).await?;
+        let mut views = Vec::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            let result = match in_snapshot.iter().find(|d| d.key == disk.key) {
+                None => Err(VmwareError::Config(format!("the snapshot has no disk with key {}", disk.key))),
+                Some(snap_disk) => {
+                    self.start_reader(&snapshot, snap_disk).await.map(|(process, reader, dir)| VmwareView {
+                        disk: i,
+                        id: format!(
+                            "vmware:{}/{}#{}",
+                            self.vm.value,
+                            snapshot.value,
+                            snap_disk.change_id.as_deref().unwrap_or("")
+                        ),
+                        snapshot: snapshot.clone(),
+                        change_id: snap_disk.change_id.clone(),
+                        reader: Arc::new(reader),
+                        process,
+                        _dir: dir,
+                    })
+                }
+            };
+            match result {
+                Ok(v) => views.push(v),
+                Err(e) => {
+                    for v in views {
+                        let _ = v.reader.disconnect().await;
+                        stop(v.process, STOP_GRACE).await;
+                    }
+                    let s = snapshot.clone();
+                    let _ = call(&self.api, move |a| a.remove_snapshot(&s)).await;
+                    return Err(e);
+                }
             }
         }
+        Ok(views)
     }
 
     async fn start_reader(
@@ -277,13 +302,9 @@ impl VmwareOrigin {
         view: &VmwareView,
         change_id: &str,
     ) -> Result<(Vec<Extent>, usize), VmwareError> {
-        let (vm, snap, key, cap, cid) = (
-            self.vm.clone(),
-            view.snapshot.clone(),
-            self.disk.key,
-            self.disk.capacity,
-            change_id.to_string(),
-        );
+        let disk = &self.disks[view.disk];
+        let (vm, snap, key, cap, cid) =
+            (self.vm.clone(), view.snapshot.clone(), disk.key, disk.capacity, change_id.to_string());
         call(&self.api, move |a| a.changed_areas(&vm, &snap, key, cap, &cid)).await
     }
 
@@ -308,13 +329,18 @@ impl VmwareOrigin {
         None
     }
 
-    /// Stop the data command; remove the snapshot once the epoch is durable. A snapshot of an
-    /// epoch that failed stays until the next run removes it, so nothing is lost in between.
-    pub async fn finish(&self, view: VmwareView, committed: bool) -> Result<(), VmwareError> {
-        let VmwareView { snapshot, reader, process, _dir, .. } = view;
-        let _ = reader.disconnect().await;
-        stop(process, STOP_GRACE).await;
-        drop(_dir);
+    /// Stop the data commands; remove the snapshot once the epoch is durable (every disk's
+    /// view names the same snapshot). After a failed epoch it is kept, for the retry.
+    pub async fn finish(&self, views: Vec<VmwareView>, committed: bool) -> Result<(), VmwareError> {
+        let mut snapshot = None;
+        for view in views {
+            let VmwareView { snapshot: snap, reader, process, _dir, .. } = view;
+            let _ = reader.disconnect().await;
+            stop(process, STOP_GRACE).await;
+            drop(_dir);
+            snapshot = Some(snap);
+        }
+        let Some(snapshot) = snapshot else { return Ok(()) };
         if committed {
             call(&self.api, move |a| a.remove_snapshot(&snapshot)).await?;
         } else {

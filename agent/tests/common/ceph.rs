@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use super::{sha, Lab, Sink};
 
@@ -106,4 +107,34 @@ impl Drop for TestImage<'_> {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// Overwrite `len` bytes at `offset` of image `rbd/NAME` with pseudo-random data (librbd, as the
+/// admin client), as a guest of the source cluster would.
+pub fn write_random(ceph: &Ceph, name: &str, offset: u64, len: u64, seed: u64) {
+    use blockship_ceph::{ConnectOptions, Rados};
+    let rados = std::sync::Arc::new(
+        Rados::connect(&ConnectOptions {
+            conf: Some(Path::new(&ceph.conf)),
+            id: "admin",
+            keyring: None,
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(60),
+        })
+        .unwrap(),
+    );
+    let io = std::sync::Arc::new(rados.ioctx("rbd", None).unwrap());
+    let img = io.open(name).unwrap();
+    let mut rng = blockship_bench::image::Rng::new(seed);
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(4 << 20) as usize;
+            let mut buf = vec![0u8; n];
+            rng.fill(&mut buf);
+            img.write(pos, bytes::Bytes::from(buf)).await.unwrap();
+            pos += n as u64;
+        }
+        img.flush().await.unwrap();
+    });
 }
