@@ -256,6 +256,51 @@ impl Resolved {
         Transfer { chunk_size: self.chunk_size, compression: self.compression, depth: self.depth }
     }
 
+    /// How to reach VM `vm` on vCenter/ESXi `host` and read `disks` of it: the credentials and
+    /// trust come from these settings, `nbd_command` overrides theirs.
+    pub fn vmware_options(
+        &self,
+        host: &str,
+        vm: String,
+        disks: Vec<String>,
+        nbd_command: Option<String>,
+    ) -> Result<VmwareOptions> {
+        let s = &self.settings;
+        let host = host.trim_end_matches('/');
+        if host.is_empty() {
+            bail!("--source vmware://HOST[:PORT]: name the vCenter or ESXi host");
+        }
+        let user = s.vcenter_user.clone().context("a vmware:// source needs --vcenter-user")?;
+        let password = match (&s.vcenter_password_file, std::env::var("BLOCKSHIP_VCENTER_PASSWORD")) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading --vcenter-password-file {}", f.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            (None, Ok(p)) => p,
+            (None, Err(_)) => {
+                bail!("a vmware:// source needs --vcenter-password-file or BLOCKSHIP_VCENTER_PASSWORD")
+            }
+        };
+        let trust = match (&s.vcenter_ca, s.vcenter_insecure) {
+            (Some(_), true) => bail!("give --vcenter-ca or --vcenter-insecure, not both"),
+            (Some(ca), false) => Trust::Ca(ca.clone()),
+            (None, true) => Trust::Insecure,
+            (None, false) => Trust::WebPki,
+        };
+        Ok(VmwareOptions {
+            host: host.to_string(),
+            user,
+            password,
+            trust,
+            vm,
+            disks,
+            nbd_command: nbd_command
+                .or_else(|| s.nbd_command.clone())
+                .context("a vmware:// source needs --nbd-command (e.g. nbdkit ... vddk ...; see README)")?,
+            quiesce: s.quiesce,
+        })
+    }
+
     /// What the source named `spec` needs: Ceph client settings for rbd:, vSphere settings for
     /// vmware://HOST (checked here, so a missing setting is reported before anything starts).
     pub fn source_options(&self, spec: &str) -> Result<SourceOptions> {
@@ -266,39 +311,9 @@ impl Resolved {
             io_uring: !s.no_io_uring,
         };
         if let Some(host) = spec.strip_prefix("vmware://") {
-            let host = host.trim_end_matches('/');
-            if host.is_empty() {
-                bail!("--source vmware://HOST[:PORT]: name the vCenter or ESXi host");
-            }
-            let user = s.vcenter_user.clone().context("a vmware:// source needs --vcenter-user")?;
-            let password = match (&s.vcenter_password_file, std::env::var("BLOCKSHIP_VCENTER_PASSWORD")) {
-                (Some(f), _) => std::fs::read_to_string(f)
-                    .with_context(|| format!("reading --vcenter-password-file {}", f.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-                (None, Ok(p)) => p,
-                (None, Err(_)) => {
-                    bail!("a vmware:// source needs --vcenter-password-file or BLOCKSHIP_VCENTER_PASSWORD")
-                }
-            };
-            let trust = match (&s.vcenter_ca, s.vcenter_insecure) {
-                (Some(_), true) => bail!("give --vcenter-ca or --vcenter-insecure, not both"),
-                (Some(ca), false) => Trust::Ca(ca.clone()),
-                (None, true) => Trust::Insecure,
-                (None, false) => Trust::WebPki,
-            };
-            opts.vmware = Some(VmwareOptions {
-                host: host.to_string(),
-                user,
-                password,
-                trust,
-                vm: s.vm.clone().context("a vmware:// source needs --vm (BIOS UUID or inventory path)")?,
-                disks: s.disk.clone().into_iter().collect(),
-                nbd_command: s.nbd_command.clone().context(
-                    "a vmware:// source needs --nbd-command (e.g. nbdkit ... vddk ...; see README)",
-                )?,
-                quiesce: s.quiesce,
-            });
+            let vm = s.vm.clone().context("a vmware:// source needs --vm (BIOS UUID or inventory path)")?;
+            let disks = s.disk.clone().into_iter().collect();
+            opts.vmware = Some(self.vmware_options(host, vm, disks, s.nbd_command.clone())?);
         }
         Ok(opts)
     }

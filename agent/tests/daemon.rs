@@ -168,3 +168,133 @@ fn an_rbd_group_commits_each_epoch_equal_to_its_source_snapshots() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("frozen one after another"), "status does not say the group is per-disk: {table}");
 }
+
+/// A VMware VM with two disks, each image frozen at every snapshot, and the `[agent]` lines that
+/// reach its fake vCenter.
+struct VmwareVm {
+    vc: common::vcenter::FakeVcenter,
+    images: Vec<std::path::PathBuf>,
+    agent: String,
+}
+
+fn vmware_vm(lab: &Lab, size: u64) -> VmwareVm {
+    use blockship_bench::image::{self, Kind, Profile, REGION};
+    let images: Vec<_> = (0..2).map(|i| lab.path(&format!("vm42-{i}-flat.img"))).collect();
+    for (i, p) in images.iter().enumerate() {
+        image::generate(p, size, Profile::Mixed, 40 + i as u64).unwrap();
+    }
+    let vc = common::vcenter::FakeVcenter::start_with_disks(size, size / 2, 2);
+    let snaps = vc.freeze_disks(&images);
+    vc.state.lock().unwrap().allocated = (0..size / REGION)
+        .filter(|i| Profile::Mixed.kind(*i) != Kind::Zero)
+        .map(|i| (i * REGION, REGION))
+        .collect();
+    let pw = lab.path("vc-password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    // The data command serves one disk of the snapshot, as nbdkit vddk does.
+    let cmd = format!(
+        "exec qemu-nbd -r -f raw -t --socket \\\"$BLOCKSHIP_NBD_SOCKET\\\" {}/\\\"$BLOCKSHIP_SNAPSHOT-$BLOCKSHIP_DISK_KEY\\\".img",
+        snaps.display()
+    );
+    let agent = format!(
+        "vcenter_user = \"administrator@vsphere.local\"\nvcenter_password_file = \"{}\"\nvcenter_ca = \"{}\"\nnbd_command = \"{cmd}\"\n",
+        pw.display(),
+        vc.ca.display()
+    );
+    VmwareVm { vc, images, agent }
+}
+
+impl VmwareVm {
+    fn write(&self, disk: usize, offset: u64, len: u64, seed: u64) {
+        scribble(&self.images[disk], offset, len as usize, seed);
+        self.vc.record_write_on(disk, offset, len);
+    }
+
+    /// Both targets hold the snapshot their recorded changeIds came from, and those changeIds
+    /// are the same snapshot's.
+    fn check_epoch(&self, lab: &Lab, targets: &[&str], seq: u64) {
+        for (i, t) in targets.iter().enumerate() {
+            let state = state_of(lab, t).unwrap();
+            let cid = state["change_point"].as_str().unwrap_or_default().to_string();
+            let want = format!("/{seq}-{}", common::vcenter::DISK_KEY + i as i32);
+            assert!(cid.ends_with(&want), "{t}: changeId {cid:?} is not snapshot {seq}'s: {state}");
+            let rel = t.strip_prefix("file:").unwrap();
+            assert!(
+                same_file(&self.vc.snapshot_data_of(i, &cid), &lab.target(rel)),
+                "{t} differs from its disk in snapshot {seq}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_vmware_group_takes_one_vm_snapshot_per_cycle_and_advances_every_change_id_together() {
+    if !common::qemu::available() {
+        return;
+    }
+    const SIZE: u64 = 32 << 20;
+    let lab = Lab::new(&["esx01"]);
+    let mut sink = lab.sink(&["esx01=file:*"], &[]);
+    let vm = vmware_vm(&lab, SIZE);
+    let targets = ["file:vm42-a", "file:vm42-b"];
+    let group = format!(
+        "[bandwidth]\ndefault = \"6MiB\"\n[[group]]\nname = \"vm42\"\nkind = \"vmware\"\nvm = \"{}\"\nvcenter = \"{}\"\ninterval = \"1h\"\ndisks = [{{ disk = \"2000\", target = \"{}\" }}, {{ disk = \"Hard disk 2\", target = \"{}\" }}]\n",
+        common::vcenter::VM_UUID,
+        vm.vc.addr,
+        targets[0],
+        targets[1]
+    );
+    let daemon = Daemon::start_with(&lab, &sink, "esx01", &vm.agent, "max_backoff = \"2s\"", &group, &[]);
+
+    // Epoch 1: the allocated areas of both disks, from one VM snapshot.
+    let g = daemon.wait_epoch("vm42", 1, Duration::from_secs(60));
+    assert_eq!(g["consistency"], "atomic", "{g}");
+    assert_eq!(vm.vc.snapshots_created(), 1, "one cycle, one VM snapshot");
+    vm.check_epoch(&lab, &targets, 1);
+    assert!(vm.vc.snapshots().is_empty(), "snapshot left after the commit: {:?}", vm.vc.snapshots());
+
+    // Epoch 2: changes on both disks, again one snapshot.
+    vm.write(0, MIB, 64 * 1024, 1);
+    vm.write(1, 9 * MIB, 3000, 2);
+    daemon.control("sync-now", "vm42");
+    let g = daemon.wait_epoch("vm42", 2, Duration::from_secs(60));
+    let read: Vec<u64> = g["disks"].as_array().unwrap().iter().map(|d| u(d, "bytes_read")).collect();
+    assert_eq!(read, [64 * 1024, 3000], "{g}");
+    assert_eq!(vm.vc.snapshots_created(), 2);
+    vm.check_epoch(&lab, &targets, 2);
+
+    // Epoch 3 dies with the sink: neither changeId advances (even if one disk's data was all
+    // sent), the snapshot is kept, and the retry reads that same snapshot.
+    for disk in 0..2 {
+        vm.write(disk, 4 * MIB, 8 * MIB, 10 + disk as u64);
+    }
+    daemon.control("sync-now", "vm42");
+    let durable =
+        |t: &str| state_of(&lab, t).and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(30), || durable(targets[0]) > 0 || durable(targets[1]) > 0),
+        "epoch 3 made no durable progress: {}",
+        daemon.log_text()
+    );
+    sink.kill9();
+    for t in targets {
+        let cid = state_of(&lab, t).unwrap()["change_point"].as_str().unwrap().to_string();
+        assert!(cid.contains("/2-"), "{t} advanced to {cid} although the group did not commit");
+    }
+    assert_eq!(vm.vc.snapshots().len(), 1, "the failed cycle's snapshot was not kept");
+    // Writes after the failed cycle belong to the next one.
+    vm.write(0, 20 * MIB, 4096, 20);
+    let _sink = lab.sink_on(&sink.addr, &["esx01=file:*"], &[]);
+    let g = daemon.wait_epoch("vm42", 3, Duration::from_secs(60));
+    assert_eq!(vm.vc.snapshots_created(), 3, "the retry took a new snapshot instead of the frozen one: {g}");
+    vm.check_epoch(&lab, &targets, 3);
+    assert!(vm.vc.snapshots().is_empty(), "snapshot left: {:?}", vm.vc.snapshots());
+    daemon.control("sync-now", "vm42");
+    let g = daemon.wait_epoch("vm42", 4, Duration::from_secs(60));
+    let read: Vec<u64> = g["disks"].as_array().unwrap().iter().map(|d| u(d, "bytes_read")).collect();
+    assert_eq!(read, [4096, 0], "{g}");
+    vm.check_epoch(&lab, &targets, 4);
+    assert!(
+        same_file(&vm.images[0], &lab.target("vm42-a")) && same_file(&vm.images[1], &lab.target("vm42-b"))
+    );
+}

@@ -37,7 +37,7 @@ fn setup(lab: &Lab) -> Vm {
     let pw = lab.path("vc-password");
     std::fs::write(&pw, "s3cret\n").unwrap();
     let cmd = format!(
-        "test -n \"$BLOCKSHIP_SNAPSHOT\" && test -r \"$BLOCKSHIP_VCENTER_PASSWORD_FILE\" && exec qemu-nbd -r -f raw -t --socket \"$BLOCKSHIP_NBD_SOCKET\" {}/\"$BLOCKSHIP_SNAPSHOT\".img",
+        "test -n \"$BLOCKSHIP_SNAPSHOT\" && test -r \"$BLOCKSHIP_VCENTER_PASSWORD_FILE\" && exec qemu-nbd -r -f raw -t --socket \"$BLOCKSHIP_NBD_SOCKET\" {}/\"$BLOCKSHIP_SNAPSHOT-$BLOCKSHIP_DISK_KEY\".img",
         snaps.display()
     );
     let args = vec![
@@ -97,7 +97,7 @@ fn cbt_cycles_resyncs_and_snapshot_lifecycle() {
     assert_eq!(s1["mode"], "full", "{s1}");
     assert_eq!(u(&s1, "bytes_read"), DISK - zero, "{s1}");
     let cid1 = s1["change_point"].as_str().unwrap().to_string();
-    assert!(cid1.ends_with("/1"), "{s1}");
+    assert!(cid1.ends_with("/1-2000"), "{s1}");
     assert!(same_file(&vm.image, &lab.target("vm42")));
     assert!(vm.vc.snapshots().is_empty(), "snapshot not removed: {:?}", vm.vc.snapshots());
 
@@ -110,7 +110,7 @@ fn cbt_cycles_resyncs_and_snapshot_lifecycle() {
     assert_eq!((s2["mode"].as_str(), u(&s2, "epoch")), (Some("incremental"), 2), "{s2}");
     assert_eq!(u(&s2, "bytes_read"), 64 * 1024 + 1000 + 3 * MIB, "{s2}");
     assert_eq!(vm.qcda_calls() - before, 4, "paging stopped early or went on");
-    assert!(s2["change_point"].as_str().unwrap().ends_with("/2"));
+    assert!(s2["change_point"].as_str().unwrap().ends_with("/2-2000"));
     assert!(same_file(&vm.image, &lab.target("vm42")));
     assert!(vm.vc.snapshots().is_empty());
 

@@ -245,6 +245,14 @@ impl DaemonFile {
                 Kind::Vmware if g.vm.is_none() || g.vcenter.is_none() => {
                     bail!("{what}: a vmware group needs vm and vcenter")
                 }
+                // Credentials, trust and the data command are checked now, not at the first cycle.
+                Kind::Vmware => {
+                    let (host, vm) =
+                        (g.vcenter.as_deref().unwrap_or_default(), g.vm.clone().unwrap_or_default());
+                    agent
+                        .vmware_options(host, vm, Vec::new(), g.nbd_command.clone())
+                        .with_context(|| what.clone())?;
+                }
                 Kind::Qemu if g.qmp.is_none() => bail!("{what}: a qemu group needs qmp (the QMP socket)"),
                 _ => {}
             }

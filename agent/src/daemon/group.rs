@@ -98,10 +98,23 @@ async fn open_origin(g: &Group, agent: &Resolved) -> Result<GroupOrigin, AgentEr
                 .map_err(crate::source::SourceError::from)?;
             Ok(GroupOrigin::of((0..disks.len()).map(|i| Origin::Qemu(vm.clone(), i)).collect()))
         }
-        Kind::Vmware => Err(AgentError::Usage(format!(
-            "group {:?}: {:?} groups are not supported by this build",
-            g.name, g.kind
-        ))),
+        Kind::Vmware => {
+            let disks: Vec<String> =
+                g.section.disks.iter().map(|d| d.disk.clone().unwrap_or_default()).collect();
+            let opts = agent
+                .vmware_options(
+                    g.section.vcenter.as_deref().unwrap_or_default(),
+                    g.section.vm.clone().unwrap_or_default(),
+                    disks.clone(),
+                    g.section.nbd_command.clone(),
+                )
+                .map_err(|e| AgentError::Usage(format!("group {:?}: {e:#}", g.name)))?;
+            let vm = crate::source::vmware::VmwareOrigin::open(opts)
+                .await
+                .map_err(crate::source::SourceError::from)?;
+            let vm = Arc::new(vm);
+            Ok(GroupOrigin::of((0..disks.len()).map(|i| Origin::Vmware(vm.clone(), i)).collect()))
+        }
     }
 }
 

@@ -40,12 +40,25 @@ impl Daemon {
         groups: &str,
         env: &[(&str, &str)],
     ) -> Daemon {
+        Self::start_with(lab, sink, name, "", daemon, groups, env)
+    }
+
+    /// `start`, with extra `[agent]` lines (e.g. vCenter credentials).
+    pub fn start_with(
+        lab: &Lab,
+        sink: &Sink,
+        name: &str,
+        agent: &str,
+        daemon: &str,
+        groups: &str,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let tag = format!("{name}-{}", lab.dir.path().file_name().unwrap().to_string_lossy());
         let socket = lab.path(&format!("{tag}.sock"));
         let log = lab.path(&format!("{tag}.log"));
         let config = lab.path(&format!("{tag}.toml"));
         let text = format!(
-            "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"{name}\"\nidle_timeout = \"5s\"\n{}\n[daemon]\ncontrol_socket = \"{}\"\n{daemon}\n{groups}\n",
+            "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"{name}\"\nidle_timeout = \"5s\"\n{}\n{agent}\n[daemon]\ncontrol_socket = \"{}\"\n{daemon}\n{groups}\n",
             sink.addr,
             lab.pki().display(),
             ceph_agent_keys(),

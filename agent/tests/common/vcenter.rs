@@ -1,11 +1,12 @@
 //! A fake vCenter for tests: HTTPS (self-signed) speaking the vim25 SOAP messages Blockship uses
 //! (RetrieveServiceContent, Login/Logout, FindByUuid, RetrievePropertiesEx, CreateSnapshot_Task,
-//! RemoveSnapshot_Task, QueryChangedDiskAreas) for one VM with one disk. Tests record the writes
-//! they make to the disk image; QueryChangedDiskAreas answers from that log, in pages, and can be
-//! told to fault or to reset change tracking (new changeId UUID). With `freeze_disk`, every
-//! snapshot freezes a copy of the disk image (`<dir>/<snapshot moref>.img`, kept under its
-//! changeId as well after the snapshot is removed), so a data command can serve the snapshot's
-//! own data while the "guest" goes on writing the live image. govmomi's vcsim cannot do this:
+//! RemoveSnapshot_Task, QueryChangedDiskAreas) for one VM with one or more disks (keys 2000,
+//! 2001, ...). Tests record the writes they make to a disk image; QueryChangedDiskAreas answers
+//! from that log, in pages, and can be told to fault or to reset change tracking (new changeId
+//! UUID). With `freeze_disk`, every snapshot freezes a copy of every disk image
+//! (`<dir>/<snapshot moref>-<disk key>.img`, kept under its changeId as well after the snapshot
+//! is removed), so a data command can serve the snapshot's own data while the "guest" goes on
+//! writing the live images. govmomi's vcsim cannot do this:
 //! it does not implement QueryChangedDiskAreas.
 
 #![allow(dead_code)]
@@ -28,9 +29,12 @@ pub struct State {
     pub cbt_uuid: String,
     /// Sequence number of the newest snapshot.
     pub seq: u64,
-    /// Writes, each tagged with the snapshot sequence current when it happened.
-    pub writes: Vec<(u64, u64, u64)>,
-    /// Areas in use before any recorded write (changeId "*" adds the writes).
+    /// Disks of the VM (keys DISK_KEY, DISK_KEY + 1, ...), all of `capacity`.
+    pub disks: usize,
+    /// Writes (sequence, disk index, offset, length), each tagged with the snapshot sequence
+    /// current when it happened.
+    pub writes: Vec<(u64, usize, u64, u64)>,
+    /// Areas in use before any recorded write, on every disk (changeId "*" adds the writes).
     pub allocated: Vec<(u64, u64)>,
     /// (moref, name, changeId)
     pub snapshots: Vec<(String, String, String)>,
@@ -39,8 +43,8 @@ pub struct State {
     pub fail_qcda: Option<String>,
     /// Every SOAP call, in order (method names).
     pub calls: Vec<String>,
-    /// The live disk image copied into `snap_dir` at every snapshot (see `freeze_disk`).
-    pub disk_image: Option<PathBuf>,
+    /// The live disk images copied into `snap_dir` at every snapshot (see `freeze_disk`).
+    pub disk_images: Vec<PathBuf>,
     pub snap_dir: PathBuf,
     next: u64,
     session: Option<String>,
@@ -55,6 +59,11 @@ pub struct FakeVcenter {
 
 impl FakeVcenter {
     pub fn start(capacity: u64, page_size: u64) -> FakeVcenter {
+        Self::start_with_disks(capacity, page_size, 1)
+    }
+
+    /// A VM with `disks` disks of `capacity` each.
+    pub fn start_with_disks(capacity: u64, page_size: u64, disks: usize) -> FakeVcenter {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
@@ -77,6 +86,7 @@ impl FakeVcenter {
         let state = Arc::new(Mutex::new(State {
             snap_dir,
             capacity,
+            disks,
             cbt_enabled: true,
             cbt_uuid: "52 1f a0 9c 44 d2 11 0e-8b 3a 5c 6d 7e 8f 90 a1".into(),
             page_size,
@@ -118,24 +128,46 @@ impl FakeVcenter {
         FakeVcenter { addr, ca, state, _dir: dir }
     }
 
-    /// Freeze a copy of `image` at every snapshot; returns the directory the copies live in
-    /// (`$BLOCKSHIP_SNAPSHOT.img` is the snapshot's data).
+    /// Freeze a copy of `image` (the first disk) at every snapshot; returns the directory the
+    /// copies live in (`$BLOCKSHIP_SNAPSHOT-$BLOCKSHIP_DISK_KEY.img` is the snapshot's data).
     pub fn freeze_disk(&self, image: &std::path::Path) -> PathBuf {
+        self.freeze_disks(&[image.to_path_buf()])
+    }
+
+    /// Freeze a copy of every disk's image (in key order) at every snapshot.
+    pub fn freeze_disks(&self, images: &[PathBuf]) -> PathBuf {
         let mut s = self.state.lock().unwrap();
-        s.disk_image = Some(image.to_path_buf());
+        s.disk_images = images.to_vec();
         s.snap_dir.clone()
     }
 
-    /// The frozen data of the snapshot that carried `change_id` (kept after its removal).
+    /// The first disk's frozen data in the snapshot that carried `change_id` (kept after the
+    /// snapshot's removal).
     pub fn snapshot_data(&self, change_id: &str) -> PathBuf {
+        self.snapshot_data_of(0, change_id)
+    }
+
+    /// Disk `disk`'s frozen data in the snapshot that carried `change_id`.
+    pub fn snapshot_data_of(&self, disk: usize, change_id: &str) -> PathBuf {
         let s = self.state.lock().unwrap();
-        s.snap_dir.join(format!("cid-{}.img", change_id.rsplit('/').next().unwrap_or("")))
+        // "<uuid>/<seq>-<key>"
+        let seq = change_id.rsplit('/').next().unwrap_or("").split('-').next().unwrap_or("");
+        s.snap_dir.join(format!("cid-{seq}-{}.img", DISK_KEY + disk as i32))
     }
 
     pub fn record_write(&self, offset: u64, len: u64) {
+        self.record_write_on(0, offset, len)
+    }
+
+    pub fn record_write_on(&self, disk: usize, offset: u64, len: u64) {
         let mut s = self.state.lock().unwrap();
         let seq = s.seq;
-        s.writes.push((seq, offset, len));
+        s.writes.push((seq, disk, offset, len));
+    }
+
+    /// Names of the snapshots ever created, in order.
+    pub fn snapshots_created(&self) -> usize {
+        self.state.lock().unwrap().calls.iter().filter(|c| *c == "CreateSnapshot_Task").count()
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -197,13 +229,21 @@ fn ok(method: &str, inner: &str) -> (&'static str, Option<String>, String) {
     ("200 OK", None, envelope(&format!("<{method}Response xmlns=\"urn:vim25\">{inner}</{method}Response>")))
 }
 
-fn disk_xml(s: &State, change_id: Option<&str>) -> String {
-    let cid = change_id.map(|c| format!("<changeId>{c}</changeId>")).unwrap_or_default();
-    format!(
-        "<VirtualDevice xsi:type=\"VirtualDisk\"><key>{DISK_KEY}</key><deviceInfo><label>Hard disk 1</label><summary>x</summary></deviceInfo><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[datastore1] vm42/vm42.vmdk</fileName><diskMode>persistent</diskMode>{cid}</backing><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>",
-        s.capacity / 1024,
-        s.capacity
-    )
+/// Every disk of the VM; each disk's changeId is its own ("<uuid>/<seq>-<key>"), as vSphere's are.
+fn disks_xml(s: &State, change_id: Option<&str>) -> String {
+    (0..s.disks)
+        .map(|i| {
+            let key = DISK_KEY + i as i32;
+            let cid = change_id.map(|c| format!("<changeId>{c}-{key}</changeId>")).unwrap_or_default();
+            let file = if i == 0 { "vm42".to_string() } else { format!("vm42_{i}") };
+            format!(
+                "<VirtualDevice xsi:type=\"VirtualDisk\"><key>{key}</key><deviceInfo><label>Hard disk {}</label><summary>x</summary></deviceInfo><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>[datastore1] vm42/{file}.vmdk</fileName><diskMode>persistent</diskMode>{cid}</backing><capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></VirtualDevice>",
+                i + 1,
+                s.capacity / 1024,
+                s.capacity
+            )
+        })
+        .collect()
 }
 
 fn handle(
@@ -261,7 +301,7 @@ fn handle(
             let path = req.find("pathSet").map(|p| p.text.clone()).unwrap_or_default();
             let val = match (kind.as_str(), path.as_str()) {
                 ("VirtualMachine", "config.hardware.device") => {
-                    format!("<val xsi:type=\"ArrayOfVirtualDevice\">{}</val>", disk_xml(&s, None))
+                    format!("<val xsi:type=\"ArrayOfVirtualDevice\">{}</val>", disks_xml(&s, None))
                 }
                 ("VirtualMachine", "config.changeTrackingEnabled") => {
                     format!("<val xsi:type=\"xsd:boolean\">{}</val>", s.cbt_enabled)
@@ -281,7 +321,7 @@ fn handle(
                         return fault("ManagedObjectNotFound", "The object has already been deleted or has not been completely created");
                     };
                     let cid = s.cbt_enabled.then(|| cid.clone());
-                    format!("<val xsi:type=\"ArrayOfVirtualDevice\">{}</val>", disk_xml(&s, cid.as_deref()))
+                    format!("<val xsi:type=\"ArrayOfVirtualDevice\">{}</val>", disks_xml(&s, cid.as_deref()))
                 }
                 ("Task", "info") => format!(
                     "<val xsi:type=\"TaskInfo\"><key>{id}</key><state>success</state>{}</val>",
@@ -300,10 +340,11 @@ fn handle(
             let mo = format!("snapshot-{}", s.next);
             let cid = format!("{}/{}", s.cbt_uuid, s.seq);
             let name = req.text_of("name").unwrap_or("").to_string();
-            if let Some(disk) = &s.disk_image {
-                let copy = s.snap_dir.join(format!("{mo}.img"));
+            for (i, disk) in s.disk_images.iter().enumerate() {
+                let key = DISK_KEY + i as i32;
+                let copy = s.snap_dir.join(format!("{mo}-{key}.img"));
                 std::fs::copy(disk, &copy).unwrap();
-                std::fs::copy(&copy, s.snap_dir.join(format!("cid-{}.img", s.seq))).unwrap();
+                std::fs::copy(&copy, s.snap_dir.join(format!("cid-{}-{key}.img", s.seq))).unwrap();
             }
             s.snapshots.push((mo.clone(), name, cid));
             ok(&method, &format!("<returnval type=\"Task\">task-snap-{mo}</returnval>"))
@@ -311,7 +352,9 @@ fn handle(
         "RemoveSnapshot_Task" => {
             let mo = req.find("_this").map(|t| t.text.clone()).unwrap_or_default();
             s.snapshots.retain(|(m, _, _)| *m != mo);
-            let _ = std::fs::remove_file(s.snap_dir.join(format!("{mo}.img")));
+            for i in 0..s.disks {
+                let _ = std::fs::remove_file(s.snap_dir.join(format!("{mo}-{}.img", DISK_KEY + i as i32)));
+            }
             ok(&method, "<returnval type=\"Task\">task-remove</returnval>")
         }
         "QueryChangedDiskAreas" => {
@@ -323,11 +366,21 @@ fn handle(
                 return fault("InvalidArgument", "A specified parameter was not correct: snapshot");
             };
             let start: u64 = req.text_of("startOffset").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let key: i32 = req.text_of("deviceKey").and_then(|v| v.parse().ok()).unwrap_or(-1);
+            let disk = (key - DISK_KEY) as usize;
+            if key < DISK_KEY || disk >= s.disks {
+                return fault("InvalidArgument", "A specified parameter was not correct: deviceKey");
+            }
             let change_id = req.text_of("changeId").unwrap_or("").to_string();
+            let mine = s.writes.iter().filter(|w| w.1 == disk);
             let extents: Vec<(u64, u64)> = if change_id == "*" {
                 // Everything in use: the initial layout plus whatever was written since.
-                s.allocated.iter().copied().chain(s.writes.iter().map(|(_, o, l)| (*o, *l))).collect()
+                s.allocated.iter().copied().chain(mine.map(|(_, _, o, l)| (*o, *l))).collect()
             } else {
+                // This disk's own changeId: "<uuid>/<seq>-<key>".
+                let Some(change_id) = change_id.strip_suffix(&format!("-{key}")) else {
+                    return fault("InvalidArgument", "A specified parameter was not correct: changeId");
+                };
                 let (uuid, seq) = change_id.rsplit_once('/').unwrap_or(("", ""));
                 let (snap_uuid, snap_seq) = snap_cid.rsplit_once('/').unwrap_or(("", ""));
                 let (Ok(from), Ok(to)) = (seq.parse::<u64>(), snap_seq.parse::<u64>()) else {
@@ -336,7 +389,7 @@ fn handle(
                 if uuid != snap_uuid || uuid != s.cbt_uuid {
                     return fault("InvalidArgument", "A specified parameter was not correct: changeId");
                 }
-                s.writes.iter().filter(|(w, _, _)| *w >= from && *w < to).map(|(_, o, l)| (*o, *l)).collect()
+                mine.filter(|(w, _, _, _)| *w >= from && *w < to).map(|(_, _, o, l)| (*o, *l)).collect()
             };
             let end = (start + s.page_size).min(s.capacity);
             let areas: String = extents
