@@ -298,3 +298,140 @@ fn a_vmware_group_takes_one_vm_snapshot_per_cycle_and_advances_every_change_id_t
         same_file(&vm.images[0], &lab.target("vm42-a")) && same_file(&vm.images[1], &lab.target("vm42-b"))
     );
 }
+
+/// Two file disks replicated into two RBD images by a daemon, with the sink armed to crash at
+/// `point` during the second group commit.
+struct CrashLab<'a> {
+    lab: Lab,
+    ceph: &'a Ceph,
+    sources: Vec<std::path::PathBuf>,
+    targets: Vec<TestImage<'a>>,
+    group: String,
+}
+
+impl<'a> CrashLab<'a> {
+    fn new(ceph: &'a Ceph, tag: &str) -> CrashLab<'a> {
+        let lab = Lab::new(&["esx01"]);
+        let sources: Vec<_> = (0..2).map(|i| lab.path(&format!("src{i}.img"))).collect();
+        for (i, s) in sources.iter().enumerate() {
+            std::fs::File::create(s).unwrap().set_len(DISK).unwrap();
+            scribble(s, 0, DISK as usize, 500 + i as u64);
+        }
+        let targets: Vec<_> = (0..2).map(|i| TestImage::new(ceph, &format!("{tag}{i}"))).collect();
+        let disks: Vec<String> = sources
+            .iter()
+            .zip(&targets)
+            .map(|(s, t)| format!("{{ source = \"{}\", target = \"{}\" }}", s.display(), t.target()))
+            .collect();
+        let group = format!(
+            "[[group]]\nname = \"crash\"\nkind = \"file\"\ninterval = \"1h\"\ndisks = [{}]\n",
+            disks.join(", ")
+        );
+        CrashLab { lab, ceph, sources, targets, group }
+    }
+
+    fn sink(&self, listen: &str, env: &[(&str, &str)]) -> Sink {
+        let mut args: Vec<&str> = self.ceph.sink_args.iter().map(String::as_str).collect();
+        args.extend(["--keep-snapshots", "2"]);
+        self.lab.sink_with(listen, &["esx01=rbd:rbd/*"], &args, env)
+    }
+
+    /// Committed epoch of each member, as its state (kept with the image) says.
+    fn committed(&self) -> Vec<u64> {
+        self.targets
+            .iter()
+            .map(|t| {
+                let text = self.ceph.rbd_ok(&["image-meta", "get", &t.spec(), "blockship.state"]);
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["committed_epoch"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    /// Every member image (or its snapshot `@snap`) equals the source copies saved as `tag`.
+    fn check(&self, snap: &str, tag: &str) {
+        for (i, t) in self.targets.iter().enumerate() {
+            let want = sha(&self.lab.path(&format!("src{i}.{tag}")));
+            let got = self.ceph.export_hash(&format!("{}{snap}", t.spec()), self.lab.dir.path());
+            assert_eq!(got, want, "{}{snap} is not the sources' epoch {tag}", t.spec());
+        }
+    }
+
+    fn save(&self, tag: &str) {
+        for (i, s) in self.sources.iter().enumerate() {
+            std::fs::copy(s, self.lab.path(&format!("src{i}.{tag}"))).unwrap();
+        }
+    }
+
+    fn rollback(&self) -> String {
+        let out = std::process::Command::new(bin("blockship-sink"))
+            .args(["rollback", "--group", "esx01/crash", "--state-dir"])
+            .arg(self.lab.path("state"))
+            .args(&self.ceph.sink_args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rollback --group failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Epoch 1 commits; epoch 2 crashes the sink at `point`; the daemon is stopped with it.
+    fn crash(&self, point: &str) -> String {
+        let arm = format!("{point}=1*off->return");
+        let mut sink = self.sink("127.0.0.1:0", &[("FAILPOINTS", &arm)]);
+        let mut daemon = Daemon::start(&self.lab, &sink, "esx01", "", &self.group, &[]);
+        daemon.wait_epoch("crash", 1, Duration::from_secs(60));
+        self.save("1");
+        for (i, s) in self.sources.iter().enumerate() {
+            scribble(s, (2 + i as u64) * MIB, 3 * MIB as usize, 600 + i as u64);
+        }
+        self.save("2");
+        daemon.control("sync-now", "crash");
+        assert!(sink.wait_exit(Duration::from_secs(60)), "{point} never fired: {}", self.lab.sink_log());
+        daemon.kill9();
+        sink.addr.clone()
+    }
+}
+
+#[test]
+fn a_crash_between_member_snapshots_leaves_every_member_at_one_epoch() {
+    let Some(ceph) = ceph() else { return };
+    let c = CrashLab::new(&ceph, "gsnap");
+    let addr = c.crash("sink::group-between-snapshots");
+    // The first member has its snapshot of epoch 2, the second not; neither state says 2.
+    assert_eq!(c.committed(), [1, 1]);
+    let out = c.rollback();
+    assert!(out.contains("every member is at epoch 1"), "{out}");
+    assert_eq!(c.committed(), [1, 1]);
+    c.check("", "1");
+    // A new sink and agent: the epoch is sent again and commits on both.
+    let sink = c.sink(&addr, &[]);
+    let daemon = Daemon::start(&c.lab, &sink, "esx01", "", &c.group, &[]);
+    daemon.wait_epoch("crash", 2, Duration::from_secs(60));
+    assert_eq!(c.committed(), [2, 2]);
+    c.check("@blockship-2", "2");
+    c.check("@blockship-1", "1");
+}
+
+#[test]
+fn a_crash_between_member_states_is_completed_on_restart() {
+    let Some(ceph) = ceph() else { return };
+    let c = CrashLab::new(&ceph, "gstate");
+    let addr = c.crash("sink::group-between-states");
+    // Every snapshot of epoch 2 exists, one state records it: the group commit is completed
+    // (rolled forward) by the sink that next opens the group, before anything else happens.
+    assert_eq!(c.committed(), [2, 1], "the crash point is not between the two states");
+    let sink = c.sink(&addr, &[]);
+    let mut daemon = Daemon::start(&c.lab, &sink, "esx01", "", &c.group, &[]);
+    let g = daemon.wait_epoch("crash", 2, Duration::from_secs(60));
+    let disks: Vec<u64> = g["disks"].as_array().unwrap().iter().map(|d| u(d, "committed_epoch")).collect();
+    assert_eq!(disks[0], disks[1], "{g}");
+    c.check("@blockship-2", "2");
+    // rollback --group with the sink stopped: every member back at the group's epoch.
+    daemon.kill9();
+    drop(sink);
+    let committed = c.committed();
+    assert_eq!(committed[0], committed[1]);
+    let out = c.rollback();
+    assert!(out.contains(&format!("every member is at epoch {}", committed[0])), "{out}");
+    c.check("", "2");
+}

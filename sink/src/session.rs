@@ -345,14 +345,20 @@ impl Session<'_> {
                     .await
                     .map_err(|r| (Scope::Disk(req.disk), r))?;
             }
-            Body::EpochBegin(req) => {
+            Body::EpochBegin(mut req) => {
                 let disk = self.disk(req.disk)?;
-                let scope = || Scope::Disk(req.disk);
+                let handle = req.disk;
+                let scope = || Scope::Disk(handle);
                 let group_committed = if req.group.is_empty() {
                     None
                 } else {
                     match self.groups.get(&req.group) {
-                        Some((_, members, committed)) if members.contains(&req.disk) => Some(*committed),
+                        Some((record, members, committed)) if members.contains(&req.disk) => {
+                            // The state names the group as the registry does (AGENT/GROUP), so
+                            // that a later GroupOpen recognizes a member prepared for it.
+                            req.group = record.name.clone();
+                            Some(*committed)
+                        }
                         _ => {
                             return Err((
                                 scope(),

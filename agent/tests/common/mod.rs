@@ -61,7 +61,13 @@ impl Lab {
     }
 
     pub fn sink_on(&self, listen: &str, allow: &[&str], extra: &[&str]) -> Sink {
+        self.sink_with(listen, allow, extra, &[])
+    }
+
+    /// `sink_on` with extra environment (e.g. `FAILPOINTS`).
+    pub fn sink_with(&self, listen: &str, allow: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Sink {
         let mut cmd = Command::new(bin("blockship-sink"));
+        cmd.envs(env.iter().copied());
         cmd.args(["serve", "--listen", listen, "--pki"])
             .arg(self.pki())
             .arg("--file-root")
@@ -160,6 +166,16 @@ pub struct Sink {
 impl Sink {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Wait up to `limit` for the sink to exit by itself (a crash point); true if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let exited =
+            wait_until(limit, || self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some()));
+        if exited {
+            self.child = None;
+        }
+        exited
     }
 
     /// SIGKILL, no chance to clean up.
