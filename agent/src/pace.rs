@@ -128,13 +128,15 @@ impl std::fmt::Debug for Pacer {
     }
 }
 
-/// Bytes of the largest frame a bucket must admit at once.
-const MAX_FRAME: u64 = blockship_proto::frame::MAX_PAYLOAD_LEN as u64;
+/// The smallest burst (KiB); payloads are taken from the bucket in pieces of at most this.
+const BURST_FLOOR_KIB: u32 = 64;
 
 fn bucket(bytes_per_second: u64) -> Arc<DefaultDirectRateLimiter> {
     // governor counts cells in u32: use 1 KiB cells.
     let kib = (bytes_per_second / 1024).clamp(1, u64::from(u32::MAX)) as u32;
-    let burst = kib.max((MAX_FRAME / 1024 + 1) as u32);
+    // A tenth of a second of traffic at once: a limit is there to leave the link to others, so
+    // it should not let a full second through in one burst. (`take` splits larger payloads.)
+    let burst = (kib / 10).max(BURST_FLOOR_KIB);
     let quota = Quota::per_second(NonZeroU32::new(kib).expect("clamped to >= 1"))
         .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"));
     Arc::new(RateLimiter::direct(quota))
@@ -170,9 +172,13 @@ impl Pacer {
     pub async fn take(&self, bytes: usize) {
         let (_, bucket) = self.bucket();
         if let Some(b) = bucket {
-            let cells = NonZeroU32::new((bytes.div_ceil(1024)).max(1) as u32).expect(">= 1");
-            // Cannot fail: the burst admits the largest payload.
-            let _ = b.until_n_ready(cells).await;
+            let mut cells = bytes.div_ceil(1024).max(1) as u64;
+            while cells > 0 {
+                let n = cells.min(u64::from(BURST_FLOOR_KIB));
+                cells -= n;
+                // Cannot fail: no request exceeds the smallest burst.
+                let _ = b.until_n_ready(NonZeroU32::new(n as u32).expect(">= 1")).await;
+            }
         }
     }
 }

@@ -435,3 +435,40 @@ fn a_crash_between_member_states_is_completed_on_restart() {
     assert!(out.contains(&format!("every member is at epoch {}", committed[0])), "{out}");
     c.check("", "2");
 }
+
+#[test]
+fn the_bandwidth_schedule_limits_inside_its_window_only() {
+    const LIMIT: f64 = 8.0 * MIB as f64;
+    const SIZE: u64 = 48 * MIB;
+    let lab = Lab::new(&["esx01"]);
+    let sink = lab.sink(&["esx01=file:*"], &[]);
+    let schedule = "[bandwidth]\ndefault = \"unlimited\"\n[[bandwidth.window]]\ndays = \"mon-fri\"\nfrom = \"09:00\"\nto = \"17:00\"\nlimit = \"8MiB\"\n";
+    // One full epoch of incompressible data, with the clock inside and then outside the window
+    // (2026-12-07 is a Monday).
+    let mut rates = Vec::new();
+    for (tag, clock) in [("inside", "2026-12-07T10:00:00"), ("outside", "2026-12-07T18:00:00")] {
+        let source = lab.path(&format!("{tag}.img"));
+        std::fs::File::create(&source).unwrap().set_len(SIZE).unwrap();
+        scribble(&source, 0, SIZE as usize, 77);
+        let group = format!(
+            "{schedule}[[group]]\nname = \"{tag}\"\nkind = \"file\"\ninterval = \"1h\"\ndisks = [{{ source = \"{}\", target = \"file:{tag}\" }}]\n",
+            source.display()
+        );
+        let mut daemon = Daemon::start(&lab, &sink, "esx01", "", &group, &[("BLOCKSHIP_CLOCK", clock)]);
+        let g = daemon.wait_epoch(tag, 1, Duration::from_secs(60));
+        let d = &g["disks"][0];
+        let (sent, seconds) = (u(d, "bytes_sent"), d["seconds"].as_f64().unwrap());
+        assert!(sent >= SIZE, "{g}");
+        rates.push(sent as f64 / seconds);
+        assert!(same_file(&source, &lab.target(tag)));
+        daemon.stop();
+    }
+    let (inside, outside) = (rates[0], rates[1]);
+    eprintln!(
+        "inside the window: {:.2} MiB/s, outside: {:.1} MiB/s",
+        inside / MIB as f64,
+        outside / MIB as f64
+    );
+    assert!((inside - LIMIT).abs() <= 0.1 * LIMIT, "inside the window: {inside:.0} B/s, limit {LIMIT} B/s");
+    assert!(outside > 2.0 * LIMIT, "outside the window the limit still applied: {outside:.0} B/s");
+}
