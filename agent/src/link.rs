@@ -278,6 +278,9 @@ impl Link {
             (Some(quinn::ConnectionError::TimedOut), _) => AgentError::Closed(
                 "the sink stopped answering (no packet within --idle-timeout): is it still running?".into(),
             ),
+            (Some(quinn::ConnectionError::Reset), _) => {
+                AgentError::Closed("the sink restarted and no longer knows this connection".into())
+            }
             (_, e) => e,
         }
     }

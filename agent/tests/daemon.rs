@@ -472,3 +472,138 @@ fn the_bandwidth_schedule_limits_inside_its_window_only() {
     assert!((inside - LIMIT).abs() <= 0.1 * LIMIT, "inside the window: {inside:.0} B/s, limit {LIMIT} B/s");
     assert!(outside > 2.0 * LIMIT, "outside the window the limit still applied: {outside:.0} B/s");
 }
+
+/// Timestamp of the first log line after byte `from` of `log` that contains `needle`.
+fn first_logged(log: &str, from: usize, needle: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    log.get(from..)?
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+#[test]
+fn a_broken_group_backs_off_alone_and_a_restarted_sink_is_reached_in_seconds() {
+    let Some(ceph) = ceph() else { return };
+    if !common::qemu::available() {
+        return;
+    }
+    let lab = Lab::new(&["esx01"]);
+    let allow = ["esx01=rbd:rbd/*", "esx01=file:*"];
+    let mut sink_args: Vec<&str> = ceph.sink_args.iter().map(String::as_str).collect();
+    sink_args.extend(["--keep-snapshots", "1000"]);
+    let mut sink = lab.sink(&allow, &sink_args);
+    // Three healthy groups of two file disks each, into RBD images, changing every second.
+    let mut config = String::new();
+    let mut sources = Vec::new();
+    let mut targets = Vec::new();
+    for g in 0..3 {
+        let mut disks = Vec::new();
+        for d in 0..2 {
+            let src = lab.path(&format!("g{g}d{d}.img"));
+            std::fs::File::create(&src).unwrap().set_len(DISK).unwrap();
+            scribble(&src, 0, DISK as usize, g * 10 + d);
+            let t = TestImage::new(&ceph, &format!("fault{g}{d}"));
+            disks.push(format!("{{ source = \"{}\", target = \"{}\" }}", src.display(), t.target()));
+            sources.push(src);
+            targets.push((format!("g{g}"), t));
+        }
+        config += &format!(
+            "[[group]]\nname = \"g{g}\"\nkind = \"file\"\ninterval = \"5s\"\ndisks = [{}]\n",
+            disks.join(", ")
+        );
+    }
+    // And a QEMU VM that will go away.
+    let vm = Vm::start(lab.dir.path(), 2, DISK);
+    config += &format!(
+        "[[group]]\nname = \"vm\"\nkind = \"qemu\"\ninterval = \"5s\"\nqmp = \"{}\"\nnbd_socket = \"{}\"\ndisks = [{{ disk = \"disk0\", target = \"file:vm-0\" }}, {{ disk = \"disk1\", target = \"file:vm-1\" }}]\n",
+        vm.qmp.display(),
+        vm.nbd.display()
+    );
+    let mut daemon = Daemon::start(&lab, &sink, "esx01", "max_backoff = \"20s\"", &config, &[]);
+    let healthy = ["g0", "g1", "g2"];
+    let mut tick = 0u64;
+    let mut change = |sources: &[std::path::PathBuf]| {
+        tick += 1;
+        for (i, s) in sources.iter().enumerate() {
+            scribble(s, (tick * 64 * 1024 * 7) % (DISK - 65536), 65536, tick * 100 + i as u64);
+        }
+    };
+    for g in healthy.iter().chain(&["vm"]) {
+        daemon.wait_epoch(g, 1, Duration::from_secs(60));
+    }
+
+    // The VM goes away: its group fails and backs off; the others keep their RPO.
+    drop(vm);
+    let started = Instant::now();
+    let (mut max_rpo, mut max_cycle) = (0f64, 0f64);
+    let mut broken = serde_json::Value::Null;
+    while started.elapsed() < Duration::from_secs(25) {
+        std::thread::sleep(Duration::from_millis(500));
+        change(&sources);
+        for g in healthy {
+            let s = daemon.group(g);
+            assert_eq!(s["failures"], 0, "healthy group {g} failed: {s}");
+            max_rpo = max_rpo.max(s["rpo_seconds"].as_f64().unwrap());
+            max_cycle = max_cycle.max(s["last_cycle_seconds"].as_f64().unwrap());
+        }
+        broken = daemon.group("vm");
+    }
+    println!("while the VM was gone: healthy RPO at most {max_rpo:.2} s (cycle at most {max_cycle:.2} s); vm: {broken}");
+    assert!(max_rpo <= 5.0 + max_cycle + 0.6, "a healthy group's RPO reached {max_rpo:.2} s");
+    assert!(u(&broken, "failures") >= 2, "the broken group did not retry: {broken}");
+    assert!(u(&broken, "failures") <= 4, "the broken group did not back off: {broken}");
+    assert_eq!(broken["state"], "backoff", "{broken}");
+    assert!(!broken["last_error"].as_str().unwrap().is_empty(), "{broken}");
+
+    // The sink is SIGKILLed and restarted on the same address.
+    let epochs: Vec<u64> = healthy.iter().map(|g| u(&daemon.group(g), "committed_epoch")).collect();
+    sink.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    change(&sources);
+    let log_from = lab.sink_log().len();
+    let restarted = chrono::Utc::now();
+    let _sink = lab.sink_on(&sink.addr, &allow, &sink_args);
+    let back = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || healthy
+            .iter()
+            .zip(&epochs)
+            .all(|(g, e)| u(&daemon.group(g), "committed_epoch") > *e)),
+        "the groups did not continue after the sink restarted: {}",
+        daemon.log_text()
+    );
+    let all_committed = back.elapsed().as_secs_f64();
+    let log = lab.sink_log();
+    let since = |needle: &str| {
+        first_logged(&log, log_from, needle).map(|t| (t - restarted).num_milliseconds() as f64 / 1000.0)
+    };
+    let first_write =
+        since("epoch begun target=rbd:").expect("no epoch began on an RBD image after the restart");
+    let first_commit = since("epoch committed target=rbd:").unwrap_or(f64::NAN);
+    println!(
+        "sink restart: first RBD epoch begun after {first_write:.2} s, first RBD commit after {first_commit:.2} s, every healthy group committed again after {all_committed:.2} s"
+    );
+    assert!(first_write <= 5.0, "the first RBD write came {first_write:.2} s after the restart");
+
+    // Nothing reported committed is missing from any member.
+    let mut daemon_groups = Vec::new();
+    for g in healthy {
+        daemon_groups.push((g, u(&daemon.group(g), "committed_epoch")));
+    }
+    daemon.stop();
+    for (g, e) in daemon_groups {
+        for (_, t) in targets.iter().filter(|(n, _)| n == g) {
+            let text = ceph.rbd_ok(&["image-meta", "get", &t.spec(), "blockship.state"]);
+            let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert!(u(&state, "committed_epoch") >= e, "{g} reported epoch {e}, {} says {state}", t.spec());
+            let snaps = ceph.rbd_ok(&["snap", "ls", &t.spec()]);
+            assert!(
+                snaps.contains(&format!("blockship-{e} ")),
+                "{g} reported epoch {e}; {} has {snaps}",
+                t.spec()
+            );
+        }
+    }
+}

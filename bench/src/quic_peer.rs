@@ -12,8 +12,10 @@ use bytes::Bytes;
 
 /// Accept one connection, read every unidirectional stream to its end, print the byte count.
 pub async fn serve(listen: SocketAddr, pki: &Path) -> Result<()> {
-    let tls = tls::server_config(&TlsFiles::sink_in_pki(pki))?;
-    let endpoint = quic::server_endpoint(listen, tls, &QuicTuning::default())?;
+    let files = TlsFiles::sink_in_pki(pki);
+    let tls = tls::server_config(&files)?;
+    let seed = std::fs::read(&files.key)?;
+    let endpoint = quic::server_endpoint(listen, tls, &QuicTuning::default(), &seed)?;
     println!("listening on {}", endpoint.local_addr()?);
     let conn = endpoint.accept().await.context("endpoint closed")?.await?;
     let mut tasks = Vec::new();

@@ -108,7 +108,12 @@ impl Server {
         ctx: SinkContext,
     ) -> Result<Self, TransportError> {
         let tls = tls::server_config(tls_files)?;
-        let endpoint = quic::server_endpoint(listen, tls, tuning)?;
+        // The private key is secret and stays the same across restarts: a restarted sink resets
+        // the connections of the one before it at their next packet.
+        let seed = std::fs::read(&tls_files.key).map_err(|e| {
+            TransportError::from(tls::TlsError::Config(format!("{}: {e}", tls_files.key.display())))
+        })?;
+        let endpoint = quic::server_endpoint(listen, tls, tuning, &seed)?;
         let windows = Arc::new(Windows::new(tuning, TOTAL_STREAMS));
         Ok(Server { endpoint, ctx: Arc::new(ctx), windows })
     }

@@ -71,7 +71,9 @@ impl Default for QuicTuning {
             gso: true,
             socket_buffer: 16 << 20,
             idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            // Keep-alives also find a restarted sink (its stateless reset answers them) within
+            // a couple of seconds; one small packet every 2 s per connection costs nothing.
+            keep_alive: Duration::from_secs(2),
             max_uni_streams: 64,
             congestion: Congestion::Bbr,
         }
@@ -175,11 +177,39 @@ fn set_buffer(
     }
 }
 
-/// A server endpoint on `listen` presenting `tls`.
+/// The key of QUIC stateless resets: an HMAC (keyed BLAKE3) of a connection id. A server that
+/// restarts with the same key answers packets of its predecessor's connections with a reset the
+/// peer accepts, so agents learn at once that their connection is gone instead of after the
+/// idle timeout.
+struct ResetKey([u8; 32]);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(32);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        // blake3::Hash compares in constant time.
+        match <[u8; 32]>::try_from(signature) {
+            Ok(sig) if blake3::keyed_hash(&self.0, data) == blake3::Hash::from_bytes(sig) => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
+    }
+}
+
+/// A server endpoint on `listen` presenting `tls`; `reset_seed` (secret, stable across restarts,
+/// e.g. the server's private key) derives the stateless reset key.
 pub fn server_endpoint(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
     tuning: &QuicTuning,
+    reset_seed: &[u8],
 ) -> Result<quinn::Endpoint, TransportError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -192,7 +222,9 @@ pub fn server_endpoint(
     let socket = udp_socket(listen, tuning.socket_buffer)
         .map_err(|source| TransportError::Bind { addr: listen, source })?;
     // Accept the large datagrams an agent on a large-MTU path sends (see `connect`).
-    let endpoint = tuning.endpoint_config(LARGE_DATAGRAM)?;
+    let mut endpoint = tuning.endpoint_config(LARGE_DATAGRAM)?;
+    let key = ResetKey(blake3::derive_key("blockship 2026-11 QUIC stateless reset key", reset_seed));
+    endpoint.reset_key(Arc::new(key));
     Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
 }
 

@@ -140,7 +140,7 @@ pub async fn run(
     let mut origin: Option<GroupOrigin> = None;
     let mut open: Vec<Option<OpenMember>> = (0..members.len()).map(|_| None).collect();
     let mut on_link: Option<u64> = None;
-    let (mut paused, mut failures, mut cycles) = (g.paused, 0u32, 0u64);
+    let (mut paused, mut failures, mut source_failures, mut cycles) = (g.paused, 0u32, 0u32, 0u64);
     let mut next = tokio::time::Instant::now();
     loop {
         let state = if paused {
@@ -177,14 +177,21 @@ pub async fn run(
         cycles += 1;
         match result {
             Ok(report) => {
-                failures = 0;
+                (failures, source_failures) = (0, 0);
                 record(&shared.board, &g.name, &report, cycles);
                 // An overrunning cycle is followed at once by the next.
                 next = (started + g.interval).max(tokio::time::Instant::now());
             }
-            Err(e) => {
+            Err((e, link_failed)) => {
                 failures += 1;
-                let wait = FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(16)).min(shared.max_backoff);
+                // The sink unreachable is everyone's problem, retried on the link's short
+                // schedule; anything else is this group's, backed off exponentially.
+                let wait = if link_failed {
+                    shared.links.retry_in()
+                } else {
+                    source_failures += 1;
+                    FIRST_BACKOFF.saturating_mul(1 << (source_failures - 1).min(16)).min(shared.max_backoff)
+                };
                 tracing::warn!(group = %g.name, failures, retry_in = ?wait, "cycle failed: {e}");
                 shared.board.update(&g.name, |s| {
                     s.last_error = e.to_string();
@@ -192,8 +199,10 @@ pub async fn run(
                     s.cycles = cycles;
                 });
                 // Sources may be what broke: open them afresh.
-                if let Some(o) = origin.take() {
-                    o.close().await;
+                if !link_failed {
+                    if let Some(o) = origin.take() {
+                        o.close().await;
+                    }
                 }
                 next = tokio::time::Instant::now() + wait;
             }
@@ -215,11 +224,11 @@ async fn once(
     origin: &mut Option<GroupOrigin>,
     open: &mut [Option<OpenMember>],
     on_link: &mut Option<u64>,
-) -> Result<CycleReport, AgentError> {
+) -> Result<CycleReport, (AgentError, bool)> {
     if origin.is_none() {
-        *origin = Some(open_origin(g, &shared.agent).await?);
+        *origin = Some(open_origin(g, &shared.agent).await.map_err(|e| (e, false))?);
     }
-    let (id, link) = shared.links.get().await?;
+    let (id, link) = shared.links.get().await.map_err(|e| (e, true))?;
     if *on_link != Some(id) {
         // A new connection: the disks are opened on it afresh.
         for slot in open.iter_mut() {
@@ -231,10 +240,13 @@ async fn once(
     let name = (members.len() > 1 || matches!(g.kind, Kind::Vmware | Kind::Qemu)).then_some(g.name.as_str());
     let report =
         cycle::run(&link, name, origin, members, open, &shared.transfer, &shared.parallel, &Quiet).await;
-    if report.is_err() && link.is_broken() {
-        shared.links.drop_broken(id).await;
+    match report {
+        Err(e) if link.is_broken() => {
+            shared.links.drop_broken(id).await;
+            Err((e, true))
+        }
+        other => other.map_err(|e| (e, false)),
     }
-    report
 }
 
 /// Put a committed cycle into the status (and the log).
