@@ -218,25 +218,30 @@ impl Report {
                 continue;
             }
             s.push_str(&format!("{}\n\n", sc.setup));
-            s.push_str(
+            // Scenarios measured against targets rather than peers have no rows.
+            if !sc.rows.is_empty() {
+                s.push_str(
                 "| tool | MB/s (disk) | wall s | wire MiB | CPU s/GiB per side | peak RSS MiB per side |\n",
             );
-            s.push_str("| --- | ---: | ---: | ---: | --- | --- |\n");
-            for row in &sc.rows {
-                let sides = row.side_names();
-                let cpu: Vec<String> =
-                    sides.iter().map(|n| format!("{n} {:.2}", row.cpu_per_gib(n))).collect();
-                let rss: Vec<String> =
-                    sides.iter().map(|n| format!("{n} {:.0}", row.peak_rss_mib(n))).collect();
-                s.push_str(&format!(
-                    "| {} | {:.0} | {:.2} | {} | {} | {} |\n",
-                    row.tool,
-                    row.mb_per_s(),
-                    row.median_wall(),
-                    row.median_wire().map(|w| format!("{:.0}", w / (1u64 << 20) as f64)).unwrap_or_default(),
-                    cpu.join(", "),
-                    rss.join(", ")
-                ));
+                s.push_str("| --- | ---: | ---: | ---: | --- | --- |\n");
+                for row in &sc.rows {
+                    let sides = row.side_names();
+                    let cpu: Vec<String> =
+                        sides.iter().map(|n| format!("{n} {:.2}", row.cpu_per_gib(n))).collect();
+                    let rss: Vec<String> =
+                        sides.iter().map(|n| format!("{n} {:.0}", row.peak_rss_mib(n))).collect();
+                    s.push_str(&format!(
+                        "| {} | {:.0} | {:.2} | {} | {} | {} |\n",
+                        row.tool,
+                        row.mb_per_s(),
+                        row.median_wall(),
+                        row.median_wire()
+                            .map(|w| format!("{:.0}", w / (1u64 << 20) as f64))
+                            .unwrap_or_default(),
+                        cpu.join(", "),
+                        rss.join(", ")
+                    ));
+                }
             }
             for n in &sc.notes {
                 s.push_str(&format!("\n- {n}"));

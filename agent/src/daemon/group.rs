@@ -124,6 +124,7 @@ pub async fn run(
     shared: Arc<Shared>,
     mut commands: mpsc::Receiver<Command>,
     mut stop: watch::Receiver<bool>,
+    first_cycle_in: Duration,
 ) {
     let members: Vec<Member> = g
         .section
@@ -141,7 +142,7 @@ pub async fn run(
     let mut open: Vec<Option<OpenMember>> = (0..members.len()).map(|_| None).collect();
     let mut on_link: Option<u64> = None;
     let (mut paused, mut failures, mut source_failures, mut cycles) = (g.paused, 0u32, 0u32, 0u64);
-    let mut next = tokio::time::Instant::now();
+    let mut next = tokio::time::Instant::now() + first_cycle_in;
     loop {
         let state = if paused {
             "paused"

@@ -53,10 +53,14 @@ pub async fn run(d: config::Daemon) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut commands = HashMap::new();
     let mut tasks = Vec::new();
-    for g in &d.groups {
+    let n = d.groups.len().max(1) as u32;
+    for (k, g) in d.groups.iter().enumerate() {
         let (tx, rx) = mpsc::channel(8);
         commands.insert(g.name.clone(), tx);
-        tasks.push(tokio::spawn(group::run(g.clone(), shared.clone(), rx, stop_rx.clone())));
+        // First cycles are spread over one interval, so that many groups' cycles do not all
+        // start at one instant and queue behind each other at the source and the sink.
+        let first = g.interval * k as u32 / n;
+        tasks.push(tokio::spawn(group::run(g.clone(), shared.clone(), rx, stop_rx.clone(), first)));
     }
     let mut control_stop = stop_rx.clone();
     let server = tokio::spawn(control::serve(listener, control::Control { board, commands }, async move {

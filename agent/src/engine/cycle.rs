@@ -158,8 +158,22 @@ async fn cycle(
             target: &spec.target,
         })
         .collect();
+    // An idle cycle costs one change query and a commit with no data, not a freeze.
+    let tracked = members.iter().all(|m| matches!(m.changes, Changes::Auto))
+        && opened.iter().all(|m| !m.opened.created && m.opened.committed_epoch > 0);
     let frozen_at = SystemTime::now();
-    let points = origin.freeze(&freezes).await?;
+    let quiet = if tracked { origin.unchanged(&freezes).await? } else { None };
+    let points = match quiet {
+        Some(points) => {
+            tracing::debug!(
+                group = group.unwrap_or(""),
+                epoch,
+                "nothing changed: an epoch with no data, no freeze"
+            );
+            points
+        }
+        None => origin.freeze(&freezes).await?,
+    };
     let epochs = opened.iter().zip(members).zip(&points).enumerate().map(|(i, ((m, spec), point))| {
         let source = &origin.members()[i];
         async move {

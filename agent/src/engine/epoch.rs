@@ -38,7 +38,7 @@ pub struct EpochRequest<'a> {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EpochReport {
     pub epoch: u64,
-    /// "full", "compare" or "incremental".
+    /// "full", "compare", "incremental", or "unchanged" (nothing changed: nothing read or sent).
     pub mode: String,
     /// Why a full or compare sync ran instead of the platform's change tracking ("" otherwise).
     pub note: String,
@@ -94,6 +94,13 @@ async fn plan(
     opened: &DiskOpened,
 ) -> Result<(Plan, String), AgentError> {
     let stored = opened.change_point.as_str();
+    if point.is_unchanged() {
+        // Nothing changed since the stored change point, which the point in time keeps.
+        if opened.created || point.change_point.as_deref() != Some(stored) {
+            return Err(AgentError::Internal("an unchanged point in time for a new or moved target".into()));
+        }
+        return Ok((Plan::Incremental(Vec::new()), String::new()));
+    }
     if opened.created {
         let alloc = allocation(origin, point).await?;
         return Ok((
@@ -274,6 +281,7 @@ pub async fn run(
     Ok(EpochReport {
         epoch,
         mode: match sync_mode {
+            _ if point.is_unchanged() => "unchanged",
             SyncMode::Full => "full",
             SyncMode::Incremental => "incremental",
             _ => "compare",

@@ -63,6 +63,16 @@ impl GroupOrigin {
         }
     }
 
+    /// When the platform can tell at once that no member changed since the last committed epoch
+    /// (the dirty bitmaps of a QEMU VM), the points in time of an epoch with nothing to send;
+    /// None when the group must be frozen and read.
+    pub async fn unchanged(&self, freezes: &[Freeze<'_>]) -> Result<Option<Vec<PointInTime>>, SourceError> {
+        match one_qemu(&self.members) {
+            Some(vm) => Ok(vm.unchanged(freezes).await?),
+            None => Ok(None),
+        }
+    }
+
     /// Freeze every member's point in time (`freezes[i]` for member i). On failure the points
     /// already taken are kept for the retry, like a failed epoch's.
     pub async fn freeze(&self, freezes: &[Freeze<'_>]) -> Result<Vec<PointInTime>, SourceError> {

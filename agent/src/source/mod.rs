@@ -34,6 +34,8 @@ pub enum SourceError {
     Vmware(#[from] vmware::VmwareError),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
+    #[error("internal error: a point in time where nothing changed has nothing to read")]
+    NothingToRead,
 }
 
 /// Something the agent can read a disk from.
@@ -41,6 +43,9 @@ pub enum Source {
     File(file::FileSource),
     Nbd(Arc<nbd::NbdSource>),
     Rbd(rbd::RbdView),
+    /// A point in time at which nothing changed since the last committed one (of this size):
+    /// its epoch sends nothing, so it is never read.
+    Unchanged(u64),
 }
 
 impl Source {
@@ -49,6 +54,7 @@ impl Source {
             Source::File(f) => f.size(),
             Source::Nbd(n) => n.size(),
             Source::Rbd(r) => r.size(),
+            Source::Unchanged(size) => *size,
         }
     }
 
@@ -57,6 +63,7 @@ impl Source {
             Source::File(f) => f.read(offset, len).await?,
             Source::Nbd(n) => n.read(offset, len).await?,
             Source::Rbd(r) => r.read(offset, len).await?,
+            Source::Unchanged(_) => return Err(SourceError::NothingToRead),
         })
     }
 
@@ -66,6 +73,7 @@ impl Source {
             Source::File(f) => f.allocated().await?,
             Source::Nbd(n) => n.allocated().await?,
             Source::Rbd(r) => r.allocated().await?,
+            Source::Unchanged(_) => return Err(SourceError::NothingToRead),
         })
     }
 
@@ -75,6 +83,7 @@ impl Source {
             Source::File(f) => f.reader(),
             Source::Nbd(_) => "nbd",
             Source::Rbd(_) => "librbd",
+            Source::Unchanged(_) => "none",
         }
     }
 }
@@ -118,6 +127,23 @@ pub struct PointInTime {
     pub hold: Hold,
     /// Identity of this frozen view ("" = unknown: an epoch reading it never resumes).
     pub view: String,
+}
+
+impl PointInTime {
+    /// The point in time of a disk of `size` bytes that has not changed since the last committed
+    /// epoch, whose change point `point` still records: nothing to read, nothing to hold.
+    pub fn unchanged(size: u64, point: &str) -> PointInTime {
+        PointInTime {
+            source: Arc::new(Source::Unchanged(size)),
+            change_point: Some(point.to_string()),
+            hold: Hold::Nothing,
+            view: String::new(),
+        }
+    }
+
+    pub fn is_unchanged(&self) -> bool {
+        matches!(self.source.as_ref(), Source::Unchanged(_))
+    }
 }
 
 /// What the agent knows when it freezes the point in time of an epoch.
@@ -172,7 +198,7 @@ impl Origin {
             Origin::Plain { source, spec } => match source.as_ref() {
                 Source::File(f) => f.disk_id(),
                 Source::Nbd(n) => n.disk_id(),
-                Source::Rbd(_) => spec.clone(),
+                Source::Rbd(_) | Source::Unchanged(_) => spec.clone(),
             },
             Origin::Rbd(r) => r.disk_id(),
             Origin::Vmware(v, i) => v.disk_id(*i),
@@ -191,6 +217,7 @@ impl Origin {
                     // that started at the freeze names it.
                     Source::Nbd(_) => f.declared_point.map(|p| format!("{spec}@{p}")).unwrap_or_default(),
                     Source::Rbd(r) => r.id.clone(),
+                    Source::Unchanged(_) => String::new(),
                 };
                 PointInTime { source: source.clone(), change_point: None, hold: Hold::Nothing, view }
             }

@@ -244,6 +244,43 @@ impl QemuVm {
             .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()))))
     }
 
+    /// The points in time of an epoch with nothing to send, when no disk changed since the last
+    /// committed freeze: each disk's stored bitmap exists, records and counts nothing, and no
+    /// retry is pending. One QMP query instead of a freeze, an export and NBD reads. Counts only
+    /// grow, so zero counts read one after another mean that at the first read every disk was
+    /// still at the last committed point: one instant for the whole group. (A view left by a
+    /// dead attempt disabled its stored bitmap, so it takes the freeze path, which cleans up.)
+    pub async fn unchanged(&self, freezes: &[Freeze<'_>]) -> Result<Option<Vec<PointInTime>>, QemuError> {
+        if freezes.len() != self.disks.len()
+            || freezes.iter().any(|f| f.prior_view.is_some_and(|v| !v.is_empty()))
+        {
+            return Ok(None);
+        }
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+        let mut points = Vec::with_capacity(freezes.len());
+        for (d, f) in self.disks.iter().zip(freezes) {
+            let Some(stored) = f.stored_point.filter(|s| !s.is_empty()) else { return Ok(None) };
+            let clean = nodes
+                .as_array()
+                .and_then(|a| {
+                    a.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(d.node.as_str()))
+                })
+                .and_then(|n| n.get("dirty-bitmaps")?.as_array().cloned())
+                .is_some_and(|bitmaps| {
+                    bitmaps.iter().any(|b| {
+                        b.get("name").and_then(Value::as_str) == Some(stored)
+                            && b.get("recording").and_then(Value::as_bool).unwrap_or(true)
+                            && b.get("count").and_then(Value::as_u64) == Some(0)
+                    })
+                });
+            if !clean {
+                return Ok(None);
+            }
+            points.push(PointInTime::unchanged(d.size, stored));
+        }
+        Ok(Some(points))
+    }
+
     /// Freeze every disk at one instant (`freezes[i]` for disk i), or take up again the views
     /// an interrupted attempt at this epoch left, when every member's prior view names them.
     pub async fn freeze(&self, freezes: &[Freeze<'_>]) -> Result<Vec<PointInTime>, QemuError> {

@@ -1,6 +1,7 @@
 //! Scenarios: each measures Blockship and its peers in the same run, on the same data.
 
 pub mod compression;
+pub mod continuous;
 pub mod incremental;
 pub mod lan;
 pub mod memory;
@@ -33,7 +34,7 @@ impl Ctx<'_> {
     }
 }
 
-pub const ALL: &[&str] = &["lan", "wan", "rbd", "incremental", "memory", "compression"];
+pub const ALL: &[&str] = &["lan", "wan", "rbd", "incremental", "memory", "compression", "continuous"];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
     match name {
@@ -43,6 +44,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
         "incremental" => incremental::run(ctx),
         "memory" => memory::run(ctx),
         "compression" => compression::run(ctx),
+        "continuous" => continuous::run(ctx),
         other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
     }
 }
