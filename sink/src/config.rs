@@ -327,4 +327,12 @@ mod tests {
         };
         assert!(s.resolve().unwrap_err().to_string().contains("not a mix"));
     }
+
+    #[test]
+    fn the_example_config_parses() {
+        // examples/sink.toml is what operators copy: it must stay valid.
+        let c: ServeSettings = toml::from_str(include_str!("../../examples/sink.toml")).unwrap();
+        assert_eq!(c.allow.len(), 3);
+        assert_eq!(c.ceph.keep_snapshots, Some(2));
+    }
 }

@@ -329,6 +329,23 @@ disks = [{ source = "rbd:rbd/x", target = "rbd:dr/x" }]
     }
 
     #[test]
+    fn the_example_config_resolves() {
+        // examples/agent.toml is what operators copy: it must stay valid.
+        // The check reads the vCenter password file: give it one.
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("vcenter.password");
+        std::fs::write(&password, "secret\n").unwrap();
+        let text = include_str!("../../../examples/agent.toml")
+            .replace("/etc/blockship/vcenter.password", password.to_str().unwrap());
+        let f: DaemonFile = toml::from_str(&text).unwrap();
+        let d = f.resolve(AgentSettings::default(), None).unwrap();
+        let kinds: Vec<Kind> = d.groups.iter().map(|g| g.kind).collect();
+        assert_eq!(kinds, [Kind::Qemu, Kind::Vmware, Kind::Rbd, Kind::File]);
+        assert_eq!(d.bandwidth.windows[0].limit, Some(200 << 20));
+        assert!(d.groups[3].paused);
+    }
+
+    #[test]
     fn bad_configs_are_explained() {
         let bad = |edit: &dyn Fn(String) -> String, expect: &str| {
             let f: Result<DaemonFile, _> = toml::from_str(&edit(BASE.to_string()));

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockship_proto::pb::{self, DiskOpened, HelloReply, OpenDisk};
-use blockship_proto::{version, Body, HASH_LEN};
+use blockship_proto::{version, Body};
 use blockship_transport::framed::unexpected;
 use blockship_transport::{quic, tls, FrameReader, FrameWriter, QuicTuning, TlsFiles, TransportError};
 use tokio::sync::mpsc;
@@ -23,6 +23,10 @@ use crate::pace::Pacer;
 use crate::pipeline::{Out, Stats};
 use crate::streams::Streams;
 use crate::AgentError;
+
+mod disk;
+
+pub use disk::DiskHandle;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Replies buffered per disk or group before the reader waits for its consumer.
@@ -396,100 +400,7 @@ impl Drop for Sending {
     }
 }
 
-/// A disk open on a link: its replies arrive here.
-pub struct DiskHandle {
-    link: Link,
-    pub handle: u32,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Body>>,
-}
-
-impl Drop for DiskHandle {
-    fn drop(&mut self) {
-        self.link.unroute(&Route::Disk(self.handle));
-    }
-}
-
-impl DiskHandle {
-    pub fn link(&self) -> &Link {
-        &self.link
-    }
-
-    /// The disk's next reply (a refusal as an error; `what` is expected, for messages).
-    pub async fn next(&self, _what: &'static str) -> Result<Body, AgentError> {
-        let _w = self.link.waiting();
-        match self.rx.lock().await.recv().await {
-            Some(Body::Error(e)) => Err(refused(&e)),
-            Some(b) => Ok(b),
-            None => Err(self.link.failure()),
-        }
-    }
-
-    pub async fn send(&self, body: &Body) -> Result<(), AgentError> {
-        self.link.send(body).await
-    }
-
-    pub async fn begin_epoch(&self, req: pb::EpochBegin) -> Result<(), AgentError> {
-        self.send(&Body::EpochBegin(req)).await?;
-        match self.next("EpochStarted").await? {
-            Body::EpochStarted(_) => Ok(()),
-            other => Err(transport(unexpected("EpochStarted", &other))),
-        }
-    }
-
-    /// The next acknowledgement of this disk's epoch.
-    pub async fn ack(&self) -> Result<pb::Ack, AgentError> {
-        match self.next("Ack").await? {
-            Body::Ack(a) => Ok(a),
-            other => Err(transport(unexpected("Ack", &other))),
-        }
-    }
-
-    /// The target's hash index, one entry per chunk.
-    pub async fn fetch_index(&self, chunks: u64) -> Result<Vec<[u8; HASH_LEN]>, AgentError> {
-        self.send(&Body::IndexRequest(pb::IndexRequest { disk: self.handle })).await?;
-        let mut index = Vec::with_capacity(chunks.min(1 << 24) as usize);
-        loop {
-            let list = self.hash_list().await?;
-            if list.first_chunk != index.len() as u64 || list.hashes.len() % HASH_LEN != 0 {
-                return Err(AgentError::Protocol(format!(
-                    "index frame for chunk {} with {} bytes, expected chunk {}",
-                    list.first_chunk,
-                    list.hashes.len(),
-                    index.len()
-                )));
-            }
-            index.extend(
-                list.hashes
-                    .chunks_exact(HASH_LEN)
-                    .map(|h| <[u8; HASH_LEN]>::try_from(h).expect("exact chunk")),
-            );
-            if list.last {
-                break;
-            }
-        }
-        if index.len() as u64 != chunks {
-            return Err(AgentError::Protocol(format!(
-                "index has {} entries, expected {chunks}",
-                index.len()
-            )));
-        }
-        Ok(index)
-    }
-
-    pub async fn hash_list(&self) -> Result<pb::HashList, AgentError> {
-        match self.next("HashList").await? {
-            Body::HashList(l) => Ok(l),
-            other => Err(transport(unexpected("HashList", &other))),
-        }
-    }
-
-    /// Close the handle on the sink (an open epoch ends uncommitted; the target is released).
-    pub async fn close(self) {
-        let _ = self.send(&Body::CloseDisk(pb::CloseDisk { disk: self.handle })).await;
-    }
-}
-
-fn refused(e: &pb::Error) -> AgentError {
+pub(crate) fn refused(e: &pb::Error) -> AgentError {
     AgentError::Refused {
         code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
         message: e.message.clone(),
