@@ -140,6 +140,37 @@ pub struct QemuVm {
     pub disks: Vec<QemuDisk>,
 }
 
+/// A dirty bitmap as `query-named-block-nodes` reports it.
+struct Bitmap {
+    name: String,
+    recording: bool,
+    count: Option<u64>,
+    inconsistent: bool,
+}
+
+/// The dirty bitmaps of block node `node` in a `query-named-block-nodes` reply.
+fn node_bitmaps(nodes: &Value, node: &str) -> Result<Vec<Bitmap>, QemuError> {
+    let n = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(node)))
+        .ok_or_else(|| QemuError::NoNode(node.to_string()))?;
+    Ok(n.get("dirty-bitmaps")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| {
+                    Some(Bitmap {
+                        name: b.get("name")?.as_str()?.to_string(),
+                        recording: b.get("recording").and_then(Value::as_bool).unwrap_or(true),
+                        count: b.get("count").and_then(Value::as_u64),
+                        inconsistent: b.get("inconsistent").and_then(Value::as_bool).unwrap_or(false),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 fn tag(target: &str) -> String {
     blake3::hash(target.as_bytes()).to_hex()[..8].to_string()
 }
@@ -213,26 +244,30 @@ impl QemuVm {
         self.qmp.lock().await.execute(command, arguments).await
     }
 
-    /// Bitmaps on `node`: (name, recording).
+    /// Bitmaps on `node`: (name, recording). A persistent bitmap left *inconsistent* by a crash
+    /// (in use when QEMU died) is not listed: it says nothing about what changed, so the disk
+    /// resyncs in compare mode, and the next freeze removes it.
     async fn bitmaps(&self, node: &str) -> Result<Vec<(String, bool)>, QemuError> {
         let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
-        let n = nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(node)))
-            .ok_or_else(|| QemuError::NoNode(node.to_string()))?;
-        Ok(n.get("dirty-bitmaps")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|b| {
-                        Some((
-                            b.get("name")?.as_str()?.to_string(),
-                            b.get("recording").and_then(Value::as_bool).unwrap_or(true),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(node_bitmaps(&nodes, node)?
+            .into_iter()
+            .filter(|b| !b.inconsistent)
+            .map(|b| (b.name, b.recording))
+            .collect())
+    }
+
+    /// Remove the bitmaps of ours on `node` that a crash left inconsistent (QEMU refuses every
+    /// other operation on them).
+    async fn remove_inconsistent(&self, d: &QemuDisk) -> Result<(), QemuError> {
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+        let ours = format!("bs-{}-", d.tag);
+        for b in
+            node_bitmaps(&nodes, &d.node)?.into_iter().filter(|b| b.inconsistent && b.name.starts_with(&ours))
+        {
+            tracing::warn!(node = %d.node, bitmap = %b.name, "dirty bitmap left inconsistent by a crash: removed; this disk resyncs in compare mode");
+            self.execute("block-dirty-bitmap-remove", json!({"node": d.node, "name": b.name})).await?;
+        }
+        Ok(())
     }
 
     /// Whether a frozen view of disk `i` is exported now (left by an earlier attempt).
@@ -260,19 +295,9 @@ impl QemuVm {
         let mut points = Vec::with_capacity(freezes.len());
         for (d, f) in self.disks.iter().zip(freezes) {
             let Some(stored) = f.stored_point.filter(|s| !s.is_empty()) else { return Ok(None) };
-            let clean = nodes
-                .as_array()
-                .and_then(|a| {
-                    a.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(d.node.as_str()))
-                })
-                .and_then(|n| n.get("dirty-bitmaps")?.as_array().cloned())
-                .is_some_and(|bitmaps| {
-                    bitmaps.iter().any(|b| {
-                        b.get("name").and_then(Value::as_str) == Some(stored)
-                            && b.get("recording").and_then(Value::as_bool).unwrap_or(true)
-                            && b.get("count").and_then(Value::as_u64) == Some(0)
-                    })
-                });
+            let clean = node_bitmaps(&nodes, &d.node)?
+                .iter()
+                .any(|b| b.name == stored && b.recording && !b.inconsistent && b.count == Some(0));
             if !clean {
                 return Ok(None);
             }
@@ -333,6 +358,7 @@ impl QemuVm {
         let mut exports = Vec::new();
         for (i, f) in freezes.iter().enumerate() {
             let d = &self.disks[i];
+            self.remove_inconsistent(d).await?;
             let overlay = self.dir.join(format!("{}.qcow2", d.fleece()));
             let _ = std::fs::remove_file(&overlay);
             let out = tokio::process::Command::new("qemu-img")

@@ -181,6 +181,7 @@ pub struct Vm {
     pub qmp: PathBuf,
     pub nbd: PathBuf,
     pub images: Vec<PathBuf>,
+    args: Vec<String>,
 }
 
 impl Drop for Vm {
@@ -193,9 +194,9 @@ impl Drop for Vm {
 impl Vm {
     pub fn start(dir: &Path, disks: usize, size: u64) -> Vm {
         let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let mut cmd = Command::new("qemu-storage-daemon");
         // The NBD server must exist before the exports.
-        cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+        let mut args =
+            vec!["--nbd-server".to_string(), format!("addr.type=unix,addr.path={}", nbd.display())];
         let mut images = Vec::new();
         for i in 0..disks {
             let img = dir.join(format!("disk{i}.qcow2"));
@@ -203,24 +204,50 @@ impl Vm {
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &size.to_string()],
             );
-            cmd.arg("--blockdev")
-                .arg(format!("driver=file,node-name=file{i},filename={}", img.display()))
-                .arg("--blockdev")
-                .arg(format!("driver=qcow2,node-name=disk{i},file=file{i}"))
-                .arg("--export")
-                .arg(format!("type=nbd,id=vm{i},node-name=disk{i},name=vm{i},writable=on"));
+            args.extend([
+                "--blockdev".into(),
+                format!("driver=file,node-name=file{i},filename={}", img.display()),
+                "--blockdev".into(),
+                format!("driver=qcow2,node-name=disk{i},file=file{i}"),
+                "--export".into(),
+                format!("type=nbd,id=vm{i},node-name=disk{i},name=vm{i},writable=on"),
+            ]);
             images.push(img);
         }
-        cmd.arg("--chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .stdout(Stdio::null());
-        let child = cmd.spawn().unwrap();
+        args.extend([
+            "--chardev".into(),
+            format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
+            "--monitor".into(),
+            "chardev=qmp0".into(),
+        ]);
+        let child = Self::spawn(&args, &qmp, &nbd);
+        Vm { child, qmp, nbd, images, args }
+    }
+
+    fn spawn(args: &[String], qmp: &Path, nbd: &Path) -> Child {
+        let _ = std::fs::remove_file(qmp);
+        let _ = std::fs::remove_file(nbd);
+        let child = Command::new("qemu-storage-daemon").args(args).stdout(Stdio::null()).spawn().unwrap();
         assert!(
             wait_until(Duration::from_secs(10), || qmp.exists() && nbd.exists()),
             "qemu-storage-daemon did not start"
         );
-        Vm { child, qmp, nbd, images }
+        child
+    }
+
+    /// Shut the VM down cleanly (SIGTERM: persistent bitmaps are stored) and start it again.
+    pub fn restart(&mut self) {
+        // SAFETY: signalling a child process we started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
+    }
+
+    /// Crash the VM (SIGKILL: bitmaps it had loaded stay marked in use) and start it again.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
     }
 
     pub fn export_uri(&self, i: usize) -> String {
