@@ -248,6 +248,7 @@ impl Resolved {
             streams: self.streams,
             pacer: self.bwlimit.map(|b| Pacer::new(Schedule::constant(Some(b)))),
             adaptive: matches!(self.compression, Compression::Auto { .. }),
+            hold: false,
         }
     }
 

@@ -59,3 +59,25 @@ fn an_idle_qemu_group_commits_without_reading_and_the_next_write_arrives() {
     }
     assert!(daemon.stop().success(), "{}", daemon.log_text());
 }
+
+#[test]
+fn an_idle_daemon_keeps_its_connection_between_cycles() {
+    // The test sink closes a session after 5 s without progress (`--idle-timeout 5s`); a daemon
+    // whose interval is longer must keep its connection (and its disks open on it) anyway.
+    let lab = Lab::new(&["kvm02"]);
+    let sink = lab.sink(&["kvm02=file:*"], &[]);
+    let src = lab.path("src.img");
+    std::fs::File::create(&src).unwrap().set_len(DISK).unwrap();
+    scribble(&src, 0, 1 << 20, 7);
+    let group = format!(
+        "[[group]]\nname = \"quiet\"\nkind = \"file\"\ninterval = \"12s\"\ndisks = [{{ source = \"{}\", target = \"file:quiet\" }}]\n",
+        src.display()
+    );
+    let mut daemon = Daemon::start(&lab, &sink, "kvm02", "", &group, &[]);
+    let s = daemon.wait_epoch("quiet", 3, Duration::from_secs(60));
+    assert_eq!(s["failures"], 0, "{s}");
+    let log = daemon.log_text();
+    let connects = log.matches("connected sink=").count();
+    assert_eq!(connects, 1, "the daemon reconnected between cycles:\n{log}\nsink:\n{}", lab.sink_log());
+    assert!(daemon.stop().success());
+}

@@ -18,7 +18,7 @@ use crate::refusal::{join, Refusal};
 use crate::server::SinkContext;
 use crate::state::{ReplicationState, StateDir, StateLock};
 use crate::target::{Access, Opened, Target, TargetError, TargetName};
-use crate::undo::UndoJournal;
+use crate::undo::Undo;
 use crate::writer::WriterMsg;
 
 pub struct Disk {
@@ -66,14 +66,14 @@ impl Disk {
 
     /// An undo journal for the epoch about to begin: file targets with a committed epoch to
     /// return to (and rollback not turned off) keep one; RBD targets have their snapshots.
-    pub fn undo_journal(&self, enabled: bool) -> Result<Option<UndoJournal>, Refusal> {
+    pub fn undo_journal(&self, enabled: bool) -> Result<Option<Undo>, Refusal> {
         let state = self.state();
         if !enabled || state.committed_epoch == 0 || !matches!(self.target, Target::File(_)) {
             return Ok(None);
         }
         // States written before the committed size was recorded: the file's size now.
         let base = if state.committed_size > 0 { state.committed_size } else { self.target.size() };
-        UndoJournal::open(&self.state_dir.undo_path(), state.committed_epoch, base)
+        Undo::prepare(&self.state_dir.undo_path(), state.committed_epoch, base, self.target.size())
             .map(Some)
             .map_err(|e| Refusal::internal(format!("{}: undo journal: {e}", self.name)))
     }

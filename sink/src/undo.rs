@@ -134,6 +134,36 @@ fn read_journal(file: &File) -> io::Result<Option<Contents>> {
     Ok(Some(Contents { base_epoch, base_size, records, end: pos }))
 }
 
+/// The undo journal of an epoch: created at the epoch's first write, unless it had to exist from
+/// the start (an earlier attempt's journal to continue, or a file whose size already differs
+/// from its committed size, which a rollback must truncate).
+pub enum Undo {
+    Pending { path: PathBuf, committed: u64, base_size: u64 },
+    Open(UndoJournal),
+}
+
+impl Undo {
+    /// The journal for the epoch after `committed` (see `UndoJournal::open`); `size` is the
+    /// file's size now.
+    pub fn prepare(path: &Path, committed: u64, base_size: u64, size: u64) -> io::Result<Undo> {
+        if size != base_size || path.exists() {
+            return UndoJournal::open(path, committed, base_size).map(Undo::Open);
+        }
+        Ok(Undo::Pending { path: path.to_path_buf(), committed, base_size })
+    }
+
+    /// The journal, created (durably) now if it was pending.
+    pub fn journal(&mut self) -> io::Result<&mut UndoJournal> {
+        if let Undo::Pending { path, committed, base_size } = self {
+            *self = Undo::Open(UndoJournal::open(path, *committed, *base_size)?);
+        }
+        match self {
+            Undo::Open(j) => Ok(j),
+            Undo::Pending { .. } => unreachable!("opened above"),
+        }
+    }
+}
+
 pub struct UndoJournal {
     file: File,
     base_size: u64,
@@ -325,6 +355,23 @@ mod tests {
 
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+    }
+
+    #[test]
+    fn a_journal_is_created_at_the_first_write_unless_it_must_exist_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("undo.bin");
+        // Same size as committed, no journal yet: nothing on disk until the first write.
+        let mut u = Undo::prepare(&path, 4, 4096, 4096).unwrap();
+        assert!(matches!(u, Undo::Pending { .. }) && !path.exists());
+        u.journal().unwrap();
+        assert!(path.exists());
+        // An earlier attempt's journal is continued at once.
+        assert!(matches!(Undo::prepare(&path, 4, 4096, 4096).unwrap(), Undo::Open(_)));
+        std::fs::remove_file(&path).unwrap();
+        // A file grown since the commit needs the journal (its committed size) from the start.
+        assert!(matches!(Undo::prepare(&path, 4, 4096, 8192).unwrap(), Undo::Open(_)));
+        assert!(path.exists());
     }
 
     #[test]

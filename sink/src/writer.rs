@@ -22,7 +22,7 @@ use crate::limits::Grant;
 use crate::liveness::Liveness;
 use crate::refusal::{join, Refusal};
 use crate::target::Target;
-use crate::undo::UndoJournal;
+use crate::undo::Undo;
 use crate::watermark::Watermark;
 
 /// Items written (and their stale marks synced) together; with the queue in front of the writer
@@ -124,7 +124,7 @@ pub struct EpochWriter {
     durable_bytes: u64,
     last_checkpoint: Instant,
     /// File targets: the previous point in time, saved before it is overwritten.
-    undo: Option<UndoJournal>,
+    undo: Option<Undo>,
     /// The session's progress: every write and acknowledgement counts.
     liveness: Arc<Liveness>,
 }
@@ -136,7 +136,7 @@ impl EpochWriter {
         resume_offset: u64,
         acks: mpsc::Sender<Body>,
         policy: CheckpointPolicy,
-        undo: Option<UndoJournal>,
+        undo: Option<Undo>,
         liveness: Arc<Liveness>,
     ) -> Self {
         EpochWriter {
@@ -231,7 +231,7 @@ impl EpochWriter {
             let ranges: Vec<(u64, u64)> = items.iter().map(|i| (i.offset, i.length())).collect();
             let file = t.file();
             let (undo, saved) = tokio::task::spawn_blocking(move || {
-                let r = undo.save(&file, &ranges);
+                let r = undo.journal().and_then(|j| j.save(&file, &ranges));
                 (undo, r)
             })
             .await

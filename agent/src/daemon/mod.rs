@@ -40,6 +40,7 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
 pub async fn run(d: config::Daemon) -> Result<()> {
     let mut link = d.agent.link();
     link.pacer = (!d.bandwidth.unlimited()).then(|| Pacer::new(d.bandwidth.clone()));
+    link.hold = true;
     let board = status::Board::new(d.groups.iter().map(group::initial).collect());
     let shared = Arc::new(group::Shared {
         agent: d.agent.clone(),

@@ -94,6 +94,10 @@ pub struct LinkConfig {
     pub pacer: Option<Arc<Pacer>>,
     /// Decide compression from the link's backlog (`--compression auto`).
     pub adaptive: bool,
+    /// A long-lived link (the daemon's): heartbeats also between cycles, so the sink keeps the
+    /// connection and the disks open on it however long the interval is. A one-shot run's link
+    /// is silent when it has nothing to do, so the sink can tell a stuck client.
+    pub hold: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -218,7 +222,7 @@ impl Link {
         *inner.streams.lock().await = Some(streams);
         let tasks = vec![
             tokio::spawn(read_replies(Arc::downgrade(&inner), reader)),
-            tokio::spawn(heartbeat(Arc::downgrade(&inner))),
+            tokio::spawn(heartbeat(Arc::downgrade(&inner), cfg.hold)),
         ];
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(Link { inner })
@@ -462,7 +466,7 @@ async fn read_replies(link: std::sync::Weak<Inner>, mut reader: FrameReader<quin
 }
 
 /// Tell the sink the agent progresses while no frame would (a third of its idle timeout).
-async fn heartbeat(link: std::sync::Weak<Inner>) {
+async fn heartbeat(link: std::sync::Weak<Inner>, hold: bool) {
     let every = match link.upgrade() {
         Some(i) => {
             let ms = if i.hello.idle_timeout_ms == 0 { 30_000 } else { i.hello.idle_timeout_ms };
@@ -484,7 +488,7 @@ async fn heartbeat(link: std::sync::Weak<Inner>) {
                 .iter()
                 .map(|(_, s)| Stats::get(&s.bytes_done))
                 .sum::<u64>();
-        if done > last || inner.waiting.load(Ordering::Relaxed) > 0 {
+        if hold || done > last || inner.waiting.load(Ordering::Relaxed) > 0 {
             last = done;
             let p = Body::Progress(pb::Progress { disk: 0, bytes_done: done });
             // A broken stream shows up in the waiters as well.
