@@ -148,6 +148,13 @@ struct Bitmap {
     inconsistent: bool,
 }
 
+/// Whether a `query-named-block-nodes` reply has node `name`.
+fn has_node(nodes: &Value, name: &str) -> bool {
+    nodes
+        .as_array()
+        .is_some_and(|a| a.iter().any(|n| n.get("node-name").and_then(Value::as_str) == Some(name)))
+}
+
 /// The dirty bitmaps of block node `node` in a `query-named-block-nodes` reply.
 fn node_bitmaps(nodes: &Value, node: &str) -> Result<Vec<Bitmap>, QemuError> {
     let n = nodes
@@ -320,9 +327,10 @@ impl QemuVm {
         if reuse && live.iter().all(|l| *l) {
             tracing::info!("retrying the interrupted epoch from the frozen views QEMU still holds");
         } else {
-            // Views left by an attempt nobody will resume: give their changes back first.
+            // What an attempt nobody will resume left (a view, or a freeze that failed half
+            // way): give its changes back first.
             for (i, l) in live.iter().enumerate() {
-                if *l {
+                if *l || self.leftover(i, freezes[i].stored_point).await? {
                     self.abandon(i, epoch, freezes[i].stored_point).await?;
                 }
             }
@@ -410,11 +418,30 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Whether disk `i` (with no exported view) carries what a failed freeze left: its fleecing
+    /// node, or a bitmap of ours besides the stored one (the transaction ran, the export did
+    /// not). Such a bitmap holds writes since that freeze, so it must be merged back, not dropped.
+    async fn leftover(&self, i: usize, stored: Option<&str>) -> Result<bool, QemuError> {
+        let d = &self.disks[i];
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+        let ours = format!("bs-{}-", d.tag);
+        Ok(has_node(&nodes, &d.fleece())
+            || node_bitmaps(&nodes, &d.node)?
+                .iter()
+                .any(|b| !b.inconsistent && b.name.starts_with(&ours) && Some(b.name.as_str()) != stored))
+    }
+
     /// Tear down disk `i`'s frozen view: export, job, overlay node and file.
     async fn release(&self, i: usize) -> Result<(), QemuError> {
         let d = &self.disks[i];
         let _ = self.execute("block-export-del", json!({"id": d.export_id()})).await;
         let _ = self.execute("block-job-cancel", json!({"device": d.fleece()})).await;
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+        if !has_node(&nodes, &d.fleece()) {
+            // A freeze that failed before its node was added.
+            let _ = std::fs::remove_file(self.dir.join(format!("{}.qcow2", d.fleece())));
+            return Ok(());
+        }
         // The node is released once the export and the job are gone.
         let mut last = None;
         for _ in 0..200 {
