@@ -1,7 +1,8 @@
 //! The real sink process driven by a fake agent that speaks the real protocol over QUIC with
 //! mutual TLS, to exercise what a well-behaved agent never sends: missing certificates,
-//! corrupted chunks, out-of-bounds extents, wrong versions and out-of-order messages. Also
-//! checks that acknowledgements come only after the state on disk says the same.
+//! corrupted chunks, out-of-bounds extents, wrong versions, out-of-order messages and malformed
+//! group requests. Also checks that acknowledgements come only after the state on disk says the
+//! same.
 
 mod common;
 
@@ -175,4 +176,68 @@ async fn acks_follow_durable_state() {
         }
     }
     assert_eq!(target_bytes(&lab), expected);
+}
+
+/// Every target state in the sink's state dir.
+fn states(lab: &Lab) -> Vec<serde_json::Value> {
+    std::fs::read_dir(lab.path("state/targets"))
+        .unwrap()
+        .map(|e| {
+            serde_json::from_slice(&std::fs::read(e.unwrap().path().join("state.json")).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn malformed_group_requests_are_refused_and_change_nothing() {
+    let lab = Lab::start();
+    let mut a = lab.agent().await;
+    a.hello().await;
+    a.open_target("file:g0", 1 << 20, SyncMode::Compare).await.unwrap();
+    a.open_target("file:g1", 1 << 20, SyncMode::Compare).await.unwrap();
+    let open = |group: &str, disks: Vec<u32>| Body::GroupOpen(pb::GroupOpen { group: group.into(), disks });
+    let commit = |group: &str, epoch: u64| Body::GroupCommit(pb::GroupCommit { group: group.into(), epoch });
+
+    // Group-scoped refusals: the session and its disks go on.
+    a.w.send(&open("a/b", vec![1, 2])).await.unwrap();
+    assert!(a.refused(ErrorCode::BadTarget).await.contains("bad group name"));
+    a.w.send(&open("vm", vec![1, 9])).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("disk handle 9 is not open"));
+    a.w.send(&open("vm", vec![1, 1])).await.unwrap();
+    assert!(a.refused(ErrorCode::BadTarget).await.contains("names a target twice"));
+    a.w.send(&open("vm", vec![])).await.unwrap();
+    assert!(a.refused(ErrorCode::BadTarget).await.contains("has no members"));
+    a.w.send(&commit("vm", 1)).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("is not open"));
+    assert!(!lab.path("state/groups").exists(), "a refused group was registered");
+
+    // Opened, but committed out of order or before its members are prepared.
+    a.w.send(&open("vm", vec![1, 2])).await.unwrap();
+    match a.r.next_body("GroupOpened").await.unwrap() {
+        Body::GroupOpened(g) => assert_eq!((g.group.as_str(), g.committed_epoch), ("vm", 0)),
+        other => panic!("{other:?}"),
+    }
+    a.w.send(&commit("vm", 3)).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("last committed epoch is 0"));
+    a.w.send(&commit("vm", 1)).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("no epoch 1 in progress"));
+
+    // An epoch of a group this session did not open: that disk is closed, nothing written.
+    a.disk = 1;
+    let req = pb::EpochBegin {
+        disk: 1,
+        epoch: 1,
+        mode: SyncMode::Full as i32,
+        group: "other".into(),
+        ..Default::default()
+    };
+    a.w.send(&Body::EpochBegin(req)).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("send GroupOpen first"));
+    for st in states(&lab) {
+        assert_eq!(st["committed_epoch"], 0, "{st}");
+        assert!(st["in_progress"].is_null(), "{st}");
+    }
+    // The session still serves the other disk.
+    a.w.send(&Body::IndexRequest(pb::IndexRequest { disk: 2 })).await.unwrap();
+    assert!(matches!(a.r.next_body("HashList").await.unwrap(), Body::HashList(_)));
 }
