@@ -263,13 +263,12 @@ impl QemuVm {
             .collect())
     }
 
-    /// Remove the bitmaps of ours on `node` that a crash left inconsistent (QEMU refuses every
-    /// other operation on them).
-    async fn remove_inconsistent(&self, d: &QemuDisk) -> Result<(), QemuError> {
-        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+    /// Remove the bitmaps of ours on disk `d` that a crash left inconsistent (QEMU refuses every
+    /// other operation on them), as `nodes` (a `query-named-block-nodes` reply) lists them.
+    async fn remove_inconsistent(&self, nodes: &Value, d: &QemuDisk) -> Result<(), QemuError> {
         let ours = format!("bs-{}-", d.tag);
         for b in
-            node_bitmaps(&nodes, &d.node)?.into_iter().filter(|b| b.inconsistent && b.name.starts_with(&ours))
+            node_bitmaps(nodes, &d.node)?.into_iter().filter(|b| b.inconsistent && b.name.starts_with(&ours))
         {
             tracing::warn!(node = %d.node, bitmap = %b.name, "dirty bitmap left inconsistent by a crash: removed; this disk resyncs in compare mode");
             self.execute("block-dirty-bitmap-remove", json!({"node": d.node, "name": b.name})).await?;
@@ -277,13 +276,13 @@ impl QemuVm {
         Ok(())
     }
 
-    /// Whether a frozen view of disk `i` is exported now (left by an earlier attempt).
-    async fn exported(&self, i: usize) -> Result<bool, QemuError> {
-        let exports = self.execute("query-block-exports", json!({})).await?;
+    /// Whether a frozen view of disk `i` is exported now (left by an earlier attempt), as
+    /// `exports` (a `query-block-exports` reply) says.
+    fn exported(&self, exports: &Value, i: usize) -> bool {
         let id = self.disks[i].export_id();
-        Ok(exports
+        exports
             .as_array()
-            .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str()))))
+            .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(id.as_str())))
     }
 
     /// The points in time of an epoch with nothing to send, when no disk changed since the last
@@ -320,9 +319,20 @@ impl QemuVm {
         let views: Vec<String> = (0..self.disks.len()).map(|i| self.view_id(i, epoch)).collect();
         let reuse =
             !freezes.is_empty() && freezes.iter().zip(&views).all(|(f, v)| f.prior_view == Some(v.as_str()));
-        let mut live = Vec::new();
-        for i in 0..self.disks.len() {
-            live.push(self.exported(i).await?);
+        // What QEMU holds now, read once: views, nodes and bitmaps. Abandoning leftovers below
+        // only merges bitmaps into the stored ones and removes others, so whether each disk's
+        // stored bitmap exists (and is usable) stays as read here.
+        let exports = self.execute("query-block-exports", json!({})).await?;
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
+        let live: Vec<bool> = (0..self.disks.len()).map(|i| self.exported(&exports, i)).collect();
+        let mut stored = Vec::with_capacity(freezes.len());
+        for (d, f) in self.disks.iter().zip(freezes) {
+            let usable = node_bitmaps(&nodes, &d.node)?;
+            stored.push(
+                f.stored_point
+                    .filter(|s| !s.is_empty() && usable.iter().any(|b| b.name == *s && !b.inconsistent))
+                    .map(str::to_string),
+            );
         }
         if reuse && live.iter().all(|l| *l) {
             tracing::info!("retrying the interrupted epoch from the frozen views QEMU still holds");
@@ -330,21 +340,16 @@ impl QemuVm {
             // What an attempt nobody will resume left (a view, or a freeze that failed half
             // way): give its changes back first.
             for (i, l) in live.iter().enumerate() {
-                if *l || self.leftover(i, freezes[i].stored_point).await? {
+                if *l || self.leftover(&nodes, i, freezes[i].stored_point)? {
                     self.abandon(i, epoch, freezes[i].stored_point).await?;
                 }
             }
-            self.freeze_now(epoch, freezes).await?;
+            self.freeze_now(&nodes, epoch, &stored).await?;
         }
         let mut points = Vec::new();
-        for (i, f) in freezes.iter().enumerate() {
+        for (i, bitmap) in stored.into_iter().enumerate() {
             let d = &self.disks[i];
             // The old bitmap went out with the view if the node had it.
-            let have = self.bitmaps(&d.node).await?;
-            let bitmap = f
-                .stored_point
-                .filter(|s| !s.is_empty() && have.iter().any(|(n, _)| n == s))
-                .map(str::to_string);
             let uri = self.uri(&d.bitmap(epoch));
             let reader = NbdSource::connect(&uri, None).await?;
             points.push(PointInTime {
@@ -361,12 +366,18 @@ impl QemuVm {
         format!("qemu:{}/{}@{}", self.qmp_path.display(), self.disks[i].node, self.disks[i].bitmap(epoch))
     }
 
-    async fn freeze_now(&self, epoch: u64, freezes: &[Freeze<'_>]) -> Result<(), QemuError> {
+    /// Freeze every disk now: `stored[i]` is disk i's stored bitmap if QEMU has it (usable),
+    /// `nodes` what `query-named-block-nodes` said before any leftover was abandoned.
+    async fn freeze_now(
+        &self,
+        nodes: &Value,
+        epoch: u64,
+        stored: &[Option<String>],
+    ) -> Result<(), QemuError> {
         let mut actions = Vec::new();
         let mut exports = Vec::new();
-        for (i, f) in freezes.iter().enumerate() {
-            let d = &self.disks[i];
-            self.remove_inconsistent(d).await?;
+        for (d, old) in self.disks.iter().zip(stored) {
+            self.remove_inconsistent(nodes, d).await?;
             let overlay = self.dir.join(format!("{}.qcow2", d.fleece()));
             let _ = std::fs::remove_file(&overlay);
             let out = tokio::process::Command::new("qemu-img")
@@ -388,14 +399,10 @@ impl QemuVm {
                        "file": {"driver": "file", "filename": overlay.display().to_string()}, "backing": d.node}),
             )
             .await?;
-            let have = self.bitmaps(&d.node).await?;
+            // A bitmap of this epoch left by a failed attempt was merged back and removed by
+            // `abandon` (see `leftover`), so the name is free.
             let new = d.bitmap(epoch);
-            if have.iter().any(|(n, _)| *n == new) {
-                // Left by an attempt that died before its transaction was undone.
-                self.execute("block-dirty-bitmap-remove", json!({"node": d.node, "name": new})).await?;
-            }
             actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": new, "persistent": true}}));
-            let old = f.stored_point.filter(|s| !s.is_empty() && have.iter().any(|(n, _)| n == s));
             if let Some(old) = old {
                 actions.push(
                     json!({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": old}}),
@@ -403,7 +410,7 @@ impl QemuVm {
             }
             actions.push(json!({"type": "blockdev-backup",
                 "data": {"job-id": d.fleece(), "device": d.node, "target": d.fleece(), "sync": "none"}}));
-            exports.push((d.export_id(), d.fleece(), new, old.map(str::to_string)));
+            exports.push((d.export_id(), d.fleece(), new, old.clone()));
         }
         // The instant every disk is frozen at: one transaction.
         self.execute("transaction", json!({"actions": actions})).await?;
@@ -421,12 +428,11 @@ impl QemuVm {
     /// Whether disk `i` (with no exported view) carries what a failed freeze left: its fleecing
     /// node, or a bitmap of ours besides the stored one (the transaction ran, the export did
     /// not). Such a bitmap holds writes since that freeze, so it must be merged back, not dropped.
-    async fn leftover(&self, i: usize, stored: Option<&str>) -> Result<bool, QemuError> {
+    fn leftover(&self, nodes: &Value, i: usize, stored: Option<&str>) -> Result<bool, QemuError> {
         let d = &self.disks[i];
-        let nodes = self.execute("query-named-block-nodes", json!({"flat": true})).await?;
         let ours = format!("bs-{}-", d.tag);
-        Ok(has_node(&nodes, &d.fleece())
-            || node_bitmaps(&nodes, &d.node)?
+        Ok(has_node(nodes, &d.fleece())
+            || node_bitmaps(nodes, &d.node)?
                 .iter()
                 .any(|b| !b.inconsistent && b.name.starts_with(&ours) && Some(b.name.as_str()) != stored))
     }
