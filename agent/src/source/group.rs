@@ -2,19 +2,9 @@
 //! group freezes its members together where the platform can: one VM snapshot for all disks of
 //! a VMware VM, one QMP transaction for the disks of a running QEMU. Members of other kinds are
 //! frozen one after another, which is one point in time only for sources that do not change
-//! (stopped machines); `consistency` says which it is, for `status` and the logs.
+//! (stopped machines); the daemon's `status` says which a group gets (`atomic` or `per-disk`).
 
 use super::{Freeze, Origin, PointInTime, SourceError};
-
-/// How a group's point in time is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Consistency {
-    /// One atomic point in time for every member.
-    Atomic,
-    /// Members frozen one after another (crash-consistent per disk, not across disks).
-    PerDisk,
-}
 
 pub struct GroupOrigin {
     members: Vec<Origin>,
@@ -52,15 +42,6 @@ impl GroupOrigin {
 
     pub fn members(&self) -> &[Origin] {
         &self.members
-    }
-
-    pub fn consistency(&self) -> Consistency {
-        if self.members.len() <= 1 || one_qemu(&self.members).is_some() || one_vmware(&self.members).is_some()
-        {
-            Consistency::Atomic
-        } else {
-            Consistency::PerDisk
-        }
     }
 
     /// When the platform can tell at once that no member changed since the last committed epoch
