@@ -33,7 +33,7 @@ fn a_vm_crash_that_leaves_bitmaps_inconsistent_resyncs_the_group_instead_of_fail
     }
     let lab = Lab::new(&["kvm01"]);
     let sink = lab.sink(&["kvm01=file:*"], &[]);
-    let mut vm = Vm::start(lab.dir.path(), 2, DISK);
+    let mut vm = Vm::start(lab.dir.path(), 2, DISK).unwrap();
     let group = format!(
         "[[group]]\nname = \"vm\"\nkind = \"qemu\"\ninterval = \"5s\"\nqmp = \"{}\"\nnbd_socket = \"{}\"\ndisks = [{{ disk = \"disk0\", target = \"file:bm-0\" }}, {{ disk = \"disk1\", target = \"file:bm-1\" }}]\n",
         vm.qmp.display(),
@@ -44,7 +44,7 @@ fn a_vm_crash_that_leaves_bitmaps_inconsistent_resyncs_the_group_instead_of_fail
     let s = daemon.wait_epoch("vm", 1, Duration::from_secs(60));
 
     // A clean restart: the bitmaps survive, the next epochs stay incremental.
-    vm.restart();
+    vm.restart().unwrap();
     write(&vm, 1, 2 << 20, 0x22);
     let e = u(&s, "committed_epoch");
     let mut last = serde_json::Value::Null;
@@ -61,8 +61,8 @@ fn a_vm_crash_that_leaves_bitmaps_inconsistent_resyncs_the_group_instead_of_fail
     // back. (Bitmaps created since it started are not in the images yet: a clean restart just
     // before the crash puts the active one there.)
     write(&vm, 0, 5 << 20, 0x33);
-    vm.restart();
-    vm.crash_and_restart();
+    vm.restart().unwrap();
+    vm.crash_and_restart().unwrap();
     let info = common::qemu::run("qemu-img", &["info", "-U", vm.images[0].to_str().unwrap()]);
     assert!(info.contains("in-use"), "the crash left no in-use bitmap: {info}");
     let e = u(&last, "committed_epoch");

@@ -24,7 +24,7 @@ fn a_live_qemu_group_is_one_consistent_cut_every_epoch() {
     let images: Vec<TestImage> = (0..3).map(|i| TestImage::new(&ceph, &format!("qemu{i}"))).collect();
     // Every epoch's snapshots are kept, so each can be checked at the end.
     let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &["--keep-snapshots", "1000"]);
-    let vm = Vm::start(lab.dir.path(), 3, DISK);
+    let vm = Vm::start(lab.dir.path(), 3, DISK).unwrap();
     let writer = SeqWriter::start((0..3).map(|i| vm.export_uri(i)).collect(), DISK / BLOCK, lab.dir.path());
     let disks: Vec<String> = images
         .iter()
@@ -515,7 +515,7 @@ fn a_broken_group_backs_off_alone_and_a_restarted_sink_is_reached_in_seconds() {
         );
     }
     // And a QEMU VM that will go away.
-    let vm = Vm::start(lab.dir.path(), 2, DISK);
+    let vm = Vm::start(lab.dir.path(), 2, DISK).unwrap();
     config += &format!(
         "[[group]]\nname = \"vm\"\nkind = \"qemu\"\ninterval = \"5s\"\nqmp = \"{}\"\nnbd_socket = \"{}\"\ndisks = [{{ disk = \"disk0\", target = \"file:vm-0\" }}, {{ disk = \"disk1\", target = \"file:vm-1\" }}]\n",
         vm.qmp.display(),

@@ -18,7 +18,7 @@ fn an_idle_qemu_group_commits_without_reading_and_the_next_write_arrives() {
     }
     let lab = Lab::new(&["kvm01"]);
     let sink = lab.sink(&["kvm01=file:*"], &[]);
-    let vm = Vm::start(lab.dir.path(), 2, DISK);
+    let vm = Vm::start(lab.dir.path(), 2, DISK).unwrap();
     let group = format!(
         "[[group]]\nname = \"vm\"\nkind = \"qemu\"\ninterval = \"5s\"\nqmp = \"{}\"\nnbd_socket = \"{}\"\ndisks = [{{ disk = \"disk0\", target = \"file:idle-0\" }}, {{ disk = \"disk1\", target = \"file:idle-1\" }}]\n",
         vm.qmp.display(),

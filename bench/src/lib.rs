@@ -12,3 +12,4 @@ pub mod quic_peer;
 pub mod relay;
 pub mod report;
 pub mod scenario;
+pub mod vm;

@@ -174,86 +174,10 @@ fn ceph_agent_keys() -> String {
     }
 }
 
-/// A qemu-storage-daemon with disks `disk0..N` (qcow2 files of `size` bytes), writable NBD
-/// exports `vm0..N` and a QMP monitor; killed on drop.
-pub struct Vm {
-    child: Child,
-    pub qmp: PathBuf,
-    pub nbd: PathBuf,
-    pub images: Vec<PathBuf>,
-    args: Vec<String>,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vm {
-    pub fn start(dir: &Path, disks: usize, size: u64) -> Vm {
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        // The NBD server must exist before the exports.
-        let mut args =
-            vec!["--nbd-server".to_string(), format!("addr.type=unix,addr.path={}", nbd.display())];
-        let mut images = Vec::new();
-        for i in 0..disks {
-            let img = dir.join(format!("disk{i}.qcow2"));
-            super::qemu::run(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), &size.to_string()],
-            );
-            args.extend([
-                "--blockdev".into(),
-                format!("driver=file,node-name=file{i},filename={}", img.display()),
-                "--blockdev".into(),
-                format!("driver=qcow2,node-name=disk{i},file=file{i}"),
-                "--export".into(),
-                format!("type=nbd,id=vm{i},node-name=disk{i},name=vm{i},writable=on"),
-            ]);
-            images.push(img);
-        }
-        args.extend([
-            "--chardev".into(),
-            format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
-            "--monitor".into(),
-            "chardev=qmp0".into(),
-        ]);
-        let child = Self::spawn(&args, &qmp, &nbd);
-        Vm { child, qmp, nbd, images, args }
-    }
-
-    fn spawn(args: &[String], qmp: &Path, nbd: &Path) -> Child {
-        let _ = std::fs::remove_file(qmp);
-        let _ = std::fs::remove_file(nbd);
-        let child = Command::new("qemu-storage-daemon").args(args).stdout(Stdio::null()).spawn().unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || qmp.exists() && nbd.exists()),
-            "qemu-storage-daemon did not start"
-        );
-        child
-    }
-
-    /// Shut the VM down cleanly (SIGTERM: persistent bitmaps are stored) and start it again.
-    pub fn restart(&mut self) {
-        // SAFETY: signalling a child process we started.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
-    }
-
-    /// Crash the VM (SIGKILL: bitmaps it had loaded stay marked in use) and start it again.
-    pub fn crash_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
-    }
-
-    pub fn export_uri(&self, i: usize) -> String {
-        format!("nbd+unix:///vm{i}?socket={}", self.nbd.display())
-    }
-}
+/// The qemu-storage-daemon "VM" (disks `disk0..N`, writable NBD exports, QMP), shared with the
+/// bench's `continuous` scenario.
+#[allow(unused_imports)]
+pub use blockship_bench::vm::Vm;
 
 /// Bytes of a block the writer writes.
 pub const BLOCK: u64 = 64 << 10;

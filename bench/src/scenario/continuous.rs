@@ -6,8 +6,8 @@
 //! No peer keeps disks replicated at a 5 s interval here (rbd-mirror's finest schedule is one
 //! minute, the others sync hourly), so the figures are set against the targets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,69 +15,12 @@ use anyhow::{bail, Context, Result};
 use super::Ctx;
 use crate::proc::{self, Server};
 use crate::report::{Ratio, ScenarioResult};
+use crate::vm::Vm;
 
 const TITLE: &str = "continuous replication: the cost of 64 disks at a 5 s interval";
 const GROUPS: usize = 16;
 const DISKS: usize = 4;
 const INTERVAL_S: u64 = 5;
-
-/// A qemu-storage-daemon with `DISKS` qcow2 disks, writable NBD exports and a QMP monitor.
-struct Vm {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vm {
-    fn start(dir: &Path, size: u64) -> Result<Vm> {
-        std::fs::create_dir_all(dir)?;
-        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
-        let mut cmd = Command::new("qemu-storage-daemon");
-        // The NBD server must exist before the exports.
-        cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
-        for i in 0..DISKS {
-            let img = dir.join(format!("disk{i}.qcow2"));
-            proc::run_ok(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .arg(&img)
-                    .arg(size.to_string()),
-            )?;
-            cmd.arg("--blockdev")
-                .arg(format!("driver=file,node-name=file{i},filename={}", img.display()))
-                .arg("--blockdev")
-                .arg(format!("driver=qcow2,node-name=disk{i},file=file{i}"))
-                .arg("--export")
-                .arg(format!("type=nbd,id=vm{i},node-name=disk{i},name=vm{i},writable=on"));
-        }
-        cmd.arg("--chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().context("starting qemu-storage-daemon (apt install qemu-system-common)")?;
-        let vm = Vm { child, qmp, nbd };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(vm.qmp.exists() && vm.nbd.exists()) {
-            if Instant::now() > deadline {
-                bail!("qemu-storage-daemon did not start in {}", dir.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(vm)
-    }
-
-    fn uri(&self, i: usize) -> String {
-        format!("nbd+unix:///vm{i}?socket={}", self.nbd.display())
-    }
-}
 
 /// CPU seconds (user + system) a process has used so far, from /proc.
 fn cpu_s(pid: u32) -> Result<f64> {
@@ -139,7 +82,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         std::fs::remove_dir_all(&dir)?;
     }
     let vms: Vec<Vm> =
-        (0..GROUPS).map(|g| Vm::start(&dir.join(format!("vm{g}")), size)).collect::<Result<_>>()?;
+        (0..GROUPS).map(|g| Vm::start(&dir.join(format!("vm{g}")), DISKS, size)).collect::<Result<_>>()?;
     let sink = ctx.lab.sink(&[])?;
 
     let socket = dir.join("agent.sock");
@@ -197,7 +140,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
                     "raw",
                     "-c",
                     &format!("write -P {} {at} {len}", round % 250 + 1),
-                    &vms[0].uri(0),
+                    &vms[0].export_uri(0),
                 ]))?;
                 next_change += Duration::from_secs(INTERVAL_S);
             }
@@ -248,7 +191,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     }
     let target = ctx.lab.target_path("cont-0-0.img");
     let cmp = proc::run(
-        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &vms[0].uri(0)]).arg(&target),
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &vms[0].export_uri(0)])
+            .arg(&target),
     )?;
     if cmp.status != 0 {
         bail!("the replicated disk differs from the source: {}{}", cmp.stdout, cmp.stderr);
