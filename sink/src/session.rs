@@ -85,12 +85,16 @@ impl Control {
         let (end, mut ended) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
             let mut w = FrameWriter::new(send);
+            // `ended` may be polled only until it fires (a finished oneshot panics when polled
+            // again); after that, closing `rx` lets the loop drain what is queued and stop.
+            let mut ending = false;
             loop {
                 let body = tokio::select! {
                     b = rx.recv() => b,
-                    _ = &mut ended => {
+                    _ = &mut ended, if !ending => {
+                        ending = true;
                         rx.close();
-                        rx.recv().await
+                        continue;
                     }
                 };
                 let Some(body) = body else { break };

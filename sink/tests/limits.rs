@@ -122,7 +122,11 @@ async fn a_silent_client_loses_its_session_and_target() {
     b.hello().await;
     b.open_target("file:t", 4 << 20, SyncMode::Compare).await.expect("the silent session still holds file:t");
     let why = a.r.next_body("anything").await.unwrap_err().to_string();
-    assert!(why.contains("no progress"), "the silent agent was not told why: {why}");
+    assert!(
+        why.contains("no progress"),
+        "the silent agent was not told why: {why}\nsink log:\n{}",
+        lab.log()
+    );
 
     // A client that never says Hello is dropped after --hello-timeout.
     let c = lab.agent().await;
