@@ -44,7 +44,7 @@ step "benchmark smoke test (blockship-bench all --quick; no thresholds)"
 # (It rebuilds the agent and sink without the test-only failpoints: the bench measures release builds.)
 cargo run --release --quiet -p blockship-bench -- all --quick --out target/bench-quick >/dev/null
 # Every scenario ran (CI has root for the wan namespaces and the Ceph cluster for rbd).
-for s in lan wan rbd incremental memory compression continuous; do
+for s in lan wan rbd incremental memory compression continuous cutover; do
   grep -q "^## $s " target/bench-quick/results.md || { echo "bench: scenario $s missing" >&2; exit 1; }
 done
 if grep -q '^Skipped:' target/bench-quick/results.md; then

@@ -1,6 +1,6 @@
 //! `blockship-agent`: `sync` a disk to a sink (one epoch per run), `verify` a replica, `run` the
 //! daemon that keeps groups of disks replicated, and talk to a running daemon (`status`,
-//! `pause`, `resume`, `sync-now`).
+//! `pause`, `resume`, `sync-now`, `cutover`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use blockship_agent::config::AgentSettings;
-use blockship_agent::daemon::pb::{GroupRequest, ListGroupsRequest};
+use blockship_agent::daemon::pb::{CutoverRequest, GroupRequest, ListGroupsRequest};
 use blockship_agent::sync::{changes_from_flags, sync, SyncRequest};
 use blockship_agent::verify::verify;
 
@@ -62,6 +62,10 @@ enum Cmd {
         /// Never show a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Replicate into a target that was cut over (the sink refuses otherwise): the cutover
+        /// is abandoned and the target overwritten from the source.
+        #[arg(long)]
+        force_resume: bool,
     },
     /// Compare source and target chunk by chunk (the sink hashes the target's data). Exit 0 iff equal.
     Verify {
@@ -109,6 +113,35 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArgs,
         group: String,
+    },
+    /// Cut a group over to its replicas: stop the source, one final cycle, the sink finalises
+    /// the targets (no more replication into them); prints the downtime, phase by phase.
+    Cutover {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+        /// Command that stops the source (default: QMP `stop` for qemu groups, guest shutdown
+        /// then power off for vmware groups; file groups need none).
+        #[arg(long, value_name = "CMD")]
+        pre_freeze: Option<String>,
+        /// Command run once the targets are cut over (e.g. create the VM on the replicas).
+        #[arg(long, value_name = "CMD")]
+        post_cutover: Option<String>,
+        /// Command that restarts the source when the cutover is aborted (default: QMP `cont`,
+        /// vCenter power on).
+        #[arg(long, value_name = "CMD")]
+        on_abort: Option<String>,
+        /// Longest a hook or a VMware guest shutdown may take.
+        #[arg(long, default_value = "5m")]
+        hook_timeout: String,
+        /// Stop a cutover that has not reached its final commit (or finish one that crashed):
+        /// the source is restarted and replication goes on.
+        #[arg(long)]
+        abort: bool,
+        /// Print JSON instead of the phase table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -160,7 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         _ => "sync-now",
     };
     match cli.cmd {
-        Cmd::Sync { common, changes, changed_areas, change_point, disk_id, no_progress } => {
+        Cmd::Sync { common, changes, changed_areas, change_point, disk_id, no_progress, force_resume } => {
             let cfg = settings(&common)?;
             let req = SyncRequest {
                 source: common.source.clone(),
@@ -170,6 +203,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 disk_id,
                 progress: !no_progress && !common.json,
                 source_opts: cfg.source_options(&common.source)?,
+                force_resume,
             };
             let summary = runtime.block_on(sync(&cfg, &req))?;
             if common.json {
@@ -222,6 +256,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok::<_, anyhow::Error>(())
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cutover { control, group, pre_freeze, post_cutover, on_abort, hook_timeout, abort, json } => {
+            let timeout = humantime::parse_duration(&hook_timeout)
+                .map_err(|e| anyhow::anyhow!("--hook-timeout {hook_timeout:?}: {e}"))?;
+            let req = CutoverRequest {
+                name: group,
+                pre_freeze: pre_freeze.unwrap_or_default(),
+                post_cutover: post_cutover.unwrap_or_default(),
+                on_abort: on_abort.unwrap_or_default(),
+                hook_timeout_ms: timeout.as_millis() as u64,
+                abort,
+            };
+            let reply = runtime.block_on(async {
+                let mut c = blockship_agent::daemon::control::connect(&control.control_socket).await?;
+                Ok::<_, anyhow::Error>(c.cutover(req).await.map_err(status_error)?.into_inner())
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&reply)?);
+            } else {
+                print!("{}", blockship_agent::daemon::cutover::table(&reply));
+            }
+            Ok(if reply.post_cutover_failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Cmd::Verify { common } => {
             let cfg = settings(&common)?;

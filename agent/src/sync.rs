@@ -27,6 +27,8 @@ pub struct SyncRequest {
     pub disk_id: Option<String>,
     pub progress: bool,
     pub source_opts: SourceOptions,
+    /// Replicate into a target that was cut over (`--force-resume`).
+    pub force_resume: bool,
 }
 
 fn usage(msg: impl Into<String>) -> AgentError {
@@ -89,8 +91,9 @@ async fn run(
     let mut open = [None];
     let bars = Bars::new(req.progress);
     let parallel = Arc::new(tokio::sync::Semaphore::new(1));
+    let how = cycle::Opening { force_resume: req.force_resume, ..Default::default() };
     let cycle =
-        cycle::run(&link, None, origin, &[member], &mut open, &cfg.transfer(), &parallel, &bars).await;
+        cycle::run(&link, None, origin, &[member], &mut open, &cfg.transfer(), &parallel, &bars, how).await;
     drop(open);
     link.close().await;
     cycle

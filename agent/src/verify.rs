@@ -48,6 +48,7 @@ async fn compare(
             target: target.to_string(),
             mode: SyncMode::Verify as i32,
             chunk_size: cfg.chunk_size,
+            ..Default::default()
         })
         .await?;
     // An RBD source is compared at the snapshot of the target's last committed epoch.

@@ -169,64 +169,6 @@ fn an_rbd_group_commits_each_epoch_equal_to_its_source_snapshots() {
     assert!(table.contains("frozen one after another"), "status does not say the group is per-disk: {table}");
 }
 
-/// A VMware VM with two disks, each image frozen at every snapshot, and the `[agent]` lines that
-/// reach its fake vCenter.
-struct VmwareVm {
-    vc: common::vcenter::FakeVcenter,
-    images: Vec<std::path::PathBuf>,
-    agent: String,
-}
-
-fn vmware_vm(lab: &Lab, size: u64) -> VmwareVm {
-    use blockship_bench::image::{self, Kind, Profile, REGION};
-    let images: Vec<_> = (0..2).map(|i| lab.path(&format!("vm42-{i}-flat.img"))).collect();
-    for (i, p) in images.iter().enumerate() {
-        image::generate(p, size, Profile::Mixed, 40 + i as u64).unwrap();
-    }
-    let vc = common::vcenter::FakeVcenter::start_with_disks(size, size / 2, 2);
-    let snaps = vc.freeze_disks(&images);
-    vc.state.lock().unwrap().allocated = (0..size / REGION)
-        .filter(|i| Profile::Mixed.kind(*i) != Kind::Zero)
-        .map(|i| (i * REGION, REGION))
-        .collect();
-    let pw = lab.path("vc-password");
-    std::fs::write(&pw, "s3cret\n").unwrap();
-    // The data command serves one disk of the snapshot, as nbdkit vddk does.
-    let cmd = format!(
-        "exec qemu-nbd -r -f raw -t --socket \\\"$BLOCKSHIP_NBD_SOCKET\\\" {}/\\\"$BLOCKSHIP_SNAPSHOT-$BLOCKSHIP_DISK_KEY\\\".img",
-        snaps.display()
-    );
-    let agent = format!(
-        "vcenter_user = \"administrator@vsphere.local\"\nvcenter_password_file = \"{}\"\nvcenter_ca = \"{}\"\nnbd_command = \"{cmd}\"\n",
-        pw.display(),
-        vc.ca.display()
-    );
-    VmwareVm { vc, images, agent }
-}
-
-impl VmwareVm {
-    fn write(&self, disk: usize, offset: u64, len: u64, seed: u64) {
-        scribble(&self.images[disk], offset, len as usize, seed);
-        self.vc.record_write_on(disk, offset, len);
-    }
-
-    /// Both targets hold the snapshot their recorded changeIds came from, and those changeIds
-    /// are the same snapshot's.
-    fn check_epoch(&self, lab: &Lab, targets: &[&str], seq: u64) {
-        for (i, t) in targets.iter().enumerate() {
-            let state = state_of(lab, t).unwrap();
-            let cid = state["change_point"].as_str().unwrap_or_default().to_string();
-            let want = format!("/{seq}-{}", common::vcenter::DISK_KEY + i as i32);
-            assert!(cid.ends_with(&want), "{t}: changeId {cid:?} is not snapshot {seq}'s: {state}");
-            let rel = t.strip_prefix("file:").unwrap();
-            assert!(
-                same_file(&self.vc.snapshot_data_of(i, &cid), &lab.target(rel)),
-                "{t} differs from its disk in snapshot {seq}"
-            );
-        }
-    }
-}
-
 #[test]
 fn a_vmware_group_takes_one_vm_snapshot_per_cycle_and_advances_every_change_id_together() {
     if !common::qemu::available() {
@@ -235,7 +177,7 @@ fn a_vmware_group_takes_one_vm_snapshot_per_cycle_and_advances_every_change_id_t
     const SIZE: u64 = 32 << 20;
     let lab = Lab::new(&["esx01"]);
     let mut sink = lab.sink(&["esx01=file:*"], &[]);
-    let vm = vmware_vm(&lab, SIZE);
+    let vm = common::vcenter::vmware_vm(&lab, SIZE);
     let targets = ["file:vm42-a", "file:vm42-b"];
     let group = format!(
         "[bandwidth]\ndefault = \"6MiB\"\n[[group]]\nname = \"vm42\"\nkind = \"vmware\"\nvm = \"{}\"\nvcenter = \"{}\"\ninterval = \"1h\"\ndisks = [{{ disk = \"2000\", target = \"{}\" }}, {{ disk = \"Hard disk 2\", target = \"{}\" }}]\n",

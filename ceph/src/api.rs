@@ -43,6 +43,7 @@ pub const FEATURE_OBJECT_MAP: u64 = 8;
 pub const FEATURE_FAST_DIFF: u64 = 16;
 pub const FEATURE_DEEP_FLATTEN: u64 = 32;
 pub(crate) const IMAGE_OPTION_FEATURES: c_int = 1;
+pub(crate) const IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
 /// A librbd version as `rbd_version` reports it: (LIBRBD_VER_MAJOR, _MINOR, _EXTRA).
 pub(crate) type Version = (c_int, c_int, c_int);
@@ -173,6 +174,9 @@ api! {
     rbd_lock_get_owners: fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
     rbd_lock_get_owners_cleanup: fn(*mut *mut c_char, usize);
     rbd_lock_break: fn(ImageT, c_int, *const c_char) -> c_int;
+    rbd_clone3: fn(IoCtxT, *const c_char, *const c_char, IoCtxT, *const c_char, OptionsT) -> c_int;
+    rbd_snap_protect: fn(ImageT, *const c_char) -> c_int;
+    rbd_snap_unprotect: fn(ImageT, *const c_char) -> c_int;
 }
 
 /// `RBD_LOCK_MODE_EXCLUSIVE` of `rbd_lock_mode_t`.

@@ -109,6 +109,32 @@ impl Image {
         Ok(())
     }
 
+    /// Protect snapshot `name` from removal (what format 1 clones need); already protected is
+    /// fine.
+    pub fn snap_protect(&self, name: &str) -> Result<(), RbdError> {
+        let n = cstr(name)?;
+        // SAFETY: valid image and C string.
+        let r = unsafe { (api()?.rbd_snap_protect)(self.ptr(), n.as_ptr()) };
+        if r == -libc::EBUSY {
+            return Ok(());
+        }
+        check(format!("protect snapshot {name}"), r)?;
+        Ok(())
+    }
+
+    /// Unprotect snapshot `name` (fails with EBUSY while clones of it exist; not protected is
+    /// fine).
+    pub fn snap_unprotect(&self, name: &str) -> Result<(), RbdError> {
+        let n = cstr(name)?;
+        // SAFETY: valid image and C string.
+        let r = unsafe { (api()?.rbd_snap_unprotect)(self.ptr(), n.as_ptr()) };
+        if r == -libc::EINVAL {
+            return Ok(());
+        }
+        check(format!("unprotect snapshot {name}"), r)?;
+        Ok(())
+    }
+
     pub fn snap_rollback(&self, name: &str) -> Result<(), RbdError> {
         let n = cstr(name)?;
         // SAFETY: valid image and C string.
@@ -364,5 +390,39 @@ mod tests {
         drop(img);
         io.remove(&name).unwrap();
         assert_eq!(io.open(&name).err().and_then(|e| e.errno()), Some(libc::ENOENT));
+    }
+
+    /// A clone holds its parent snapshot's data, not the parent's later writes; its own writes
+    /// do not reach the parent; the parent snapshot is removable (format 2) or unprotectable
+    /// (format 1) once the clone is gone.
+    #[tokio::test]
+    async fn a_snapshot_clone_is_layered_and_independent() {
+        let Some(rados) = cluster() else { return };
+        let io = Arc::new(rados.ioctx("rbd", None).unwrap());
+        let (name, child) =
+            (format!("clone-parent-{}", std::process::id()), format!("clone-child-{}", std::process::id()));
+        let _ = io.remove(&child);
+        let _ = io.remove(&name);
+        io.create(&name, 4 << 20, FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK).unwrap();
+        let img = io.open(&name).unwrap();
+        img.write(0, Bytes::from(vec![1u8; 1 << 20])).await.unwrap();
+        img.flush().await.unwrap();
+        img.snap_create("s1").unwrap();
+        img.write(0, Bytes::from(vec![2u8; 4096])).await.unwrap();
+        img.flush().await.unwrap();
+        let format = io.clone_snapshot(&name, "s1", &io, &child).unwrap();
+        assert!(format == 1 || format == 2, "{format}");
+        let c = io.open(&child).unwrap();
+        assert_eq!(c.read(0, 8).await.unwrap(), vec![1u8; 8], "the clone does not hold the snapshot");
+        c.write(0, Bytes::from(vec![3u8; 4096])).await.unwrap();
+        c.flush().await.unwrap();
+        assert_eq!(img.read(0, 8).await.unwrap(), vec![2u8; 8], "a clone write reached its parent");
+        assert_eq!(io.clone_snapshot(&name, "s1", &io, &child).unwrap_err().errno(), Some(libc::EEXIST));
+        drop(c);
+        io.remove(&child).unwrap();
+        img.snap_unprotect("s1").unwrap();
+        img.snap_remove("s1").unwrap();
+        drop(img);
+        io.remove(&name).unwrap();
     }
 }

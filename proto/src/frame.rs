@@ -208,6 +208,9 @@ mod tests {
                 target: "file:vm1/disk0".into(),
                 mode: SyncMode::Compare as i32,
                 chunk_size: 1 << 20,
+                force_resume: true,
+                cutover: true,
+                failback_epoch: 41,
             }),
             Body::DiskOpened(DiskOpened {
                 disk: 1,
@@ -225,6 +228,7 @@ mod tests {
                 }),
                 source_disk_id: "vm-1/2000".into(),
                 zero_filled: true,
+                cut_over: true,
             }),
             Body::EpochBegin(EpochBegin {
                 disk: 1,
@@ -240,7 +244,8 @@ mod tests {
             Body::GroupOpen(GroupOpen { group: "vm42".into(), disks: vec![1, 2] }),
             Body::GroupOpened(GroupOpened { group: "vm42".into(), committed_epoch: 7 }),
             Body::GroupCommit(GroupCommit { group: "vm42".into(), epoch: 8 }),
-            Body::GroupCommitted(GroupCommitted { group: "vm42".into(), epoch: 8 }),
+            Body::GroupCommitted(GroupCommitted { group: "vm42".into(), epoch: 8, cut_over: false }),
+            Body::GroupCutover(GroupCutover { group: "vm42".into(), epoch: 9 }),
             Body::EpochStarted(EpochStarted { disk: 1, epoch: 5 }),
             chunk(100),
             Body::Zero(ZeroExtent { disk: 1, seq: 10, offset: 1 << 20, length: 1 << 21 }),

@@ -5,8 +5,10 @@ use crate::pb::{Hello, HelloReply};
 
 /// Oldest protocol version this build speaks.
 pub const MIN_VERSION: u32 = 3;
-/// Newest protocol version this build speaks.
-pub const MAX_VERSION: u32 = 3;
+/// Newest protocol version this build speaks (4: cutover — GroupCutover, cut-over targets).
+pub const MAX_VERSION: u32 = 4;
+/// First version with cutover.
+pub const CUTOVER_VERSION: u32 = 4;
 
 /// Capabilities this build understands; unknown ones offered by a peer are ignored.
 pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS];

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::disk::Disk;
 use crate::failpoint::crash_point;
 use crate::refusal::Refusal;
-use crate::state::{GroupRecord, ReplicationState};
+use crate::state::{CutOver, GroupRecord, ReplicationState};
 use crate::target::Target;
 
 /// The change point a member prepared for `epoch`, or a refusal naming what is missing.
@@ -79,6 +79,46 @@ pub fn record(
     if let Some(g) = group {
         s.group = Some(g.clone());
     }
+}
+
+/// Cut `members` over at their committed `epoch` (a cutover's final epoch): every member gets
+/// its final point in time (RBD: snapshot `blockship-final`), then every member's state is
+/// marked cut over, after which replication into it is refused. Members already cut over at
+/// `epoch` are left as they are, so repeating this completes a cutover a crash interrupted.
+pub async fn cut_over(members: &[Arc<Disk>], epoch: u64) -> Result<(), Refusal> {
+    let mut todo = Vec::new();
+    for m in members {
+        let s = m.state();
+        if s.committed_epoch != epoch {
+            return Err(Refusal::bad_request(format!(
+                "{}: cutover at epoch {epoch}, but the target's committed epoch is {}",
+                m.name, s.committed_epoch
+            )));
+        }
+        if s.in_progress.is_some() || m.writer().is_ok() {
+            return Err(Refusal::bad_request(format!(
+                "{}: an epoch after {epoch} is in progress; a cutover follows a committed epoch",
+                m.name
+            )));
+        }
+        if s.cut_over.as_ref().map(|c| c.epoch) != Some(epoch) {
+            todo.push(m);
+        }
+    }
+    // The final points in time are taken together (they are part of the downtime); none is
+    // recorded before all exist.
+    futures::future::try_join_all(todo.iter().map(|m| m.target.mark_final())).await?;
+    crash_point("sink::cutover-after-snapshots");
+    let at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for (i, m) in todo.iter().enumerate() {
+        m.update_state(|s| s.cut_over = Some(CutOver { epoch, at })).await?;
+        tracing::warn!(target = %m.name, epoch, "target cut over: replication into it is refused from now on");
+        if i + 1 < todo.len() {
+            crash_point("sink::cutover-between-states");
+        }
+    }
+    Ok(())
 }
 
 /// Drop what only the previous point in time needed. Failing never fails the commit (a snapshot

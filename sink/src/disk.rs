@@ -179,6 +179,8 @@ pub async fn open(
     let access = match mode {
         SyncMode::Verify => Access::ReadOnly,
         SyncMode::Incremental => Access::Existing,
+        // A failback writes into the original image: it must exist.
+        _ if req.failback_epoch > 0 => Access::Existing,
         _ => Access::Create,
     };
     let (target, opened) = match Target::open(&name, &ctx.roots, req.size, access).await {
@@ -206,6 +208,7 @@ pub async fn open(
             in_progress: None,
             source_disk_id: loaded.as_ref().map(|s| s.source_disk_id.clone()).unwrap_or_default(),
             zero_filled: false,
+            cut_over: loaded.as_ref().is_some_and(|s| s.cut_over.is_some()),
         };
         let state = loaded
             .unwrap_or_else(|| ReplicationState::new(&canonical, &req.disk_id, agent, req.size, chunk_size));
@@ -269,6 +272,28 @@ async fn reconcile(
             checked_chunk_size(req.chunk_size)?,
         ),
     };
+    if req.failback_epoch > 0 && state.committed_epoch == 0 && !created {
+        let n = req.failback_epoch;
+        target.adopt(canonical, n).await?;
+        tracing::warn!(target = %canonical, agent, epoch = n, "failback: the original image is back at its snapshot of epoch {n} (later writes discarded); replication continues from there");
+        state.committed_epoch = n;
+        // The source's point in time of epoch N: the agent reads only what changed since it.
+        state.change_point = format!("blockship-{n}");
+        state.committed_size = req.size;
+        state.committed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        state.source_disk_id = req.disk_id.clone();
+    }
+    if let Some(c) = state.cut_over.clone() {
+        if req.force_resume {
+            tracing::warn!(target = %canonical, agent, epoch = c.epoch, "replicating into a cut-over target again (--force-resume): its cut-over mark is cleared");
+            state.cut_over = None;
+        } else if !req.cutover {
+            return Err(cut_over_refusal(canonical, &c));
+        }
+    }
     if mode == SyncMode::Incremental {
         if state.committed_epoch == 0 {
             return Err(Refusal::bad_request(format!(
@@ -320,9 +345,21 @@ async fn reconcile(
         in_progress: state.in_progress.as_ref().and_then(resume_point),
         source_disk_id: state.source_disk_id.clone(),
         zero_filled,
+        cut_over: state.cut_over.is_some(),
     };
     tracing::info!(target = %canonical, agent, ?mode, created, epoch = state.committed_epoch, "disk opened");
     Ok((index, state, reply))
+}
+
+/// Why replication into cut-over target `name` is refused, and the way out.
+pub fn cut_over_refusal(name: &str, c: &crate::state::CutOver) -> Refusal {
+    Refusal::new(
+        pb::ErrorCode::CutOver,
+        format!(
+            "{name} was cut over at epoch {} (unix time {}): it is the machine that runs now and accepts no replication; to replicate into it again anyway (the cutover abandoned, its data overwritten from the source), sync with --force-resume",
+            c.epoch, c.at
+        ),
+    )
 }
 
 fn checked_chunk_size(cs: u32) -> Result<u32, Refusal> {

@@ -15,6 +15,8 @@ pub const POINTS: &[&str] = &[
     "sink::after-snapshot",
     "sink::group-between-states",
     "sink::after-commit-state",
+    "sink::cutover-after-snapshots",
+    "sink::cutover-between-states",
     "sink::before-ack",
 ];
 

@@ -143,13 +143,18 @@ pub struct Registered {
 
 /// `groups/READABLE-DIGEST.json`: agent names may hold any character.
 fn registry_path(state_root: &Path, name: &str) -> PathBuf {
+    record_path(state_root, "groups", name)
+}
+
+/// `KIND/READABLE-DIGEST.json` in the state dir: a per-group record of some kind.
+pub fn record_path(state_root: &Path, kind: &str, name: &str) -> PathBuf {
     let readable: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') { c } else { '_' })
         .take(80)
         .collect();
     let digest = blake3::hash(name.as_bytes()).to_hex();
-    state_root.join("groups").join(format!("{readable}-{}.json", &digest[..12]))
+    state_root.join(kind).join(format!("{readable}-{}.json", &digest[..12]))
 }
 
 /// Record (atomically) that group `record.name` has these members.
@@ -168,6 +173,19 @@ pub fn register(state_root: &Path, record: &GroupRecord) -> std::io::Result<()> 
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Every group this state dir knows, by name.
+pub fn all_registered(state_root: &Path) -> Vec<Registered> {
+    let Ok(dir) = std::fs::read_dir(state_root.join("groups")) else { return Vec::new() };
+    let mut v: Vec<Registered> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
 }
 
 /// The members of group `name` (`AGENT/GROUP`) as this sink recorded them.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod datastream;
 pub mod disk;
 pub mod epoch;
+pub mod failover;
 pub mod failpoint;
 pub mod group;
 pub mod hashes;

@@ -1,4 +1,5 @@
-//! `blockship-sink`: serve agents (`serve`) and create a lab PKI (`pki init`).
+//! `blockship-sink`: serve agents (`serve`), roll targets back, clone a group for a test
+//! failover, show what the state dir knows (`status`), and create a lab PKI (`pki init`).
 
 use std::path::PathBuf;
 
@@ -52,6 +53,33 @@ enum Cmd {
         file_root: Option<PathBuf>,
         #[command(flatten)]
         ceph: CephSettings,
+    },
+    /// Clone a group's latest committed epoch into new RBD images (PREFIX<image>) for an
+    /// isolated boot test while replication goes on; --cleanup removes them.
+    TestFailover {
+        /// The group, AGENT/GROUP (as `status` lists it).
+        #[arg(long)]
+        group: String,
+        /// Prefix of the clones' image names (same pool as each member).
+        #[arg(long, required_unless_present = "cleanup")]
+        prefix: Option<String>,
+        /// Remove the group's test-failover clones.
+        #[arg(long)]
+        cleanup: bool,
+        /// The sink's state dir.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        ceph: CephSettings,
+    },
+    /// The groups this sink's state dir knows, their members and test-failover clones.
+    Status {
+        /// The sink's state dir.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Lab certificate authority helpers.
     Pki {
@@ -133,6 +161,45 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })?;
             println!("{msg}");
+            Ok(())
+        }
+        Cmd::TestFailover { group, prefix, cleanup, state_dir, ceph } => {
+            let ceph = ceph.resolve()?.context("test failover needs rbd support (drop --no-rbd)")?;
+            let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let msg = runtime.block_on(async {
+                match (cleanup, prefix) {
+                    (true, _) => blockship_sink::failover::cleanup(&roots, &state_dir, &group).await,
+                    (false, Some(p)) => {
+                        blockship_sink::failover::create(&roots, &state_dir, &group, &p).await
+                    }
+                    (false, None) => unreachable!("clap requires --prefix without --cleanup"),
+                }
+            })?;
+            println!("{msg}");
+            Ok(())
+        }
+        Cmd::Status { state_dir, json } => {
+            let groups = blockship_sink::group::all_registered(&state_dir);
+            let clones = blockship_sink::failover::all(&state_dir);
+            if json {
+                let v: Vec<serde_json::Value> = groups
+                    .iter()
+                    .map(|g| {
+                        let c = clones.iter().find(|c| c.group == g.name);
+                        serde_json::json!({ "group": g.name, "members": g.members, "test_failover": c })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                for g in &groups {
+                    println!("{}: {}", g.name, g.members.join(" "));
+                    if let Some(c) = clones.iter().find(|c| c.group == g.name) {
+                        let list: Vec<&str> = c.clones.iter().map(|(_, c)| c.as_str()).collect();
+                        println!("  test failover of epoch {}: {}", c.epoch, list.join(" "));
+                    }
+                }
+            }
             Ok(())
         }
         Cmd::Serve { config, settings } => {

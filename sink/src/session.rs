@@ -353,6 +353,9 @@ impl Session<'_> {
                 let disk = self.disk(req.disk)?;
                 let handle = req.disk;
                 let scope = || Scope::Disk(handle);
+                if let Some(c) = disk.state().cut_over {
+                    return Err((scope(), disk::cut_over_refusal(&disk.name, &c)));
+                }
                 let group_committed = if req.group.is_empty() {
                     None
                 } else {
@@ -445,11 +448,46 @@ impl Session<'_> {
                     g.2 = req.epoch;
                 }
                 self.control
-                    .send(Body::GroupCommitted(pb::GroupCommitted { group: req.group, epoch: req.epoch }))
+                    .send(Body::GroupCommitted(pb::GroupCommitted {
+                        group: req.group,
+                        epoch: req.epoch,
+                        cut_over: false,
+                    }))
                     .await;
                 for m in &members {
                     crate::commit::release(m, req.epoch).await;
                 }
+            }
+            Body::GroupCutover(req) => {
+                let scope = || Scope::Group(req.group.clone());
+                let Some((_, handles, committed)) = self.groups.get(&req.group).cloned() else {
+                    return Err((
+                        scope(),
+                        Refusal::bad_request(format!("group {:?} is not open", req.group)),
+                    ));
+                };
+                if req.epoch != committed || committed == 0 {
+                    return Err((
+                        scope(),
+                        Refusal::bad_request(format!(
+                            "cutover of group {:?} at epoch {}, but its committed epoch is {committed}; a cutover finalises the committed epoch",
+                            req.group, req.epoch
+                        )),
+                    ));
+                }
+                let members = handles
+                    .iter()
+                    .map(|&h| lookup(self.disks, h))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|r| (scope(), r))?;
+                crate::commit::cut_over(&members, committed).await.map_err(|r| (scope(), r))?;
+                self.control
+                    .send(Body::GroupCommitted(pb::GroupCommitted {
+                        group: req.group,
+                        epoch: committed,
+                        cut_over: true,
+                    }))
+                    .await;
             }
             // Progress only: it reset the idle deadline.
             Body::Progress(_) => {}

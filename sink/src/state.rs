@@ -36,6 +36,19 @@ pub struct ReplicationState {
     /// The group this target belongs to (its members share every committed epoch).
     #[serde(default)]
     pub group: Option<GroupRecord>,
+    /// The target was cut over: the replica became the machine that runs, so the sink refuses
+    /// replication into it (unless an agent forces it to resume).
+    #[serde(default)]
+    pub cut_over: Option<CutOver>,
+}
+
+/// When a target was cut over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutOver {
+    /// The final epoch: the target holds it (RBD: also as snapshot `blockship-final`).
+    pub epoch: u64,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// Membership of a target in a group: disks committed together, at one point in time.
@@ -86,6 +99,7 @@ impl ReplicationState {
             in_progress: None,
             index_token: String::new(),
             group: None,
+            cut_over: None,
         }
     }
 }

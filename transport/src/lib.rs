@@ -99,5 +99,6 @@ pub fn body_name(body: &blockship_proto::Body) -> &'static str {
         GroupOpened(_) => "GroupOpened",
         GroupCommit(_) => "GroupCommit",
         GroupCommitted(_) => "GroupCommitted",
+        GroupCutover(_) => "GroupCutover",
     }
 }

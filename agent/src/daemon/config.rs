@@ -87,6 +87,10 @@ pub struct GroupSection {
     pub qmp: Option<PathBuf>,
     /// qemu: the socket of an NBD server QEMU already runs (default: the agent starts one).
     pub nbd_socket: Option<PathBuf>,
+    /// rbd: the targets are the original images of a failover (this group's sources are their
+    /// replicas): replicate back from the last common epoch instead of from scratch.
+    #[serde(default)]
+    pub failback: bool,
     pub disks: Vec<DiskSection>,
 }
 
@@ -255,6 +259,9 @@ impl DaemonFile {
                 }
                 Kind::Qemu if g.qmp.is_none() => bail!("{what}: a qemu group needs qmp (the QMP socket)"),
                 _ => {}
+            }
+            if g.failback && (kind != Kind::Rbd || !g.disks.iter().all(|d| d.target.starts_with("rbd:"))) {
+                bail!("{what}: failback replicates RBD replicas back to their original RBD images (kind = \"rbd\", rbd: targets)");
             }
             groups.push(Group {
                 name: g.name.clone(),

@@ -64,6 +64,23 @@ impl AgentControl for Control {
     async fn sync_now(&self, r: Request<pb::GroupRequest>) -> Result<Response<pb::GroupReply>, Status> {
         self.command(&r.into_inner().name, Command::SyncNow).await
     }
+
+    async fn cutover(&self, r: Request<pb::CutoverRequest>) -> Result<Response<pb::CutoverReply>, Status> {
+        let req = r.into_inner();
+        let tx = self
+            .commands
+            .get(&req.name)
+            .ok_or_else(|| Status::not_found(format!("no group {:?} in this daemon", req.name)))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(Command::Cutover(req, reply))
+            .await
+            .map_err(|_| Status::unavailable("the group is stopping"))?;
+        match answer.await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            Ok(Err(e)) => Err(Status::failed_precondition(e)),
+            Err(_) => Err(Status::aborted("the daemon stopped the group before the cutover finished")),
+        }
+    }
 }
 
 /// Bind the control socket (mode 0600; a stale socket of a daemon that is gone is replaced).

@@ -5,28 +5,32 @@
 //! without holding up the other groups; its sources are opened afresh. Pause and Resume stop and
 //! restart the schedule; on shutdown a running cycle may finish, then the group's disks close.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use blockship_proto::pb::ErrorCode;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::config::{Group, Kind};
 use super::links::Links;
 use super::pb;
 use super::status::{unix_ms, Board};
 use crate::config::Resolved;
-use crate::engine::cycle::{self, CycleReport, Member, OpenMember};
+use crate::engine::cycle::{self, CycleReport, Member, OpenMember, Opening};
 use crate::engine::{Quiet, Transfer};
 use crate::source::group::GroupOrigin;
 use crate::source::Origin;
 use crate::AgentError;
 
 /// What the control service can ask of a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     SyncNow,
     Pause,
     Resume,
+    /// A cutover (or, with `abort`, the end of one), answered when done.
+    Cutover(pb::CutoverRequest, oneshot::Sender<Result<pb::CutoverReply, String>>),
 }
 
 /// What every group task shares.
@@ -118,6 +122,81 @@ async fn open_origin(g: &Group, agent: &Resolved) -> Result<GroupOrigin, AgentEr
     }
 }
 
+/// A group's sources and its disks open on the sink, kept from one cycle to the next.
+pub struct Replica {
+    origin: Option<GroupOrigin>,
+    open: Vec<Option<OpenMember>>,
+    /// The link the disks are open on.
+    on_link: Option<u64>,
+}
+
+impl Replica {
+    fn new(members: usize) -> Self {
+        Replica { origin: None, open: (0..members).map(|_| None).collect(), on_link: None }
+    }
+
+    /// The group's sources, opened if they are not.
+    pub async fn origin(&mut self, g: &Group, shared: &Shared) -> Result<&GroupOrigin, AgentError> {
+        if self.origin.is_none() {
+            self.origin = Some(open_origin(g, &shared.agent).await?);
+        }
+        Ok(self.origin.as_ref().expect("opened above"))
+    }
+
+    /// Run a cycle; on failure, whether the link (not the group) failed.
+    pub async fn cycle(
+        &mut self,
+        g: &Group,
+        shared: &Shared,
+        members: &[Member],
+        name: Option<&str>,
+        how: Opening,
+    ) -> Result<CycleReport, (AgentError, bool)> {
+        self.origin(g, shared).await.map_err(|e| (e, false))?;
+        let (id, link) = shared.links.get().await.map_err(|e| (e, true))?;
+        if self.on_link != Some(id) {
+            // A new connection: the disks are opened on it afresh.
+            for slot in self.open.iter_mut() {
+                *slot = None;
+            }
+            self.on_link = Some(id);
+        }
+        let origin = self.origin.as_ref().expect("opened above");
+        let t = &shared.transfer;
+        let report =
+            cycle::run(&link, name, origin, members, &mut self.open, t, &shared.parallel, &Quiet, how).await;
+        match report {
+            Err(e) if link.is_broken() => {
+                shared.links.drop_broken(id).await;
+                Err((e, true))
+            }
+            other => other.map_err(|e| (e, false)),
+        }
+    }
+
+    /// The link the last cycle ran on, if it is still up (group state lives with the session).
+    pub async fn link_of_cycle(&self, shared: &Shared) -> Result<crate::link::Link, AgentError> {
+        let (id, link) = shared.links.get().await?;
+        if self.on_link != Some(id) {
+            return Err(AgentError::Closed("the connection to the sink was lost".into()));
+        }
+        Ok(link)
+    }
+
+    /// Close the disks on the sink (their epochs end) and, with `sources`, the sources too: the
+    /// next cycle opens them afresh.
+    async fn reset(&mut self, sources: bool) {
+        for m in self.open.iter_mut().filter_map(Option::take) {
+            m.disk.close().await;
+        }
+        if sources {
+            if let Some(o) = self.origin.take() {
+                o.close().await;
+            }
+        }
+    }
+}
+
 /// Run group `g` until `stop` turns true.
 pub async fn run(
     g: Group,
@@ -138,13 +217,15 @@ pub async fn run(
             file_extents: None,
         })
         .collect();
-    let mut origin: Option<GroupOrigin> = None;
-    let mut open: Vec<Option<OpenMember>> = (0..members.len()).map(|_| None).collect();
-    let mut on_link: Option<u64> = None;
+    let mut replica = Replica::new(members.len());
     let (mut paused, mut failures, mut source_failures, mut cycles) = (g.paused, 0u32, 0u32, 0u64);
+    // Set once the group is cut over (by us, or found so on the sink): no more cycles.
+    let mut cut_over = false;
     let mut next = tokio::time::Instant::now() + first_cycle_in;
     loop {
-        let state = if paused {
+        let state = if cut_over {
+            "cut over"
+        } else if paused {
             "paused"
         } else if failures > 0 {
             "backoff"
@@ -154,15 +235,31 @@ pub async fn run(
         let next_at = SystemTime::now() + next.saturating_duration_since(tokio::time::Instant::now());
         shared.board.update(&g.name, |s| {
             s.state = state.into();
-            s.next_cycle_unix_ms = if paused { 0 } else { unix_ms(next_at) };
+            s.next_cycle_unix_ms = if paused || cut_over { 0 } else { unix_ms(next_at) };
         });
         tokio::select! {
-            _ = tokio::time::sleep_until(next), if !paused => {}
+            _ = tokio::time::sleep_until(next), if !paused && !cut_over => {}
             cmd = commands.recv() => {
                 match cmd {
                     Some(Command::SyncNow) => next = tokio::time::Instant::now(),
                     Some(Command::Pause) => paused = true,
                     Some(Command::Resume) => paused = false,
+                    Some(Command::Cutover(req, reply)) => {
+                        let r = cutover(&g, &shared, &members, &mut replica, req, &mut commands, cut_over).await;
+                        if let Ok(done) = &r {
+                            if !done.aborted {
+                                cut_over = true;
+                                replica.reset(true).await;
+                                shared.board.update(&g.name, |s| {
+                                    s.cut_over_epoch = done.epoch;
+                                    s.cutover_downtime_seconds = done.downtime_seconds;
+                                    s.committed_epoch = done.epoch;
+                                });
+                            }
+                        }
+                        let _ = reply.send(r);
+                        next = tokio::time::Instant::now() + g.interval;
+                    }
                     None => {}
                 }
                 continue;
@@ -174,7 +271,10 @@ pub async fn run(
         }
         shared.board.update(&g.name, |s| s.state = "syncing".into());
         let started = tokio::time::Instant::now();
-        let result = once(&g, &shared, &members, &mut origin, &mut open, &mut on_link).await;
+        let name =
+            (members.len() > 1 || matches!(g.kind, Kind::Vmware | Kind::Qemu)).then_some(g.name.as_str());
+        let how = Opening { failback: g.section.failback, ..Opening::default() };
+        let result = replica.cycle(&g, &shared, &members, name, how).await;
         cycles += 1;
         match result {
             Ok(report) => {
@@ -182,6 +282,16 @@ pub async fn run(
                 record(&shared.board, &g.name, &report, cycles);
                 // An overrunning cycle is followed at once by the next.
                 next = (started + g.interval).max(tokio::time::Instant::now());
+            }
+            Err((AgentError::Refused { code: ErrorCode::CutOver, message }, _)) => {
+                // Cut over earlier (this daemon restarted since): nothing more to replicate.
+                tracing::warn!(group = %g.name, "the sink says the group is cut over: {message}");
+                cut_over = true;
+                shared.board.update(&g.name, |s| {
+                    s.last_error = message;
+                    s.cycles = cycles;
+                });
+                replica.reset(true).await;
             }
             Err((e, link_failed)) => {
                 failures += 1;
@@ -201,7 +311,7 @@ pub async fn run(
                 });
                 // Sources may be what broke: open them afresh.
                 if !link_failed {
-                    if let Some(o) = origin.take() {
+                    if let Some(o) = replica.origin.take() {
                         o.close().await;
                     }
                 }
@@ -210,44 +320,69 @@ pub async fn run(
         }
     }
     shared.board.update(&g.name, |s| s.state = "stopping".into());
-    for m in open.iter_mut().filter_map(Option::take) {
-        m.disk.close().await;
-    }
-    if let Some(o) = origin.take() {
-        o.close().await;
-    }
+    replica.reset(true).await;
 }
 
-async fn once(
+/// Serve a cutover request (or its abort) while the group runs no cycle. During a cutover the
+/// group's other commands wait, except an abort, which stops the cutover if it has not asked
+/// the sink to cut over yet.
+async fn cutover(
     g: &Group,
     shared: &Shared,
     members: &[Member],
-    origin: &mut Option<GroupOrigin>,
-    open: &mut [Option<OpenMember>],
-    on_link: &mut Option<u64>,
-) -> Result<CycleReport, (AgentError, bool)> {
-    if origin.is_none() {
-        *origin = Some(open_origin(g, &shared.agent).await.map_err(|e| (e, false))?);
-    }
-    let (id, link) = shared.links.get().await.map_err(|e| (e, true))?;
-    if *on_link != Some(id) {
-        // A new connection: the disks are opened on it afresh.
-        for slot in open.iter_mut() {
-            *slot = None;
+    replica: &mut Replica,
+    req: pb::CutoverRequest,
+    commands: &mut mpsc::Receiver<Command>,
+    cut_over: bool,
+) -> Result<pb::CutoverReply, String> {
+    if req.abort {
+        if cut_over {
+            return Err(format!(
+                "group {} is cut over: too late to abort (to replicate into its targets again, sync them with --force-resume)",
+                g.name
+            ));
         }
-        *on_link = Some(id);
+        return super::cutover::restart_source(g, shared, replica, &req).await;
     }
-    let origin = origin.as_ref().expect("opened above");
-    let name = (members.len() > 1 || matches!(g.kind, Kind::Vmware | Kind::Qemu)).then_some(g.name.as_str());
-    let report =
-        cycle::run(&link, name, origin, members, open, &shared.transfer, &shared.parallel, &Quiet).await;
-    match report {
-        Err(e) if link.is_broken() => {
-            shared.links.drop_broken(id).await;
-            Err((e, true))
+    if cut_over {
+        return Err(format!("group {} is cut over already", g.name));
+    }
+    shared.board.update(&g.name, |s| s.state = "cutting over".into());
+    let finalising = AtomicBool::new(false);
+    let aborted = {
+        let run = super::cutover::run(g, shared, members, replica, &req, &finalising);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => return r,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Cutover(a, tx)) if a.abort => {
+                        if finalising.load(Ordering::SeqCst) {
+                            let _ = tx.send(Err("too late to abort: the sink is cutting the group over".into()));
+                        } else {
+                            break (a, tx);
+                        }
+                    }
+                    Some(Command::Cutover(_, tx)) => {
+                        let _ = tx.send(Err(format!("a cutover of group {} is running", g.name)));
+                    }
+                    // Pause, resume and sync-now mean nothing during a cutover.
+                    Some(_) | None => {}
+                },
+            }
         }
-        other => other.map_err(|e| (e, false)),
-    }
+    };
+    // The cutover stopped where it was: its disks' epochs end on the sink, the sources are
+    // opened afresh (a half-taken point in time is cleaned up then), the source restarts.
+    let (abort, tx) = aborted;
+    replica.reset(true).await;
+    let restarted = super::cutover::restart_source(g, shared, replica, &abort).await;
+    let why = match &restarted {
+        Ok(_) => format!("cutover of {} aborted (`cutover --abort`); the source runs again", g.name),
+        Err(e) => format!("cutover of {} aborted (`cutover --abort`), but {e}", g.name),
+    };
+    let _ = tx.send(restarted);
+    Err(why)
 }
 
 /// Put a committed cycle into the status (and the log).

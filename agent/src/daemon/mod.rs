@@ -7,7 +7,9 @@
 
 pub mod config;
 pub mod control;
+pub mod cutover;
 pub mod group;
+pub mod hook;
 pub mod links;
 pub mod status;
 

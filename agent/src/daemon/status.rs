@@ -100,6 +100,12 @@ pub fn table(groups: &[pb::Group]) -> String {
                 d.note
             ));
         }
+        if g.cut_over_epoch > 0 {
+            out.push_str(&format!(
+                "  cut over at epoch {} (downtime {:.2} s): no more replication into its targets\n",
+                g.cut_over_epoch, g.cutover_downtime_seconds
+            ));
+        }
         if g.consistency == "per-disk" {
             out.push_str("  (disks are frozen one after another: each is crash-consistent, not the group)\n");
         }

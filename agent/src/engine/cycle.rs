@@ -39,6 +39,19 @@ pub struct OpenMember {
     pub opened: DiskOpened,
 }
 
+/// How the sink is to treat the members' targets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opening {
+    /// Replicate into targets that were cut over (their mark is cleared).
+    pub force_resume: bool,
+    /// A cutover's final cycle: cut-over targets are opened (to complete an interrupted
+    /// cutover), and a group with any member cut over runs no epoch.
+    pub cutover: bool,
+    /// Failback: the targets are the original images of a failover, replicated into again
+    /// from the last epoch both sides share (RBD sources: their newest `blockship-<N>`).
+    pub failback: bool,
+}
+
 /// What a cycle did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CycleReport {
@@ -47,6 +60,13 @@ pub struct CycleReport {
     #[serde(skip)]
     pub frozen_at: SystemTime,
     pub seconds: f64,
+    /// Taking the members' points in time (the source freeze), their reading and sending, and
+    /// the group commit, in seconds.
+    pub freeze_seconds: f64,
+    pub data_seconds: f64,
+    pub commit_seconds: f64,
+    /// (Cutover) a member was already cut over at `epoch`: no epoch ran.
+    pub already_cut_over: bool,
     pub members: Vec<EpochReport>,
 }
 
@@ -57,10 +77,27 @@ async fn open_member(
     i: usize,
     m: &Member,
     transfer: &Transfer,
+    how: Opening,
 ) -> Result<OpenMember, AgentError> {
     let source = &origin.members()[i];
     let size = source.size();
     let mode = if m.changes.needs_existing_target() { SyncMode::Incremental } else { SyncMode::Compare };
+    let failback_epoch = match (how.failback, source) {
+        (false, _) => 0,
+        (true, crate::source::Origin::Rbd(r)) => match r.last_replica_epoch().await? {
+            0 => {
+                return Err(AgentError::Usage(format!(
+                    "failback: source {} has no blockship-<N> snapshot, so it was never the replica of {}; nothing to fail back from",
+                    source.disk_id(),
+                    m.target
+                )))
+            }
+            n => n,
+        },
+        (true, _) => {
+            return Err(AgentError::Usage("failback replicates RBD replicas back to their original RBD images: the group's sources must be rbd:".into()))
+        }
+    };
     let (disk, opened) = link
         .open_disk(OpenDisk {
             disk: 0,
@@ -69,6 +106,9 @@ async fn open_member(
             target: m.target.clone(),
             mode: mode as i32,
             chunk_size: transfer.chunk_size,
+            force_resume: how.force_resume,
+            cutover: how.cutover,
+            failback_epoch,
         })
         .await?;
     if !blockship_proto::valid_chunk_size(opened.chunk_size) {
@@ -95,9 +135,10 @@ pub async fn run(
     transfer: &Transfer,
     parallel: &Arc<Semaphore>,
     observer: &dyn Observer,
+    how: Opening,
 ) -> Result<CycleReport, AgentError> {
     let started = Instant::now();
-    let result = cycle(link, group, origin, members, open, transfer, parallel, observer, started).await;
+    let result = cycle(link, group, origin, members, open, transfer, parallel, observer, how, started).await;
     if result.is_err() {
         for slot in open.iter_mut() {
             if let Some(m) = slot.take() {
@@ -118,11 +159,12 @@ async fn cycle(
     transfer: &Transfer,
     parallel: &Arc<Semaphore>,
     observer: &dyn Observer,
+    how: Opening,
     started: Instant,
 ) -> Result<CycleReport, AgentError> {
     for (i, m) in members.iter().enumerate() {
         if open[i].is_none() {
-            open[i] = Some(open_member(link, origin, i, m, transfer).await?);
+            open[i] = Some(open_member(link, origin, i, m, transfer, how).await?);
         }
     }
     let mut opened: Vec<&mut OpenMember> =
@@ -147,6 +189,19 @@ async fn cycle(
         }
         None => opened[0].opened.committed_epoch + 1,
     };
+    if how.cutover && opened.iter().any(|m| m.opened.cut_over) {
+        // An interrupted cutover already passed its final epoch: it is only to be completed.
+        return Ok(CycleReport {
+            epoch: epoch - 1,
+            frozen_at: SystemTime::now(),
+            seconds: started.elapsed().as_secs_f64(),
+            freeze_seconds: 0.0,
+            data_seconds: 0.0,
+            commit_seconds: 0.0,
+            already_cut_over: true,
+            members: Vec::new(),
+        });
+    }
     let freezes: Vec<Freeze<'_>> = opened
         .iter()
         .zip(members)
@@ -162,6 +217,7 @@ async fn cycle(
     let tracked = members.iter().all(|m| matches!(m.changes, Changes::Auto))
         && opened.iter().all(|m| !m.opened.created && m.opened.committed_epoch > 0);
     let frozen_at = SystemTime::now();
+    let freezing = Instant::now();
     let quiet = if tracked { origin.unchanged(&freezes).await? } else { None };
     let points = match quiet {
         Some(points) => {
@@ -174,6 +230,8 @@ async fn cycle(
         }
         None => origin.freeze(&freezes).await?,
     };
+    let freeze_seconds = freezing.elapsed().as_secs_f64();
+    let data = Instant::now();
     let epochs = opened.iter().zip(members).zip(&points).enumerate().map(|(i, ((m, spec), point))| {
         let source = &origin.members()[i];
         async move {
@@ -197,6 +255,8 @@ async fn cycle(
             return Err(e);
         }
     };
+    let data_seconds = data.elapsed().as_secs_f64();
+    let committing = Instant::now();
     if let Some(name) = group {
         if let Err(e) = link.commit_group(name, epoch).await {
             origin.finish(points, false).await;
@@ -211,6 +271,16 @@ async fn cycle(
         o.zero_filled = false;
         o.in_progress = None;
     }
+    let commit_seconds = committing.elapsed().as_secs_f64();
     origin.finish(points, true).await;
-    Ok(CycleReport { epoch, frozen_at, seconds: started.elapsed().as_secs_f64(), members: reports })
+    Ok(CycleReport {
+        epoch,
+        frozen_at,
+        seconds: started.elapsed().as_secs_f64(),
+        freeze_seconds,
+        data_seconds,
+        commit_seconds,
+        already_cut_over: false,
+        members: reports,
+    })
 }

@@ -350,12 +350,36 @@ impl Link {
 
     /// Commit epoch `epoch` of group `name` (every member prepared).
     pub async fn commit_group(&self, name: &str, epoch: u64) -> Result<(), AgentError> {
+        let body = Body::GroupCommit(pb::GroupCommit { group: name.to_string(), epoch });
+        self.group_commit(name, body, epoch, false).await
+    }
+
+    /// Cut group `name` over at its committed epoch `epoch` (see `GroupCutover`).
+    pub async fn cut_over_group(&self, name: &str, epoch: u64) -> Result<(), AgentError> {
+        if self.hello().version < version::CUTOVER_VERSION {
+            return Err(AgentError::Protocol(format!(
+                "the sink speaks protocol {} and cannot cut over (needs {}); upgrade the sink",
+                self.hello().version,
+                version::CUTOVER_VERSION
+            )));
+        }
+        let body = Body::GroupCutover(pb::GroupCutover { group: name.to_string(), epoch });
+        self.group_commit(name, body, epoch, true).await
+    }
+
+    async fn group_commit(
+        &self,
+        name: &str,
+        body: Body,
+        epoch: u64,
+        cut_over: bool,
+    ) -> Result<(), AgentError> {
         let route = Route::Group(name.to_string());
         let mut rx = self.route(route.clone());
         let result = async {
-            self.send(&Body::GroupCommit(pb::GroupCommit { group: name.to_string(), epoch })).await?;
+            self.send(&body).await?;
             match self.group_reply(&mut rx).await? {
-                Body::GroupCommitted(g) if g.epoch == epoch => Ok(()),
+                Body::GroupCommitted(g) if g.epoch == epoch && g.cut_over == cut_over => Ok(()),
                 other => Err(transport(unexpected("GroupCommitted", &other))),
             }
         }

@@ -118,6 +118,24 @@ impl GroupOrigin {
         }
     }
 
+    /// Stop (`running` false) or restart the machine the members are disks of, where the
+    /// platform has a way (QEMU over QMP; a VMware VM through vCenter: guest shutdown within
+    /// `shutdown_timeout`, then power off). None: no built-in way for this group's kind.
+    pub async fn set_running(
+        &self,
+        running: bool,
+        shutdown_timeout: std::time::Duration,
+    ) -> Option<Result<String, SourceError>> {
+        if let Some(vm) = one_qemu(&self.members) {
+            let r = vm.set_running(running).await.map_err(SourceError::from);
+            return Some(r.map(|()| if running { "QMP cont" } else { "QMP stop" }.to_string()));
+        }
+        if let Some(vm) = one_vmware(&self.members) {
+            return Some(vm.set_running(running, shutdown_timeout).await.map_err(SourceError::from));
+        }
+        None
+    }
+
     pub async fn close(&self) {
         if let Some(vm) = one_vmware(&self.members) {
             // One vCenter session for all the VM's disks.

@@ -251,6 +251,22 @@ impl QemuVm {
         self.qmp.lock().await.execute(command, arguments).await
     }
 
+    /// Pause the guest (`stop`: QEMU drains its I/O first), or let it run again (`cont`); both
+    /// are no-ops in the state asked for. A `qemu-storage-daemon` runs no guest and has neither.
+    pub async fn set_running(&self, running: bool) -> Result<(), QemuError> {
+        let command = if running { "cont" } else { "stop" };
+        match self.execute(command, json!({})).await {
+            Err(QemuError::Command { desc, .. }) if desc.contains("has not been found") => {
+                Err(QemuError::Other(format!(
+                    "the QMP server at {} has no `{command}` (a qemu-storage-daemon runs no guest): give a hook command that {} what writes to its disks",
+                    self.qmp_path.display(),
+                    if running { "restarts" } else { "stops" }
+                )))
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Bitmaps on `node`: (name, recording). A persistent bitmap left *inconsistent* by a crash
     /// (in use when QEMU died) is not listed: it says nothing about what changed, so the disk
     /// resyncs in compare mode, and the next freeze removes it.

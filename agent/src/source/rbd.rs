@@ -182,6 +182,18 @@ impl RbdOrigin {
         blocking(&self.spec, move || Ok(head.snap_list()?.iter().any(|(_, s)| *s == n))).await
     }
 
+    /// The newest epoch a Blockship sink snapshotted on this image when it was a replica
+    /// target (`blockship-<N>`), 0 if none: the last epoch a failback starts from.
+    pub async fn last_replica_epoch(&self) -> Result<u64, RbdSourceError> {
+        let head = self.head.clone();
+        let snaps = blocking(&self.spec, move || head.snap_list()).await?;
+        Ok(snaps
+            .iter()
+            .filter_map(|(_, s)| s.strip_prefix("blockship-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0))
+    }
+
     /// After the sink made `keep`'s epoch durable: remove every other Blockship source snapshot.
     pub async fn prune(&self, keep: &str) -> Result<Vec<String>, RbdSourceError> {
         let (head, keep) = (self.head.clone(), keep.to_string());

@@ -349,6 +349,20 @@ impl VmwareOrigin {
         Ok(())
     }
 
+    /// Stop the VM (guest shutdown within `shutdown_timeout`, then power off) or power it on.
+    pub async fn set_running(
+        &self,
+        running: bool,
+        shutdown_timeout: Duration,
+    ) -> Result<String, VmwareError> {
+        let vm = self.vm.clone();
+        if running {
+            call(&self.api, move |a| a.start_vm(&vm)).await
+        } else {
+            call(&self.api, move |a| a.stop_vm(&vm, shutdown_timeout)).await
+        }
+    }
+
     pub async fn logout(&self) {
         let _ = call(&self.api, |a| {
             a.logout();

@@ -233,6 +233,13 @@ struct Io {
 impl SeqWriter {
     /// Start writing to disks `uris` (each `blocks` blocks long), staging block data in `dir`.
     pub fn start(uris: Vec<String>, blocks: u64, dir: &Path) -> SeqWriter {
+        Self::start_until(uris, blocks, dir, None)
+    }
+
+    /// `start`, and stop on its own once `stop_file` exists (a cutover's pre-freeze hook
+    /// creates it); `stop_file` + ".done" appears when the last write completed and the
+    /// writer's connections are closed, so the hook can wait for a quiet source.
+    pub fn start_until(uris: Vec<String>, blocks: u64, dir: &Path, stop_file: Option<PathBuf>) -> SeqWriter {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let (s, l, dir) = (stop.clone(), log.clone(), dir.to_path_buf());
@@ -254,7 +261,8 @@ impl SeqWriter {
                 .collect();
             let staged = dir.join("block.bin");
             let mut seq = 0u64;
-            while !s.load(Ordering::Relaxed) {
+            let stopped = || stop_file.as_ref().is_some_and(|f| f.exists());
+            while !s.load(Ordering::Relaxed) && !stopped() {
                 let disk = (seq % ios.len() as u64) as usize;
                 let index = (seq / ios.len() as u64 * 7919) % blocks;
                 std::fs::write(&staged, block(seq)).unwrap();
@@ -277,6 +285,11 @@ impl SeqWriter {
             for mut io in ios {
                 drop(io.stdin);
                 let _ = io.child.wait();
+            }
+            if let Some(f) = &stop_file {
+                let mut done = f.clone().into_os_string();
+                done.push(".done");
+                std::fs::write(done, seq.to_string()).unwrap();
             }
         });
         SeqWriter { stop, thread: Some(thread), log }

@@ -39,6 +39,10 @@ pub struct State {
     /// (moref, name, changeId)
     pub snapshots: Vec<(String, String, String)>,
     pub page_size: u64,
+    /// The VM's `runtime.powerState`, and whether its guest has VMware Tools running (guest
+    /// shutdown works) or not (`ShutdownGuest` faults with ToolsUnavailable).
+    pub power: String,
+    pub tools: bool,
     /// Fault message for the next QueryChangedDiskAreas.
     pub fail_qcda: Option<String>,
     /// Every SOAP call, in order (method names).
@@ -90,6 +94,8 @@ impl FakeVcenter {
             cbt_enabled: true,
             cbt_uuid: "52 1f a0 9c 44 d2 11 0e-8b 3a 5c 6d 7e 8f 90 a1".into(),
             page_size,
+            power: "poweredOn".into(),
+            tools: true,
             ..Default::default()
         }));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -303,6 +309,9 @@ fn handle(
                 ("VirtualMachine", "config.hardware.device") => {
                     format!("<val xsi:type=\"ArrayOfVirtualDevice\">{}</val>", disks_xml(&s, None))
                 }
+                ("VirtualMachine", "runtime.powerState") => {
+                    format!("<val xsi:type=\"VirtualMachinePowerState\">{}</val>", s.power)
+                }
                 ("VirtualMachine", "config.changeTrackingEnabled") => {
                     format!("<val xsi:type=\"xsd:boolean\">{}</val>", s.cbt_enabled)
                 }
@@ -348,6 +357,20 @@ fn handle(
             }
             s.snapshots.push((mo.clone(), name, cid));
             ok(&method, &format!("<returnval type=\"Task\">task-snap-{mo}</returnval>"))
+        }
+        "ShutdownGuest" if !s.tools => fault("ToolsUnavailable", "VMware Tools is not running in the guest"),
+        "ShutdownGuest" => {
+            s.power = "poweredOff".into();
+            ok(&method, "")
+        }
+        "PowerOffVM_Task" | "PowerOnVM_Task" => {
+            let on = method == "PowerOnVM_Task";
+            let want = if on { "poweredOff" } else { "poweredOn" };
+            if s.power != want {
+                return fault("InvalidPowerState", &format!("The attempted operation cannot be performed in the current state ({}).", s.power));
+            }
+            s.power = if on { "poweredOn" } else { "poweredOff" }.into();
+            ok(&method, "<returnval type=\"Task\">task-power</returnval>")
         }
         "RemoveSnapshot_Task" => {
             let mo = req.find("_this").map(|t| t.text.clone()).unwrap_or_default();
@@ -405,5 +428,63 @@ fn handle(
             )
         }
         other => fault("MethodNotFound", &format!("method {other} not implemented by the fake vCenter")),
+    }
+}
+
+/// A VMware VM with two disks, each image frozen at every snapshot, and the `[agent]` lines that
+/// reach its fake vCenter.
+pub struct VmwareVm {
+    pub vc: FakeVcenter,
+    pub images: Vec<std::path::PathBuf>,
+    pub agent: String,
+}
+
+pub fn vmware_vm(lab: &super::Lab, size: u64) -> VmwareVm {
+    use blockship_bench::image::{self, Kind, Profile, REGION};
+    let images: Vec<_> = (0..2).map(|i| lab.path(&format!("vm42-{i}-flat.img"))).collect();
+    for (i, p) in images.iter().enumerate() {
+        image::generate(p, size, Profile::Mixed, 40 + i as u64).unwrap();
+    }
+    let vc = FakeVcenter::start_with_disks(size, size / 2, 2);
+    let snaps = vc.freeze_disks(&images);
+    vc.state.lock().unwrap().allocated = (0..size / REGION)
+        .filter(|i| Profile::Mixed.kind(*i) != Kind::Zero)
+        .map(|i| (i * REGION, REGION))
+        .collect();
+    let pw = lab.path("vc-password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    // The data command serves one disk of the snapshot, as nbdkit vddk does.
+    let cmd = format!(
+        "exec qemu-nbd -r -f raw -t --socket \\\"$BLOCKSHIP_NBD_SOCKET\\\" {}/\\\"$BLOCKSHIP_SNAPSHOT-$BLOCKSHIP_DISK_KEY\\\".img",
+        snaps.display()
+    );
+    let agent = format!(
+        "vcenter_user = \"administrator@vsphere.local\"\nvcenter_password_file = \"{}\"\nvcenter_ca = \"{}\"\nnbd_command = \"{cmd}\"\n",
+        pw.display(),
+        vc.ca.display()
+    );
+    VmwareVm { vc, images, agent }
+}
+
+impl VmwareVm {
+    pub fn write(&self, disk: usize, offset: u64, len: u64, seed: u64) {
+        super::scribble(&self.images[disk], offset, len as usize, seed);
+        self.vc.record_write_on(disk, offset, len);
+    }
+
+    /// Both targets hold the snapshot their recorded changeIds came from, and those changeIds
+    /// are the same snapshot's.
+    pub fn check_epoch(&self, lab: &super::Lab, targets: &[&str], seq: u64) {
+        for (i, t) in targets.iter().enumerate() {
+            let state = super::state_of(lab, t).unwrap();
+            let cid = state["change_point"].as_str().unwrap_or_default().to_string();
+            let want = format!("/{seq}-{}", DISK_KEY + i as i32);
+            assert!(cid.ends_with(&want), "{t}: changeId {cid:?} is not snapshot {seq}'s: {state}");
+            let rel = t.strip_prefix("file:").unwrap();
+            assert!(
+                super::same_file(&self.vc.snapshot_data_of(i, &cid), &lab.target(rel)),
+                "{t} differs from its disk in snapshot {seq}"
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod compression;
 pub mod continuous;
+pub mod cutover;
 pub mod incremental;
 pub mod lan;
 pub mod memory;
@@ -34,7 +35,8 @@ impl Ctx<'_> {
     }
 }
 
-pub const ALL: &[&str] = &["lan", "wan", "rbd", "incremental", "memory", "compression", "continuous"];
+pub const ALL: &[&str] =
+    &["lan", "wan", "rbd", "incremental", "memory", "compression", "continuous", "cutover"];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
     match name {
@@ -45,6 +47,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
         "memory" => memory::run(ctx),
         "compression" => compression::run(ctx),
         "continuous" => continuous::run(ctx),
+        "cutover" => cutover::run(ctx),
         other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
     }
 }

@@ -293,6 +293,27 @@ impl Target {
         }
     }
 
+    /// Mark the final point in time of a cutover (RBD: snapshot `blockship-final` of the
+    /// committed head, replacing an older one). Files: nothing (the state records the epoch).
+    pub async fn mark_final(&self) -> Result<(), TargetError> {
+        match self {
+            Target::File(_) => Ok(()),
+            Target::Rbd(t) => t.snapshot_final().await,
+        }
+    }
+
+    /// Failback: take this original image back to the last epoch its replica shares (see
+    /// `RbdTarget::adopt`). Files cannot: they keep no source snapshots.
+    pub async fn adopt(&self, name: &str, epoch: u64) -> Result<(), TargetError> {
+        match self {
+            Target::File(_) => Err(TargetError::BadName {
+                name: name.to_string(),
+                reason: "failback needs an RBD image with its blockship-src-<N> snapshot".into(),
+            }),
+            Target::Rbd(t) => t.adopt(epoch).await,
+        }
+    }
+
     /// After the commit of `committed` is recorded: drop the points in time no longer kept (RBD:
     /// all but the newest N epoch snapshots up to `committed`).
     pub async fn release_older(&self, committed: u64) -> Result<(), TargetError> {

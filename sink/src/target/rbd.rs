@@ -20,6 +20,8 @@ use crate::state::ReplicationState;
 pub const STATE_KEY: &str = "blockship.state";
 /// Prefix of the per-epoch snapshots.
 pub const SNAP_PREFIX: &str = "blockship-";
+/// The final point in time of a cutover.
+pub const FINAL_SNAP: &str = "blockship-final";
 
 /// Features of images Blockship creates.
 pub const FEATURES: u64 = librbd::FEATURE_LAYERING
@@ -125,7 +127,7 @@ impl Ceph {
         Ok(rados)
     }
 
-    async fn ioctx(&self, name: &TargetName, spec: &RbdSpec) -> Result<Arc<IoCtx>, TargetError> {
+    pub(crate) async fn ioctx(&self, name: &TargetName, spec: &RbdSpec) -> Result<Arc<IoCtx>, TargetError> {
         let rados = self.cluster(name).await?;
         let (pool, ns) = (spec.pool.clone(), spec.namespace.clone());
         let io = blocking(name, move || rados.ioctx(&pool, ns.as_deref())).await;
@@ -141,7 +143,7 @@ impl Ceph {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     name: &TargetName,
     f: impl FnOnce() -> Result<T, RbdError> + Send + 'static,
 ) -> Result<T, TargetError> {
@@ -354,9 +356,18 @@ impl RbdTarget {
     /// Snapshot the (flushed) image as `blockship-<epoch>`. A snapshot of that name is left over
     /// from an attempt at this epoch that crashed before its commit was recorded: replaced.
     pub async fn snapshot_epoch(&self, epoch: u64) -> Result<(), TargetError> {
+        self.replace_snapshot(format!("{SNAP_PREFIX}{epoch}")).await
+    }
+
+    /// Snapshot the image as `blockship-final` (a cutover's final point in time), replacing an
+    /// older one (of a cutover later abandoned with `--force-resume`).
+    pub async fn snapshot_final(&self) -> Result<(), TargetError> {
+        self.replace_snapshot(FINAL_SNAP.to_string()).await
+    }
+
+    async fn replace_snapshot(&self, name: String) -> Result<(), TargetError> {
         let img = self.image.clone();
         blocking(&self.name, move || {
-            let name = format!("{SNAP_PREFIX}{epoch}");
             if img.snap_list()?.iter().any(|(_, n)| *n == name) {
                 img.snap_remove(&name)?;
             }
@@ -403,6 +414,26 @@ impl RbdTarget {
             .collect();
         v.sort();
         Ok(v)
+    }
+
+    /// Failback: this image was the source of a replication whose epoch `epoch` is the last the
+    /// replica shares: return it to its source snapshot `blockship-src-<epoch>` (discarding
+    /// what was written after it) and mark that point in time as this target's epoch.
+    pub async fn adopt(&self, epoch: u64) -> Result<(), TargetError> {
+        let (img, name) = (self.image.clone(), self.name.clone());
+        let src = format!("blockship-src-{epoch}");
+        let has = blocking(&self.name, move || Ok(img.snap_list()?.iter().any(|(_, n)| *n == src))).await?;
+        if !has {
+            return Err(TargetError::BadName {
+                name: name.to_string(),
+                reason: format!(
+                    "it has no snapshot blockship-src-{epoch}, so it is not the original image whose epoch {epoch} the failback source holds"
+                ),
+            });
+        }
+        let img = self.image.clone();
+        blocking(&self.name, move || img.snap_rollback(&format!("blockship-src-{epoch}"))).await?;
+        self.snapshot_epoch(epoch).await
     }
 
     /// Roll the image back to snapshot `blockship-<epoch>`.

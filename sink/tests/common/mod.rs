@@ -202,6 +202,7 @@ impl Fake {
             target: target.into(),
             mode: mode as i32,
             chunk_size: 1 << 20,
+            ..Default::default()
         };
         self.w.send(&Body::OpenDisk(req)).await?;
         match self.r.next_body("DiskOpened").await? {

@@ -3,6 +3,8 @@
 //! `QueryChangedDiskAreas`, remove the snapshot. Calls are blocking (run them on the blocking
 //! pool); SOAP faults come back as `VsphereError::Fault` with vSphere's own words.
 
+mod power;
+
 use std::time::{Duration, Instant};
 
 use quick_xml::escape::escape;
