@@ -137,7 +137,8 @@ fn a_test_failover_clones_the_committed_epoch_while_replication_goes_on() {
     daemon.wait_epoch("vm", e + 2, Duration::from_secs(60));
     for img in &images {
         let snaps = epoch_snapshots(&ceph, &img.spec());
-        assert!(snaps.len() <= 2 && !snaps.contains(&epoch), "{}: {snaps:?}", img.spec());
+        // (Three while a commit is between its snapshot and the pruning of the oldest.)
+        assert!(snaps.len() <= 3 && !snaps.contains(&epoch), "{}: {snaps:?}", img.spec());
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();

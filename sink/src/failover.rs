@@ -126,6 +126,7 @@ pub async fn create(roots: &TargetRoots, state_root: &Path, name: &str, prefix: 
         }
         let snap = format!("{SNAP_PREFIX}{epoch}");
         let mut made: Vec<(String, String)> = Vec::new();
+        let mut formats = std::collections::BTreeSet::new();
         let mut failed = None;
         for (target, spec, clone) in &members {
             let io = ceph.ioctx(target, spec).await?;
@@ -135,6 +136,7 @@ pub async fn create(roots: &TargetRoots, state_root: &Path, name: &str, prefix: 
                 Ok(format) => {
                     tracing::info!(%target, clone = %clone, epoch, format, "test-failover clone made");
                     made.push((target.to_string(), format!("rbd:{clone}")));
+                    formats.insert(format);
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -150,7 +152,12 @@ pub async fn create(roots: &TargetRoots, state_root: &Path, name: &str, prefix: 
             let c = Clones { group: name.to_string(), epoch, created_at: now, clones: made };
             store(state_root, &c)?;
             let list: Vec<&str> = c.clones.iter().map(|(_, c)| c.as_str()).collect();
-            return Ok(format!("group {name}: epoch {epoch} cloned into {}", list.join(" ")));
+            let formats: Vec<String> = formats.iter().map(u64::to_string).collect();
+            return Ok(format!(
+                "group {name}: epoch {epoch} cloned into {} (RBD clone format {})",
+                list.join(" "),
+                formats.join(", ")
+            ));
         };
         // Undo a partial set, then try again if the snapshot was pruned meanwhile.
         remove_clones(roots, &made).await;
