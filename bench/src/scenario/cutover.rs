@@ -155,8 +155,10 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             .map(|a| {
                 a.iter()
                     .map(|p| {
+                        let detail = p["detail"].as_str().unwrap_or("");
+                        let detail = if detail.is_empty() { String::new() } else { format!(" ({detail})") };
                         format!(
-                            "{} {:.3} s",
+                            "{} {:.3} s{detail}",
                             p["name"].as_str().unwrap_or(""),
                             p["seconds"].as_f64().unwrap_or(0.0)
                         )
