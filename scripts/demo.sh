@@ -93,6 +93,17 @@ for path in sys.argv[1:]:
 PY
 wait_epoch $(( $(epoch) + 2 ))
 "$B/blockship-agent" status --control-socket "$DIR/agent.sock"
+echo "== cutover of vm2: the machine stops writing (pre-freeze hook), a final cycle, the sink finalises"
+python3 - "$DIR/vm2-disk1.img" <<'PY'
+import os, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(20 << 20)
+    f.write(os.urandom(4 << 20))
+PY
+"$B/blockship-agent" cutover --control-socket "$DIR/agent.sock" --group vm2 \
+  --pre-freeze 'echo "stopping $BLOCKSHIP_GROUP ($BLOCKSHIP_DISK_COUNT disks)"' \
+  --post-cutover 'echo "boot from $BLOCKSHIP_TARGETS"'
+"$B/blockship-agent" status --control-socket "$DIR/agent.sock"
 kill -TERM $AGENT && wait $AGENT
 cmp "$DIR/vm2-disk0.img" "$DIR/root/demo/vm2-0" && cmp "$DIR/vm2-disk1.img" "$DIR/root/demo/vm2-1"
-echo "== cmp: both disks of vm2 are byte-identical to their sources; the daemon exited 0 on SIGTERM"
+echo "== cmp: both disks of vm2 are byte-identical to their sources, cut over; the daemon exited 0 on SIGTERM"

@@ -10,8 +10,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use super::config::{Group, Kind};
-use super::group::{Replica, Shared};
+use super::group::{Command, Replica, Shared};
 use super::{hook, pb};
 use crate::engine::cycle::{Member, Opening};
 
@@ -85,6 +87,8 @@ pub async fn run(
         .await
         .map_err(|(e, _)| format!("the final cycle failed: {e}; {again}"))?;
     if !report.already_cut_over {
+        let cycles = shared.board.get(&g.name).map_or(0, |s| s.cycles) + 1;
+        super::group::record(&shared.board, &g.name, &report, cycles);
         let read: u64 = report.members.iter().map(|m| m.bytes_read).sum();
         let sent: u64 = report.members.iter().map(|m| m.bytes_sent).sum();
         let secs = |s: f64| pb::Phase { seconds: s, ..Default::default() };
@@ -133,6 +137,68 @@ pub async fn run(
     }
     reply.phases = phases;
     Ok(reply)
+}
+
+/// Serve a cutover request (or its abort) while the group runs no cycle. During a cutover the
+/// group's other commands wait, except an abort, which stops the cutover if it has not asked
+/// the sink to cut over yet.
+pub(super) async fn serve(
+    g: &Group,
+    shared: &Shared,
+    members: &[Member],
+    replica: &mut Replica,
+    req: pb::CutoverRequest,
+    commands: &mut mpsc::Receiver<Command>,
+    cut_over: bool,
+) -> Result<pb::CutoverReply, String> {
+    if req.abort {
+        if cut_over {
+            return Err(format!(
+                "group {} is cut over: too late to abort (to replicate into its targets again, sync them with --force-resume)",
+                g.name
+            ));
+        }
+        return restart_source(g, shared, replica, &req).await;
+    }
+    if cut_over {
+        return Err(format!("group {} is cut over already", g.name));
+    }
+    shared.board.update(&g.name, |s| s.state = "cutting over".into());
+    let finalising = AtomicBool::new(false);
+    let aborted = {
+        let run = run(g, shared, members, replica, &req, &finalising);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => return r,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Cutover(a, tx)) if a.abort => {
+                        if finalising.load(Ordering::SeqCst) {
+                            let _ = tx.send(Err("too late to abort: the sink is cutting the group over".into()));
+                        } else {
+                            break (a, tx);
+                        }
+                    }
+                    Some(Command::Cutover(_, tx)) => {
+                        let _ = tx.send(Err(format!("a cutover of group {} is running", g.name)));
+                    }
+                    // Pause, resume and sync-now mean nothing during a cutover.
+                    Some(_) | None => {}
+                },
+            }
+        }
+    };
+    // The cutover stopped where it was: its disks' epochs end on the sink, the sources are
+    // opened afresh (a half-taken point in time is cleaned up then), the source restarts.
+    let (abort, tx) = aborted;
+    replica.reset(true).await;
+    let restarted = restart_source(g, shared, replica, &abort).await;
+    let why = match &restarted {
+        Ok(_) => format!("cutover of {} aborted (`cutover --abort`); the source runs again", g.name),
+        Err(e) => format!("cutover of {} aborted (`cutover --abort`), but {e}", g.name),
+    };
+    let _ = tx.send(restarted);
+    Err(why)
 }
 
 /// Restart the source of a group whose cutover was stopped before its final commit.

@@ -5,7 +5,6 @@
 //! without holding up the other groups; its sources are opened afresh. Pause and Resume stop and
 //! restart the schedule; on shutdown a running cycle may finish, then the group's disks close.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -185,7 +184,7 @@ impl Replica {
 
     /// Close the disks on the sink (their epochs end) and, with `sources`, the sources too: the
     /// next cycle opens them afresh.
-    async fn reset(&mut self, sources: bool) {
+    pub async fn reset(&mut self, sources: bool) {
         for m in self.open.iter_mut().filter_map(Option::take) {
             m.disk.close().await;
         }
@@ -245,7 +244,7 @@ pub async fn run(
                     Some(Command::Pause) => paused = true,
                     Some(Command::Resume) => paused = false,
                     Some(Command::Cutover(req, reply)) => {
-                        let r = cutover(&g, &shared, &members, &mut replica, req, &mut commands, cut_over).await;
+                        let r = super::cutover::serve(&g, &shared, &members, &mut replica, req, &mut commands, cut_over).await;
                         if let Ok(done) = &r {
                             if !done.aborted {
                                 cut_over = true;
@@ -323,70 +322,8 @@ pub async fn run(
     replica.reset(true).await;
 }
 
-/// Serve a cutover request (or its abort) while the group runs no cycle. During a cutover the
-/// group's other commands wait, except an abort, which stops the cutover if it has not asked
-/// the sink to cut over yet.
-async fn cutover(
-    g: &Group,
-    shared: &Shared,
-    members: &[Member],
-    replica: &mut Replica,
-    req: pb::CutoverRequest,
-    commands: &mut mpsc::Receiver<Command>,
-    cut_over: bool,
-) -> Result<pb::CutoverReply, String> {
-    if req.abort {
-        if cut_over {
-            return Err(format!(
-                "group {} is cut over: too late to abort (to replicate into its targets again, sync them with --force-resume)",
-                g.name
-            ));
-        }
-        return super::cutover::restart_source(g, shared, replica, &req).await;
-    }
-    if cut_over {
-        return Err(format!("group {} is cut over already", g.name));
-    }
-    shared.board.update(&g.name, |s| s.state = "cutting over".into());
-    let finalising = AtomicBool::new(false);
-    let aborted = {
-        let run = super::cutover::run(g, shared, members, replica, &req, &finalising);
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                r = &mut run => return r,
-                cmd = commands.recv() => match cmd {
-                    Some(Command::Cutover(a, tx)) if a.abort => {
-                        if finalising.load(Ordering::SeqCst) {
-                            let _ = tx.send(Err("too late to abort: the sink is cutting the group over".into()));
-                        } else {
-                            break (a, tx);
-                        }
-                    }
-                    Some(Command::Cutover(_, tx)) => {
-                        let _ = tx.send(Err(format!("a cutover of group {} is running", g.name)));
-                    }
-                    // Pause, resume and sync-now mean nothing during a cutover.
-                    Some(_) | None => {}
-                },
-            }
-        }
-    };
-    // The cutover stopped where it was: its disks' epochs end on the sink, the sources are
-    // opened afresh (a half-taken point in time is cleaned up then), the source restarts.
-    let (abort, tx) = aborted;
-    replica.reset(true).await;
-    let restarted = super::cutover::restart_source(g, shared, replica, &abort).await;
-    let why = match &restarted {
-        Ok(_) => format!("cutover of {} aborted (`cutover --abort`); the source runs again", g.name),
-        Err(e) => format!("cutover of {} aborted (`cutover --abort`), but {e}", g.name),
-    };
-    let _ = tx.send(restarted);
-    Err(why)
-}
-
 /// Put a committed cycle into the status (and the log).
-fn record(board: &Board, name: &str, r: &CycleReport, cycles: u64) {
+pub(super) fn record(board: &Board, name: &str, r: &CycleReport, cycles: u64) {
     let point = unix_ms(r.frozen_at);
     let read: u64 = r.members.iter().map(|m| m.bytes_read).sum();
     let sent: u64 = r.members.iter().map(|m| m.bytes_sent).sum();

@@ -46,9 +46,10 @@ impl Board {
     }
 }
 
-/// Age of the newest committed point in time at `now` (0 before the first commit).
+/// Age of the newest committed point in time at `now` (0 before the first commit, and once the
+/// group is cut over: its replicas are what runs, nothing is at risk).
 pub fn rpo(g: &pb::Group, now_ms: i64) -> f64 {
-    if g.committed_point_unix_ms == 0 {
+    if g.committed_point_unix_ms == 0 || g.cut_over_epoch > 0 {
         return 0.0;
     }
     (now_ms - g.committed_point_unix_ms).max(0) as f64 / 1000.0
