@@ -3,8 +3,9 @@
 //! the writer and waits until its last write completed; the final images (and their
 //! `blockship-final` snapshots) must equal the stopped source byte for byte and hold every write
 //! of the log. After the cutover the sink refuses replication into the targets unless forced.
-//! `--abort` after the freeze restarts the source and replication goes on; a sink killed while
-//! finalising is completed by running the same command again.
+//! `--abort` after the freeze restarts the source and replication goes on; an agent killed
+//! during the final cycle, and a sink killed while finalising, are completed by running the same
+//! command again. A VMware VM is stopped through the fake vCenter.
 
 mod common;
 
@@ -203,13 +204,7 @@ fn an_abort_after_the_freeze_restarts_the_source_and_replication_goes_on() {
     let daemon = Daemon::start(&s.lab, &sink, "esx01", "[bandwidth]\ndefault = \"4MiB\"\n", &s.group, &[]);
     daemon.wait_epoch("vm", 2, Duration::from_secs(90));
     let resumed = s.lab.path("resumed");
-    let hook = format!(
-        "qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null && {} && qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null && qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null",
-        s.vm.export_uri(0),
-        s.stop_writer_hook(),
-        s.vm.export_uri(1),
-        s.vm.export_uri(2)
-    );
+    let hook = slow_hook(&s);
     let running = Command::new(bin("blockship-agent"))
         .args(["cutover", "--group", "vm", "--control-socket"])
         .arg(&daemon.socket)
@@ -244,6 +239,65 @@ fn an_abort_after_the_freeze_restarts_the_source_and_replication_goes_on() {
     daemon.wait_epoch("vm", e + 2, Duration::from_secs(90));
     assert_ne!(daemon.group("vm")["state"], "cut over");
     drop(s);
+}
+
+/// The pre-freeze hook of the slow-link tests: 8 MiB on the first disk, stop the writer, 8 MiB
+/// on each other disk (so the final cycle carries 24 MiB).
+fn slow_hook(s: &Setup) -> String {
+    format!(
+        "qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null && {} && qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null && qemu-io -f raw -c 'write -P 9 0 8M' '{}' >/dev/null",
+        s.vm.export_uri(0),
+        s.stop_writer_hook(),
+        s.vm.export_uri(1),
+        s.vm.export_uri(2)
+    )
+}
+
+#[test]
+fn an_agent_killed_during_the_final_cycle_is_completed_by_running_cutover_again() {
+    if !common::qemu::available() {
+        return;
+    }
+    let targets: Vec<String> = (0..3).map(|i| format!("file:crash-d{i}.img")).collect();
+    let mut s = Setup::new(&targets, Lab::new(&["esx01"]));
+    let sink = s.lab.sink(&["esx01=file:*"], &[]);
+    let slow = "[bandwidth]\ndefault = \"4MiB\"\n";
+    let mut daemon = Daemon::start(&s.lab, &sink, "esx01", slow, &s.group, &[]);
+    daemon.wait_epoch("vm", 2, Duration::from_secs(90));
+    let hook = slow_hook(&s);
+    let running = Command::new(bin("blockship-agent"))
+        .args(["cutover", "--group", "vm", "--control-socket"])
+        .arg(&daemon.socket)
+        .args(["--pre-freeze", &hook])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || daemon
+            .log_text()
+            .contains("the source is stopped; final cycle")),
+        "{}",
+        daemon.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.kill9();
+    let first = running.wait_with_output().unwrap();
+    assert!(!first.status.success(), "the cutover survived its daemon: {}", text(&first));
+    // The daemon comes back (its group replicates the stopped source meanwhile) and the same
+    // command completes the cutover.
+    let daemon = Daemon::start(&s.lab, &sink, "esx01", slow, &s.group, &[]);
+    let o = cutover(&daemon, &["--pre-freeze", &hook, "--json"]);
+    assert!(o.status.success(), "re-run: {}\n{}", text(&o), daemon.log_text());
+    println!("completed after an agent crash: {}", String::from_utf8_lossy(&o.stdout).trim());
+    let log = s.writer.take().unwrap().finish();
+    assert!(!log.is_empty());
+    for (i, t) in targets.iter().enumerate() {
+        let target = std::fs::read(s.lab.target(t.strip_prefix("file:").unwrap())).unwrap();
+        assert!(target == s.source(i), "{t} differs from the stopped source");
+        let state = state_of(&s.lab, t).unwrap();
+        assert!(state["cut_over"]["epoch"].as_u64().is_some(), "{t}: {state}");
+    }
 }
 
 #[test]
