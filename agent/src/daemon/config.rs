@@ -347,9 +347,10 @@ disks = [{ source = "rbd:rbd/x", target = "rbd:dr/x" }]
         let f: DaemonFile = toml::from_str(&text).unwrap();
         let d = f.resolve(AgentSettings::default(), None).unwrap();
         let kinds: Vec<Kind> = d.groups.iter().map(|g| g.kind).collect();
-        assert_eq!(kinds, [Kind::Qemu, Kind::Vmware, Kind::Rbd, Kind::File]);
+        assert_eq!(kinds, [Kind::Qemu, Kind::Vmware, Kind::Rbd, Kind::Rbd, Kind::File]);
         assert_eq!(d.bandwidth.windows[0].limit, Some(200 << 20));
-        assert!(d.groups[3].paused);
+        assert!(d.groups[3].section.failback && d.groups[3].paused);
+        assert!(d.groups[4].paused);
     }
 
     #[test]
@@ -364,6 +365,10 @@ disks = [{ source = "rbd:rbd/x", target = "rbd:dr/x" }]
         };
         bad(&|s| s.replace("interval = \"5s\"", "interval = \"1s\""), "below the minimum");
         bad(&|s| s.replace("kind = \"rbd\"", "kind = \"hyperv\""), "use file, rbd, vmware or qemu");
+        bad(
+            &|s| s.replace("kind = \"file\"", "kind = \"file\"\nfailback = true"),
+            "failback replicates RBD replicas",
+        );
         bad(&|s| s.replace("file:vm1/b", "file:vm1/a"), "named twice");
         bad(&|s| s.replace("max_parallel_disks = 4", "max_paralel_disks = 4"), "unknown field");
         bad(&|s| s.replace("\"mon-fri\"", "\"workdays\""), "bad day");
