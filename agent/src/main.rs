@@ -81,6 +81,9 @@ enum Cmd {
         /// /run/blockship/agent.sock).
         #[arg(long)]
         control_socket: Option<PathBuf>,
+        /// Serve Prometheus metrics at this address (default: [daemon] metrics_listen; none).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Override [agent] settings.
         #[command(flatten)]
         settings: AgentSettings,
@@ -213,9 +216,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { config, control_socket, settings } => {
-            let d = blockship_agent::daemon::config::DaemonFile::from_file(&config)?
+        Cmd::Run { config, control_socket, metrics_listen, settings } => {
+            let mut d = blockship_agent::daemon::config::DaemonFile::from_file(&config)?
                 .resolve(settings, control_socket)?;
+            d.metrics_listen = metrics_listen.or(d.metrics_listen);
             runtime.block_on(blockship_agent::daemon::run(d))?;
             Ok(ExitCode::SUCCESS)
         }

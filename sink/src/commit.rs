@@ -56,6 +56,9 @@ pub async fn commit(members: &[Arc<Disk>], epoch: u64, group: Option<&GroupRecor
     crash_point("sink::after-commit-state");
     for m in members {
         tracing::info!(target = %m.name, epoch, group = group.map(|g| g.name.as_str()), "epoch committed");
+        metrics::counter!("blockship_sink_epochs_committed_total", "target" => m.name.clone()).increment(1);
+        metrics::gauge!("blockship_sink_last_commit_timestamp_seconds", "target" => m.name.clone())
+            .set(now as f64);
     }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub struct ServeSettings {
     /// Address to listen on (UDP), e.g. 0.0.0.0:7443.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at this address (GET /metrics), e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// PKI directory written by `blockship-sink pki init` (ca.pem, sink.pem, sink.key).
     #[arg(long)]
     pub pki: Option<PathBuf>,
@@ -161,6 +164,7 @@ impl CephSettings {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub file_root: Option<PathBuf>,
     pub state_dir: PathBuf,
@@ -183,6 +187,7 @@ impl ServeSettings {
     pub fn over(self, file: ServeSettings) -> ServeSettings {
         ServeSettings {
             listen: self.listen.or(file.listen),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             pki: self.pki.or(file.pki),
             ca: self.ca.or(file.ca),
             cert: self.cert.or(file.cert),
@@ -276,6 +281,7 @@ impl ServeSettings {
             tuning,
             ceph,
             file_rollback: !self.no_file_rollback,
+            metrics_listen: self.metrics_listen,
             limits,
         })
     }

@@ -134,6 +134,9 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                     };
                     drop(slot);
                     if let Err(r) = result {
+                        if r.code == pb::ErrorCode::Checksum {
+                            metrics::counter!("blockship_sink_checksum_failures_total").increment(1);
+                        }
                         let _ = errors.send((handle, r)).await;
                     }
                 });

@@ -233,6 +233,9 @@ fn run(cli: Cli) -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(async move {
+                if let Some(addr) = r.metrics_listen {
+                    blockship_transport::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+                }
                 let server = Server::bind(r.listen, &r.tls, &r.tuning, ctx)?;
                 let addr = server.local_addr()?;
                 // Scripts and tests read this line to learn the port when listening on :0.

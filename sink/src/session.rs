@@ -53,7 +53,9 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quin
     tracing::info!(%remote, agent = %identity, "agent connected");
     let window = windows.join(&conn);
     let disks: Disks = Arc::default();
+    metrics::gauge!("blockship_sink_sessions").increment(1.0);
     let result = session(&ctx, &conn, &identity, &disks, &window.open).await;
+    metrics::gauge!("blockship_sink_sessions").decrement(1.0);
     // Ending the epochs lets each writer make what it has durable and release its target.
     for disk in disks.lock().unwrap_or_else(|p| p.into_inner()).values() {
         disk.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -62,6 +64,7 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quin
         Ok(()) => tracing::info!(%remote, agent = %identity, "session ended"),
         Err(r) => {
             tracing::warn!(%remote, agent = %identity, code = ?r.code, "session refused: {}", r.message);
+            metrics::counter!("blockship_sink_refusals_total", "code" => r.code.as_str_name()).increment(1);
             let mut reason = r.message.into_bytes();
             reason.truncate(1000);
             conn.close((r.code as i32 as u32).into(), &reason);
@@ -276,6 +279,8 @@ impl Session<'_> {
                 }
                 let name = closed.map(|d| d.name.clone()).unwrap_or_default();
                 tracing::warn!(target = %name, disk = h, code = ?r.code, "disk refused: {}", r.message);
+                metrics::counter!("blockship_sink_refusals_total", "code" => r.code.as_str_name())
+                    .increment(1);
                 (h, String::new())
             }
             Scope::Group(g) => {

@@ -263,6 +263,14 @@ impl EpochWriter {
         });
         futures::future::try_join_all(writes).await?;
         crash_point("sink::after-write");
+        let (data, zero) = items.iter().fold((0u64, 0u64), |(d, z), i| match i.kind {
+            ItemKind::Data { .. } => (d + i.length(), z),
+            ItemKind::Zero { .. } => (d, z + i.length()),
+        });
+        let target = disk.name.clone();
+        metrics::counter!("blockship_sink_written_bytes_total", "target" => target.clone()).increment(data);
+        metrics::counter!("blockship_sink_zero_bytes_total", "target" => target.clone()).increment(zero);
+        metrics::counter!("blockship_sink_items_total", "target" => target).increment(items.len() as u64);
         self.liveness.touch();
         // 3. Account; the index learns the new hashes at the next checkpoint.
         for item in items {

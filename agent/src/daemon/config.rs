@@ -45,6 +45,8 @@ pub struct DaemonSection {
     pub shutdown_grace: Option<String>,
     /// Longest wait between retries of a failing group (default 5m).
     pub max_backoff: Option<String>,
+    /// Serve Prometheus metrics at this address (GET /metrics), e.g. "127.0.0.1:9101".
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +133,7 @@ pub struct Group {
 pub struct Daemon {
     pub agent: Resolved,
     pub control_socket: PathBuf,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub max_parallel_disks: usize,
     pub shutdown_grace: Duration,
     pub max_backoff: Duration,
@@ -275,6 +278,7 @@ impl DaemonFile {
         Ok(Daemon {
             agent,
             control_socket,
+            metrics_listen: d.metrics_listen,
             max_parallel_disks,
             shutdown_grace,
             max_backoff,

@@ -303,6 +303,9 @@ pub async fn run(
                     FIRST_BACKOFF.saturating_mul(1 << (source_failures - 1).min(16)).min(shared.max_backoff)
                 };
                 tracing::warn!(group = %g.name, failures, retry_in = ?wait, "cycle failed: {e}");
+                let kind = if link_failed { "link" } else { "group" };
+                metrics::counter!("blockship_group_cycle_failures_total", "group" => g.name.clone(), "kind" => kind)
+                    .increment(1);
                 shared.board.update(&g.name, |s| {
                     s.last_error = e.to_string();
                     s.failures = failures;
@@ -337,6 +340,20 @@ pub(super) fn record(board: &Board, name: &str, r: &CycleReport, cycles: u64) {
         rpo,
         "group epoch committed"
     );
+    let group = name.to_string();
+    metrics::counter!("blockship_group_epochs_committed_total", "group" => group.clone()).increment(1);
+    metrics::gauge!("blockship_group_last_commit_timestamp_seconds", "group" => group.clone())
+        .set(point as f64 / 1000.0);
+    metrics::histogram!("blockship_group_cycle_duration_seconds", "group" => group.clone()).record(r.seconds);
+    let targets: Vec<String> =
+        board.get(name).map(|g| g.disks.iter().map(|d| d.target.clone()).collect()).unwrap_or_default();
+    for (m, target) in r.members.iter().zip(targets) {
+        let labels = [("group", group.clone()), ("target", target)];
+        metrics::counter!("blockship_disk_read_bytes_total", &labels).increment(m.bytes_read);
+        metrics::counter!("blockship_disk_sent_bytes_total", &labels).increment(m.bytes_sent);
+        metrics::counter!("blockship_disk_zero_bytes_total", &labels).increment(m.bytes_zero);
+        metrics::counter!("blockship_disk_unchanged_bytes_total", &labels).increment(m.bytes_equal);
+    }
     board.update(name, |s| {
         s.committed_epoch = r.epoch;
         s.committed_point_unix_ms = point;

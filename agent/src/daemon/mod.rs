@@ -40,6 +40,9 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
 
 /// Run the daemon until SIGTERM or SIGINT.
 pub async fn run(d: config::Daemon) -> Result<()> {
+    if let Some(addr) = d.metrics_listen {
+        blockship_transport::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+    }
     let mut link = d.agent.link();
     link.pacer = (!d.bandwidth.unlimited()).then(|| Pacer::new(d.bandwidth.clone()));
     link.hold = true;
@@ -69,6 +72,17 @@ pub async fn run(d: config::Daemon) -> Result<()> {
     let server = tokio::spawn(control::serve(listener, control::Control { board, commands }, async move {
         let _ = control_stop.wait_for(|s| *s).await;
     }));
+    // The RPO gauge ages between commits: refreshed every second from the status board.
+    let rpo_board = shared.board.clone();
+    let rpo = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for g in rpo_board.all() {
+                metrics::gauge!("blockship_group_rpo_seconds", "group" => g.name.clone()).set(g.rpo_seconds);
+            }
+        }
+    });
     tracing::info!(groups = d.groups.len(), socket = %d.control_socket.display(), "daemon running");
     println!(
         "blockship-agent daemon running {} groups; control socket {}",
@@ -85,6 +99,7 @@ pub async fn run(d: config::Daemon) -> Result<()> {
             t.abort();
         }
     }
+    rpo.abort();
     shared.links.close().await;
     let _ = server.await;
     let _ = std::fs::remove_file(&d.control_socket);
