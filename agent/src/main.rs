@@ -16,6 +16,9 @@ use blockship_agent::verify::verify;
 #[derive(Parser)]
 #[command(name = "blockship-agent", version, about = "Blockship agent: replicate disks to a Blockship sink")]
 struct Cli {
+    /// Log lines as human text or as JSON objects (one per line, for log pipelines).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -156,16 +159,12 @@ struct ControlArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a human at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = blockship_transport::logs::init(&cli.log_format, "warn") {
+        eprintln!("blockship-agent: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("blockship-agent: error: {}", blockship_transport::error_text(e.as_ref()));

@@ -42,7 +42,7 @@ fn both_daemons_serve_prometheus_metrics() {
         scribble(s, 0, DISK as usize / 2, 90 + i as u64);
     }
     let sink_metrics = format!("127.0.0.1:{}", free_port());
-    let sink = lab.sink(&["esx01=file:*"], &["--metrics-listen", &sink_metrics]);
+    let sink = lab.sink(&["esx01=file:*"], &["--metrics-listen", &sink_metrics, "--log-format", "json"]);
     let agent_metrics = format!("127.0.0.1:{}", free_port());
     let group = format!(
         "[[group]]\nname = \"vm\"\nkind = \"file\"\ninterval = \"5s\"\ndisks = [{{ source = \"{}\", target = \"file:m0\" }}, {{ source = \"{}\", target = \"file:m1\" }}]\n",
@@ -74,4 +74,40 @@ fn both_daemons_serve_prometheus_metrics() {
     assert!(committed >= 2.0, "sink: {s}");
     assert_eq!(sample(&s, "blockship_sink_sessions"), Some(1.0), "sink: {s}");
     println!("agent: {epochs} epochs, {read} bytes read, {sent} sent, RPO {rpo:.2} s; sink: {written} bytes written");
+
+    // `--log-format json`: every line the sink logged is one JSON event.
+    let log = lab.sink_log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["fields"]["message"] == "epoch committed" && e["level"] == "INFO"),
+        "{log}"
+    );
+}
+
+/// Every metric the example dashboard and alert rules use is one the daemons document (and so
+/// serve: the names in docs/metrics.md are the ones the test above scrapes and the code records).
+#[test]
+fn the_example_dashboard_and_alerts_use_documented_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let docs = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let dashboard = std::fs::read_to_string(root.join("examples/grafana-dashboard.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(d["panels"].as_array().is_some_and(|p| p.len() >= 6), "{d}");
+    let alerts = std::fs::read_to_string(root.join("examples/prometheus-alerts.yml")).unwrap();
+    for text in [&dashboard, &alerts] {
+        let mut rest = text.as_str();
+        let mut seen = 0;
+        while let Some(i) = rest.find("blockship_") {
+            let name: String =
+                rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let base = name.strip_suffix("_bucket").unwrap_or(&name);
+            assert!(docs.contains(&format!("`{base}`")), "{base} is used but not in docs/metrics.md");
+            seen += 1;
+            rest = &rest[i + name.len()..];
+        }
+        assert!(seen >= 3, "no metrics found in an example");
+    }
 }

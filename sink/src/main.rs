@@ -20,6 +20,9 @@ use blockship_sink::target::TargetRoots;
     about = "Blockship sink: receives verified chunks and writes them durably"
 )]
 struct Cli {
+    /// Log lines as human text or as JSON objects (one per line, for log pipelines).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -108,16 +111,12 @@ enum PkiCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a human at a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = blockship_transport::logs::init(&cli.log_format, "info") {
+        eprintln!("blockship-sink: error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blockship-sink: error: {}", blockship_transport::error_text(e.as_ref()));

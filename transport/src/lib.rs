@@ -4,6 +4,7 @@
 //! moves its frames.
 
 pub mod framed;
+pub mod logs;
 pub mod metrics;
 pub mod quic;
 pub mod tls;
