@@ -66,13 +66,19 @@ impl Setup {
     }
 }
 
+fn cutover_cmd(d: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("blockship-agent"));
+    c.args(["cutover", "--group", "vm", "--control-socket"]).arg(&d.socket).args(args);
+    c
+}
+
 fn cutover(d: &Daemon, args: &[&str]) -> Output {
-    Command::new(bin("blockship-agent"))
-        .args(["cutover", "--group", "vm", "--control-socket"])
-        .arg(&d.socket)
-        .args(args)
-        .output()
-        .unwrap()
+    cutover_cmd(d, args).output().unwrap()
+}
+
+/// A cutover running in the background (its output collected at the end).
+fn spawn_cutover(d: &Daemon, args: &[&str]) -> std::process::Child {
+    cutover_cmd(d, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -205,14 +211,10 @@ fn an_abort_after_the_freeze_restarts_the_source_and_replication_goes_on() {
     daemon.wait_epoch("vm", 2, Duration::from_secs(90));
     let resumed = s.lab.path("resumed");
     let hook = slow_hook(&s);
-    let running = Command::new(bin("blockship-agent"))
-        .args(["cutover", "--group", "vm", "--control-socket"])
-        .arg(&daemon.socket)
-        .args(["--pre-freeze", &hook, "--on-abort", &format!("touch {}", resumed.display())])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let running = spawn_cutover(
+        &daemon,
+        &["--pre-freeze", &hook, "--on-abort", &format!("touch {}", resumed.display())],
+    );
     // Past the freeze: the hook is done and the final cycle is sending.
     let mut done = s.stop_file.clone().into_os_string();
     done.push(".done");
@@ -265,14 +267,7 @@ fn an_agent_killed_during_the_final_cycle_is_completed_by_running_cutover_again(
     let mut daemon = Daemon::start(&s.lab, &sink, "esx01", slow, &s.group, &[]);
     daemon.wait_epoch("vm", 2, Duration::from_secs(90));
     let hook = slow_hook(&s);
-    let running = Command::new(bin("blockship-agent"))
-        .args(["cutover", "--group", "vm", "--control-socket"])
-        .arg(&daemon.socket)
-        .args(["--pre-freeze", &hook])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let running = spawn_cutover(&daemon, &["--pre-freeze", &hook]);
     assert!(
         wait_until(Duration::from_secs(60), || daemon
             .log_text()

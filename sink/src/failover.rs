@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::group::{record_path, registered};
+use crate::group::{all_records, record_path, registered, store_record};
 use crate::state::ReplicationState;
 use crate::target::rbd::{blocking, RbdSpec, SNAP_PREFIX, STATE_KEY};
 use crate::target::{TargetName, TargetRoots};
@@ -55,27 +55,9 @@ pub fn recorded(state_root: &Path, name: &str) -> Result<Option<Clones>> {
 
 /// Every recorded test failover (for `status`).
 pub fn all(state_root: &Path) -> Vec<Clones> {
-    let Ok(dir) = std::fs::read_dir(state_root.join(KIND)) else { return Vec::new() };
-    let mut v: Vec<Clones> = dir
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice(&b).ok())
-        .collect();
+    let mut v: Vec<Clones> = all_records(state_root, KIND);
     v.sort_by(|a, b| a.group.cmp(&b.group));
     v
-}
-
-fn store(state_root: &Path, c: &Clones) -> Result<()> {
-    let path = record_path(state_root, KIND, &c.group);
-    let dir = path.parent().expect("record path has a parent");
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(c)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 /// The RBD members of group `name`, each with its spec and its clone's spec.
@@ -150,7 +132,7 @@ pub async fn create(roots: &TargetRoots, state_root: &Path, name: &str, prefix: 
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let c = Clones { group: name.to_string(), epoch, created_at: now, clones: made };
-            store(state_root, &c)?;
+            store_record(state_root, KIND, name, &c)?;
             let list: Vec<&str> = c.clones.iter().map(|(_, c)| c.as_str()).collect();
             let formats: Vec<String> = formats.iter().map(u64::to_string).collect();
             return Ok(format!(

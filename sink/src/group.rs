@@ -159,31 +159,47 @@ pub fn record_path(state_root: &Path, kind: &str, name: &str) -> PathBuf {
 
 /// Record (atomically) that group `record.name` has these members.
 pub fn register(state_root: &Path, record: &GroupRecord) -> std::io::Result<()> {
-    let path = registry_path(state_root, &record.name);
-    let dir = path.parent().expect("registry path has a parent");
-    std::fs::create_dir_all(dir)?;
     let entry = Registered { name: record.name.clone(), members: record.members.clone() };
+    let path = registry_path(state_root, &record.name);
     if std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Registered>(&b).ok())
         == Some(entry.clone())
     {
         return Ok(());
     }
+    store_record(state_root, "groups", &record.name, &entry)
+}
+
+/// Write group `name`'s record of `kind` atomically and durably (temp file, fsync, rename,
+/// fsync of the directory).
+pub fn store_record(
+    state_root: &Path,
+    kind: &str,
+    name: &str,
+    value: &impl Serialize,
+) -> std::io::Result<()> {
+    let path = record_path(state_root, kind, name);
+    let dir = path.parent().expect("record path has a parent");
+    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&entry).expect("registry serializes"))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value).expect("records serialize"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Every group this state dir knows, by name.
-pub fn all_registered(state_root: &Path) -> Vec<Registered> {
-    let Ok(dir) = std::fs::read_dir(state_root.join("groups")) else { return Vec::new() };
-    let mut v: Vec<Registered> = dir
-        .filter_map(|e| e.ok())
+/// Every readable record of `kind` in the state dir.
+pub fn all_records<T: serde::de::DeserializeOwned>(state_root: &Path, kind: &str) -> Vec<T> {
+    let Ok(dir) = std::fs::read_dir(state_root.join(kind)) else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
-        .collect();
+        .collect()
+}
+
+/// Every group this state dir knows, by name.
+pub fn all_registered(state_root: &Path) -> Vec<Registered> {
+    let mut v: Vec<Registered> = all_records(state_root, "groups");
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v
 }

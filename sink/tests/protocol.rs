@@ -209,6 +209,10 @@ async fn malformed_group_requests_are_refused_and_change_nothing() {
     assert!(a.refused(ErrorCode::BadTarget).await.contains("has no members"));
     a.w.send(&commit("vm", 1)).await.unwrap();
     assert!(a.refused(ErrorCode::BadRequest).await.contains("is not open"));
+    let cutover =
+        |group: &str, epoch: u64| Body::GroupCutover(pb::GroupCutover { group: group.into(), epoch });
+    a.w.send(&cutover("vm", 1)).await.unwrap();
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("is not open"));
     assert!(!lab.path("state/groups").exists(), "a refused group was registered");
 
     // Opened, but committed out of order or before its members are prepared.
@@ -221,6 +225,11 @@ async fn malformed_group_requests_are_refused_and_change_nothing() {
     assert!(a.refused(ErrorCode::BadRequest).await.contains("last committed epoch is 0"));
     a.w.send(&commit("vm", 1)).await.unwrap();
     assert!(a.refused(ErrorCode::BadRequest).await.contains("no epoch 1 in progress"));
+    // A cutover needs a committed epoch, and exactly the group's.
+    for epoch in [0, 2] {
+        a.w.send(&cutover("vm", epoch)).await.unwrap();
+        assert!(a.refused(ErrorCode::BadRequest).await.contains("its committed epoch is 0"));
+    }
 
     // An epoch of a group this session did not open: that disk is closed, nothing written.
     a.disk = 1;
@@ -236,6 +245,7 @@ async fn malformed_group_requests_are_refused_and_change_nothing() {
     for st in states(&lab) {
         assert_eq!(st["committed_epoch"], 0, "{st}");
         assert!(st["in_progress"].is_null(), "{st}");
+        assert!(st["cut_over"].is_null(), "{st}");
     }
     // The session still serves the other disk.
     a.w.send(&Body::IndexRequest(pb::IndexRequest { disk: 2 })).await.unwrap();
