@@ -40,10 +40,14 @@ pub struct AgentSettings {
     /// Name the sink certificate must carry (default: the HOST of --sink).
     #[arg(long)]
     pub server_name: Option<String>,
+    /// quic (UDP, default) or grpc (TCP, for networks that block or police UDP); the sink
+    /// serves both on the same address.
+    #[arg(long)]
+    pub transport: Option<String>,
     /// Chunk size of a new target (power of two, 64KiB..16MiB; default 1MiB).
     #[arg(long)]
     pub chunk_size: Option<String>,
-    /// Parallel QUIC data streams (default 4).
+    /// Parallel data streams (default 4; over grpc at most the sink's limit, 8).
     #[arg(long)]
     pub streams: Option<usize>,
     /// auto (zstd where it saves >= 1/8), zstd, or none (default auto).
@@ -112,6 +116,7 @@ pub struct Resolved {
     pub sink: String,
     pub tls: TlsFiles,
     pub server_name: Option<String>,
+    pub transport: blockship_transport::Transport,
     pub chunk_size: u32,
     pub streams: usize,
     pub compression: Compression,
@@ -143,6 +148,7 @@ impl AgentSettings {
             cert: self.cert.or(file.cert),
             key: self.key.or(file.key),
             server_name: self.server_name.or(file.server_name),
+            transport: self.transport.or(file.transport),
             chunk_size: self.chunk_size.or(file.chunk_size),
             streams: self.streams.or(file.streams),
             compression: self.compression.or(file.compression),
@@ -222,9 +228,14 @@ impl AgentSettings {
         if let Some(c) = &self.congestion {
             tuning.congestion = c.parse().map_err(anyhow::Error::msg)?;
         }
+        let transport = match &self.transport {
+            Some(t) => t.parse().map_err(anyhow::Error::msg)?,
+            None => blockship_transport::Transport::Quic,
+        };
         Ok(Resolved {
             sink,
             tls,
+            transport,
             server_name: self.server_name,
             chunk_size,
             streams,
@@ -245,6 +256,7 @@ impl Resolved {
             tls: self.tls.clone(),
             server_name: self.server_name.clone(),
             tuning: self.tuning.clone(),
+            transport: self.transport,
             streams: self.streams,
             pacer: self.bwlimit.map(|b| Pacer::new(Schedule::constant(Some(b)))),
             adaptive: matches!(self.compression, Compression::Auto { .. }),

@@ -1,4 +1,4 @@
-//! Data streams: up to N unidirectional QUIC streams that take items from one shared queue, so
+//! Data streams: up to N one-way streams (QUIC streams or gRPC calls) that take items from one shared queue, so
 //! a slow stream never holds up the others, paced by the bandwidth schedule (`pace`). The sink
 //! decides how many streams a connection may have (fewer when many agents share it): the first
 //! is opened at once, the others as the sink allows, and those still waiting when the queue
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockship_proto::Body;
-use blockship_transport::FrameWriter;
+use blockship_transport::{Connection, FrameWriter};
 use tokio::task::JoinHandle;
 
 use crate::link::transport;
@@ -24,7 +24,7 @@ pub struct Streams {
 impl Streams {
     /// Start the streams; `queued` counts the payload bytes handed to QUIC.
     pub async fn start(
-        conn: &quinn::Connection,
+        conn: &Connection,
         n: usize,
         rx: async_channel::Receiver<Out>,
         pacer: Option<Arc<Pacer>>,
@@ -32,7 +32,7 @@ impl Streams {
     ) -> Result<Self, AgentError> {
         let (done, _) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::with_capacity(n);
-        let mut first = Some(conn.open_uni().await.map_err(|e| transport(e.into()))?);
+        let mut first = Some(conn.open_uni().await.map_err(transport)?);
         for _ in 0..n.max(1) {
             let (rx, pacer, conn, queued) = (rx.clone(), pacer.clone(), conn.clone(), queued.clone());
             let mut finished = done.subscribe();
@@ -41,7 +41,7 @@ impl Streams {
                 let send = match first {
                     Some(s) => s,
                     None => tokio::select! {
-                        s = conn.open_uni() => s.map_err(|e| transport(e.into()))?,
+                        s = conn.open_uni() => s.map_err(transport)?,
                         // Everything was sent before the sink allowed this stream.
                         _ = finished.wait_for(|d| *d) => return Ok(()),
                     },

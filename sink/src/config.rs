@@ -19,9 +19,17 @@ use crate::writer::CheckpointPolicy;
 #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ServeSettings {
-    /// Address to listen on (UDP), e.g. 0.0.0.0:7443.
+    /// Address to listen on, e.g. 0.0.0.0:7443: QUIC on UDP and gRPC on TCP (same port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Serve gRPC (agents' `--transport grpc`, the control API) on this TCP address instead.
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Identity (certificate CN) that may use the control API (status, rollback, test
+    /// failover). Repeatable; nobody may without one.
+    #[arg(long = "admin", value_name = "NAME")]
+    #[serde(default)]
+    pub admins: Vec<String>,
     /// Serve Prometheus metrics at this address (GET /metrics), e.g. 127.0.0.1:9102.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -164,6 +172,8 @@ impl CephSettings {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub listen: SocketAddr,
+    pub grpc_listen: Option<SocketAddr>,
+    pub admins: Vec<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsFiles,
     pub file_root: Option<PathBuf>,
@@ -187,6 +197,8 @@ impl ServeSettings {
     pub fn over(self, file: ServeSettings) -> ServeSettings {
         ServeSettings {
             listen: self.listen.or(file.listen),
+            grpc_listen: self.grpc_listen.or(file.grpc_listen),
+            admins: if self.admins.is_empty() { file.admins } else { self.admins },
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             pki: self.pki.or(file.pki),
             ca: self.ca.or(file.ca),
@@ -273,6 +285,8 @@ impl ServeSettings {
         limits.check().map_err(anyhow::Error::msg)?;
         Ok(Resolved {
             listen,
+            grpc_listen: self.grpc_listen,
+            admins: self.admins,
             tls,
             file_root: self.file_root,
             state_dir,

@@ -1,9 +1,10 @@
-//! The Blockship sink: receives chunks from agents over QUIC with mutual TLS, verifies every
+//! The Blockship sink: receives chunks from agents over QUIC or gRPC with mutual TLS, verifies every
 //! chunk's BLAKE3, writes it into the target and acknowledges only what is durable.
 
 pub mod auth;
 pub mod commit;
 pub mod config;
+pub mod control;
 pub mod datastream;
 pub mod disk;
 pub mod epoch;
@@ -18,6 +19,7 @@ pub mod liveness;
 pub mod pki;
 pub mod refusal;
 pub mod rollback;
+pub mod roster;
 pub mod server;
 pub mod session;
 pub mod state;

@@ -116,6 +116,7 @@ impl Admission {
         }
         entry.0 += 1;
         let budget = Budget {
+            share: kib(l.max_inflight_per_connection) as usize,
             conn: Arc::new(Semaphore::new(kib(l.max_inflight_per_connection) as usize)),
             agent: entry.1.clone(),
             global: self.global.clone(),
@@ -152,6 +153,8 @@ impl Drop for Seat {
 
 /// A connection's share of the in-flight budget.
 pub struct Budget {
+    /// The connection's share (KiB).
+    share: usize,
     conn: Arc<Semaphore>,
     agent: Arc<Semaphore>,
     global: Arc<Semaphore>,
@@ -161,9 +164,21 @@ pub struct Budget {
 #[derive(Debug)]
 pub struct Grant {
     _permits: [OwnedSemaphorePermit; 3],
+    bytes: u64,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        metrics::gauge!("blockship_sink_in_flight_bytes").decrement(self.bytes as f64);
+    }
 }
 
 impl Budget {
+    /// Bytes granted to this connection's chunks and not yet written.
+    pub fn in_flight(&self) -> u64 {
+        (self.share.saturating_sub(self.conn.available_permits()) as u64) * 1024
+    }
+
     /// Wait until `bytes` may be held: first from this connection's share (a slow connection
     /// waits here, holding nothing of the others'), then the agent's, then the sink's. While it
     /// waits for the shared part (others are using it: not this connection's doing), it holds
@@ -176,7 +191,8 @@ impl Budget {
         let _mark = waiting_for_others();
         let a = take(&self.agent).await.expect("budget semaphores are never closed");
         let g = take(&self.global).await.expect("budget semaphores are never closed");
-        Grant { _permits: [c, a, g] }
+        metrics::gauge!("blockship_sink_in_flight_bytes").increment(bytes as f64);
+        Grant { _permits: [c, a, g], bytes }
     }
 }
 

@@ -51,6 +51,8 @@ enum Cmd {
         /// The sink's state dir (file targets: required; rbd: its hash index is dropped too).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
         /// The sink's file root (file targets).
         #[arg(long)]
         file_root: Option<PathBuf>,
@@ -69,17 +71,22 @@ enum Cmd {
         /// Remove the group's test-failover clones.
         #[arg(long)]
         cleanup: bool,
-        /// The sink's state dir.
-        #[arg(long)]
-        state_dir: PathBuf,
+        /// The sink's state dir (or ask a running sink: --sink).
+        #[arg(long, required_unless_present = "sink")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
         #[command(flatten)]
         ceph: CephSettings,
     },
-    /// The groups this sink's state dir knows, their members and test-failover clones.
+    /// Targets, groups (committed epoch, RPO, cut over, test-failover clones) and, from a
+    /// running sink (--sink), its sessions (agent, transport, throughput, in-flight bytes).
     Status {
-        /// The sink's state dir.
-        #[arg(long)]
-        state_dir: PathBuf,
+        /// Read this state dir directly instead of asking a running sink.
+        #[arg(long, required_unless_present = "sink", conflicts_with = "sink")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -89,6 +96,65 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PkiCmd,
     },
+}
+
+/// A running sink's control API (gRPC, mutual TLS, an identity the sink names with --admin).
+#[derive(clap::Args)]
+struct Remote {
+    /// The sink's gRPC address (HOST:PORT; by default the same as its --listen).
+    #[arg(long)]
+    sink: Option<String>,
+    /// PKI directory: use its ca.pem and agents/NAME.pem/key (NAME from --as).
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// The admin identity whose certificate to use from --pki.
+    #[arg(long = "as", value_name = "NAME", default_value = "admin")]
+    as_name: String,
+    /// CA certificate, certificate and key (instead of --pki).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Check the sink's certificate against this name (default: the host of --sink).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl Remote {
+    fn files(&self) -> Result<blockship_transport::TlsFiles> {
+        match (&self.pki, &self.ca, &self.cert, &self.key) {
+            (Some(pki), None, None, None) => {
+                Ok(blockship_transport::TlsFiles::agent_in_pki(pki, &self.as_name))
+            }
+            (None, Some(ca), Some(cert), Some(key)) => {
+                Ok(blockship_transport::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+            }
+            _ => bail!(
+                "the control API needs mutual TLS: give --pki DIR [--as NAME], or --ca, --cert and --key"
+            ),
+        }
+    }
+
+    /// A client of the sink's control API, or None without --sink.
+    async fn client(
+        &self,
+    ) -> Result<Option<blockship_sink::control::SinkControlClient<tonic::transport::Channel>>> {
+        let Some(sink) = &self.sink else { return Ok(None) };
+        let tls = blockship_transport::tls::client_config(&self.files()?)?;
+        let tuning = blockship_transport::grpc::GrpcTuning::from_quic(&Default::default());
+        let (channel, _) =
+            blockship_transport::grpc::channel(tls, sink, self.server_name.as_deref(), &tuning)
+                .await
+                .with_context(|| format!("cannot reach the sink's control API at {sink}"))?;
+        Ok(Some(blockship_sink::control::SinkControlClient::new(channel)))
+    }
+}
+
+/// A control API refusal, said plainly.
+fn api(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the sink refused: {} ({:?})", s.message(), s.code())
 }
 
 #[derive(Subcommand)]
@@ -138,7 +204,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Rollback { target, group, state_dir, file_root, ceph } => {
+        Cmd::Rollback { target, group, state_dir, file_root, ceph, remote } if remote.sink.is_some() => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let _ = (state_dir, file_root, ceph);
+            runtime.block_on(async {
+                let mut c = remote.client().await?.context("--sink is required")?;
+                let req = blockship_sink::control::pb::RollbackRequest {
+                    target: target.unwrap_or_default(),
+                    group: group.unwrap_or_default(),
+                };
+                println!("{}", c.rollback(req).await.map_err(api)?.into_inner().message);
+                Ok(())
+            })
+        }
+        Cmd::Rollback { target, group, state_dir, file_root, ceph, .. } => {
             // Ceph is needed for rbd targets (and may be for a group's members).
             let ceph = match (&target, ceph.resolve()) {
                 (Some(t), r) if t.starts_with("rbd:") => {
@@ -162,7 +241,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{msg}");
             Ok(())
         }
-        Cmd::TestFailover { group, prefix, cleanup, state_dir, ceph } => {
+        Cmd::TestFailover { group, prefix, cleanup, state_dir: None, remote, .. } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut c = remote.client().await?.context("give --sink or --state-dir")?;
+                let req = blockship_sink::control::pb::TestFailoverRequest {
+                    group,
+                    prefix: prefix.unwrap_or_default(),
+                    cleanup,
+                };
+                println!("{}", c.test_failover(req).await.map_err(api)?.into_inner().message);
+                Ok(())
+            })
+        }
+        Cmd::TestFailover { group, prefix, cleanup, state_dir: Some(state_dir), ceph, .. } => {
             let ceph = ceph.resolve()?.context("test failover needs rbd support (drop --no-rbd)")?;
             let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -178,26 +270,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("{msg}");
             Ok(())
         }
-        Cmd::Status { state_dir, json } => {
-            let groups = blockship_sink::group::all_registered(&state_dir);
-            let clones = blockship_sink::failover::all(&state_dir);
-            if json {
-                let v: Vec<serde_json::Value> = groups
-                    .iter()
-                    .map(|g| {
-                        let c = clones.iter().find(|c| c.group == g.name);
-                        serde_json::json!({ "group": g.name, "members": g.members, "test_failover": c })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string(&v)?);
-            } else {
-                for g in &groups {
-                    println!("{}: {}", g.name, g.members.join(" "));
-                    if let Some(c) = clones.iter().find(|c| c.group == g.name) {
-                        let list: Vec<&str> = c.clones.iter().map(|(_, c)| c.as_str()).collect();
-                        println!("  test failover of epoch {}: {}", c.epoch, list.join(" "));
-                    }
+        Cmd::Status { state_dir, json, remote } => {
+            let reply = match state_dir {
+                Some(dir) => blockship_sink::control::status(&dir, None),
+                None => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                    runtime.block_on(async {
+                        let mut c = remote.client().await?.context("give --sink or --state-dir")?;
+                        let r = c.status(blockship_sink::control::pb::StatusRequest {}).await.map_err(api)?;
+                        Ok::<_, anyhow::Error>(r.into_inner())
+                    })?
                 }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                print!("{}", blockship_sink::control::table(&reply));
             }
             Ok(())
         }
@@ -214,7 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             std::fs::create_dir_all(&r.state_dir)
                 .with_context(|| format!("creating state dir {}", r.state_dir.display()))?;
-            let ctx = SinkContext {
+            let ctx = std::sync::Arc::new(SinkContext {
                 roots: TargetRoots {
                     file_root: r.file_root.clone(),
                     ceph: r.ceph.clone().map(|o| std::sync::Arc::new(Ceph::new(o))),
@@ -225,7 +313,8 @@ fn run(cli: Cli) -> Result<()> {
                 checkpoint: r.checkpoint,
                 admission: Admission::new(r.limits.clone()),
                 file_rollback: r.file_rollback,
-            };
+                roster: Default::default(),
+            });
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(32)
@@ -235,11 +324,14 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(addr) = r.metrics_listen {
                     blockship_transport::metrics::serve(addr).map_err(anyhow::Error::msg)?;
                 }
-                let server = Server::bind(r.listen, &r.tls, &r.tuning, ctx)?;
+                let routes = blockship_sink::control::routes(ctx.clone(), r.admins.clone());
+                let server = Server::bind(r.listen, r.grpc_listen, &r.tls, &r.tuning, ctx, routes)?;
                 let addr = server.local_addr()?;
-                // Scripts and tests read this line to learn the port when listening on :0.
+                let grpc = server.grpc_addr();
+                // Scripts and tests read these lines to learn the ports when listening on :0.
                 println!("listening on {addr}");
-                tracing::info!(%addr, "sink ready");
+                println!("grpc listening on {grpc}");
+                tracing::info!(%addr, %grpc, "sink ready (QUIC on UDP, gRPC on TCP)");
                 tokio::select! {
                     _ = server.run() => {}
                     _ = shutdown_signal() => tracing::info!("shutting down"),

@@ -1,4 +1,4 @@
-//! One agent connection. The agent's identity comes from its verified certificate; the first
+//! One agent connection, of either transport. The agent's identity comes from its verified certificate; the first
 //! bidirectional stream carries control messages (hello, open, index, verify, epoch begin and
 //! commit, progress; acks and errors back), every unidirectional stream carries chunks and zero
 //! extents (see `datastream`). The session is seated within the sink's connection limits after
@@ -6,14 +6,15 @@
 //! any refusal is sent as an `Error` frame and as the connection's close reason.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockship_proto::pb::{self, ErrorCode};
 use blockship_proto::{version, Body};
+use blockship_transport::conn::{Closed, Incoming, RecvStream, SendStream};
 use blockship_transport::framed::unexpected;
-use blockship_transport::{tls, FrameReader, FrameWriter};
+use blockship_transport::{Connection, FrameReader, FrameWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -24,6 +25,7 @@ use crate::lease::Holder;
 use crate::limits::Seat;
 use crate::liveness::Liveness;
 use crate::refusal::Refusal;
+use crate::roster::Entry;
 use crate::server::{SinkContext, Windows};
 use crate::state::GroupRecord;
 use crate::writer::WriterMsg;
@@ -33,24 +35,24 @@ fn software() -> String {
 }
 
 /// Serve one incoming connection until it ends.
-pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
+pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: Incoming) {
+    let (remote, transport) = (incoming.remote, incoming.transport);
+    let conn = match incoming.accept().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%remote, "handshake failed (wrong CA, no client certificate, or not a Blockship agent): {e}");
             return;
         }
     };
-    let identity = match tls::peer_identity(&conn) {
+    let identity = match conn.peer_identity() {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(%remote, "refusing connection: {e}");
-            conn.close((ErrorCode::Unauthorized as i32 as u32).into(), e.to_string().as_bytes());
+            conn.close(ErrorCode::Unauthorized as i32 as u32, e.to_string().as_bytes());
             return;
         }
     };
-    tracing::info!(%remote, agent = %identity, "agent connected");
+    tracing::info!(%remote, agent = %identity, %transport, "agent connected");
     let window = windows.join(&conn);
     let disks: Disks = Arc::default();
     metrics::gauge!("blockship_sink_sessions").increment(1.0);
@@ -67,7 +69,7 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: quin
             metrics::counter!("blockship_sink_refusals_total", "code" => r.code.as_str_name()).increment(1);
             let mut reason = r.message.into_bytes();
             reason.truncate(1000);
-            conn.close((r.code as i32 as u32).into(), &reason);
+            conn.close(r.code as i32 as u32, &reason);
         }
     }
 }
@@ -83,7 +85,7 @@ impl Control {
     /// The control writer: frames go out in order; when the session ends, what is queued is
     /// sent, the stream is finished and the task waits (briefly) until the agent has read it, so
     /// a last `Error` arrives before the connection closes.
-    fn start(send: quinn::SendStream) -> Self {
+    fn start(send: Box<dyn SendStream>) -> Self {
         let (out, mut rx) = mpsc::channel::<Body>(256);
         let (end, mut ended) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
@@ -125,7 +127,7 @@ impl Control {
 
 async fn session(
     ctx: &Arc<SinkContext>,
-    conn: &quinn::Connection,
+    conn: &Connection,
     identity: &str,
     disks: &Disks,
     open_streams: &Arc<AtomicUsize>,
@@ -154,8 +156,18 @@ async fn session(
             .map_err(|e| Refusal::new(ErrorCode::Version, e.to_string()))?;
         ctx.auth.knows(identity)?;
         let seat = ctx.admission.seat(identity)?;
+        let entry = Entry::new(
+            conn.id(),
+            identity,
+            conn.transport().name(),
+            &conn.remote().to_string(),
+            seat.budget.clone(),
+            disks.clone(),
+        );
+        let listed = ctx.roster.add(entry);
         control.send(Body::HelloReply(reply)).await;
-        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams).await
+        let received = listed.1.received.clone();
+        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams, received).await
     }
     .await;
     match result {
@@ -191,13 +203,14 @@ enum Scope {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     ctx: &Arc<SinkContext>,
-    conn: &quinn::Connection,
+    conn: &Connection,
     identity: &str,
     disks: &Disks,
-    reader: &mut FrameReader<quinn::RecvStream>,
+    reader: &mut FrameReader<RecvStream>,
     control: &Control,
     seat: Seat,
     open_streams: &Arc<AtomicUsize>,
+    received: Arc<AtomicU64>,
 ) -> Result<(), Refusal> {
     let limits = &ctx.admission.limits;
     let liveness = Liveness::new();
@@ -210,15 +223,16 @@ async fn run(
         liveness: liveness.clone(),
         errors: errors_tx.clone(),
         fatal: fatal_tx.clone(),
+        received,
     };
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
     let _abort = AbortOnDrop(acceptor);
     let holder = Holder {
         agent: identity.to_string(),
-        session: conn.stable_id() as u64,
+        session: conn.id(),
         close: Some({
             let conn = conn.clone();
-            Arc::new(move |why: &str| conn.close(0u32.into(), why.as_bytes()))
+            Arc::new(move |why: &str| conn.close(0, why.as_bytes()))
         }),
     };
     let idle = limits.idle_timeout;
@@ -502,8 +516,8 @@ impl Session<'_> {
     }
 }
 
-fn closed_cleanly(conn: &quinn::Connection) -> bool {
-    matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into())
+fn closed_cleanly(conn: &Connection) -> bool {
+    matches!(conn.close_reason(), Some(Closed::Application { code: 0, .. }))
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -513,7 +527,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn accept_data_streams(conn: quinn::Connection, ctx: StreamCtx, open: Arc<AtomicUsize>) {
+async fn accept_data_streams(conn: Connection, ctx: StreamCtx, open: Arc<AtomicUsize>) {
     while let Ok(recv) = conn.accept_uni().await {
         let (ctx, open) = (ctx.clone(), open.clone());
         open.fetch_add(1, Ordering::Relaxed);

@@ -208,6 +208,15 @@ impl StateDir {
     }
 }
 
+/// Every target state below `state_root` (unlocked reads, for status listings).
+pub fn all(state_root: &Path) -> Vec<ReplicationState> {
+    let Ok(dir) = fs::read_dir(state_root.join("targets")) else { return Vec::new() };
+    let mut v: Vec<ReplicationState> =
+        dir.filter_map(|e| e.ok()).filter_map(|e| StateDir { dir: e.path() }.load().ok().flatten()).collect();
+    v.sort_by(|a, b| a.target.cmp(&b.target));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,7 @@ async fn slow_clients_cannot_exhaust_memory_or_starve_others() {
         let (conn, payload) = (a.conn.clone(), payload.clone());
         streams.push(tokio::spawn(async move {
             // The sink decides how many streams may be open: the rest wait.
-            let mut send = conn.open_uni().await.map_err(|_| quinn::WriteError::ClosedStream)?;
+            let mut send = conn.open_uni().await?;
             let h = pb::ChunkHeader {
                 disk: 1,
                 seq,
@@ -66,11 +66,10 @@ async fn slow_clients_cannot_exhaust_memory_or_starve_others() {
             };
             let mut head = BytesMut::new();
             frame::encode_header(&Body::Chunk(h), &mut head);
-            send.write_all(&head).await?;
-            send.write_all(&payload[..(16 << 20) - 4096]).await?;
+            send.write(head.freeze(), payload.slice(..(16 << 20) - 4096)).await?;
             // Hold the stream open, never finishing the chunk.
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            Ok::<_, quinn::WriteError>(send)
+            Ok::<_, blockship_transport::TransportError>(send)
         }));
     }
     // Let the attacker push what flow control lets through.
@@ -131,7 +130,8 @@ async fn a_silent_client_loses_its_session_and_target() {
     // A client that never says Hello is dropped after --hello-timeout.
     let c = lab.agent().await;
     let started = Instant::now();
-    let reason = c.conn.closed().await.to_string();
+    let mut c = c;
+    let reason = c.r.next_body("anything").await.unwrap_err().to_string();
     assert!(started.elapsed() < Duration::from_secs(10), "a client without Hello kept its connection");
     assert!(reason.contains("Hello"), "{reason}");
 }

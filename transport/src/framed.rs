@@ -1,5 +1,5 @@
 //! Frames over byte streams: a reader that turns any `AsyncRead` into frames (with the proto
-//! crate's limits) and a writer for QUIC send streams that hands chunk payloads to quinn as
+//! crate's limits) and a writer for any transport's send stream that hands chunk payloads on as
 //! `Bytes`, so bulk data is not copied on the way out.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -7,6 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use blockship_proto::{frame, Body, Frame, FrameDecoder};
 
+use crate::conn::SendStream;
 use crate::{body_name, TransportError};
 
 /// Payloads at least this big are read into a buffer of their own (chunks are 64 KiB or more).
@@ -103,14 +104,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Writes frames to a QUIC send stream.
+/// Writes frames to a send stream.
 pub struct FrameWriter {
-    stream: quinn::SendStream,
+    stream: Box<dyn SendStream>,
     header: BytesMut,
 }
 
 impl FrameWriter {
-    pub fn new(stream: quinn::SendStream) -> Self {
+    pub fn new(stream: Box<dyn SendStream>) -> Self {
         FrameWriter { stream, header: BytesMut::with_capacity(256) }
     }
 
@@ -129,25 +130,19 @@ impl FrameWriter {
         );
         frame::encode_header(body, &mut self.header);
         let header = self.header.split().freeze();
-        if payload.is_empty() {
-            self.stream.write_chunk(header).await?;
-        } else {
-            self.stream.write_all_chunks(&mut [header, payload]).await?;
-        }
-        Ok(())
+        self.stream.write(header, payload).await
     }
 
     /// Finish the stream and wait until the peer has received everything.
     pub async fn finish(mut self) -> Result<(), TransportError> {
-        self.stream.finish()?;
-        // Peer may close the connection right after reading; that is a successful delivery too.
-        let _ = self.stream.stopped().await;
+        self.stream.finish();
+        self.stream.stopped().await;
         Ok(())
     }
 
     /// Finish the stream without waiting.
     pub fn close(&mut self) {
-        let _ = self.stream.finish();
+        self.stream.finish();
     }
 }
 

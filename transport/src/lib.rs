@@ -1,14 +1,19 @@
-//! Blockship's network layer shared by agent and sink: QUIC endpoints tuned for bulk transfer,
-//! mutual TLS with identities taken from certificates, and frame readers/writers over streams.
+//! Blockship's network layer shared by agent and sink: one connection interface (`conn`) with two
+//! adapters — QUIC endpoints tuned for bulk transfer, and gRPC over TCP — mutual TLS with
+//! identities taken from certificates, and frame readers/writers over streams.
 //! The protocol itself (messages, limits, codec) lives in `blockship-proto`; this crate only
 //! moves its frames.
 
+pub mod conn;
 pub mod framed;
+pub mod grpc;
 pub mod logs;
 pub mod metrics;
 pub mod quic;
+pub mod quic_conn;
 pub mod tls;
 
+pub use conn::{ClientOptions, Closed, Connection, Transport};
 pub use framed::{FrameReader, FrameWriter};
 pub use quic::{Congestion, QuicTuning};
 pub use tls::TlsFiles;
@@ -31,16 +36,12 @@ pub enum TransportError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("protocol violation from peer: {0}")]
     Frame(#[from] blockship_proto::FrameError),
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    #[error("{}", closed_text(.0))]
+    Closed(conn::Closed),
     #[error("cannot connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("stream read: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("stream write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Connect(String),
     #[error("stream already closed")]
-    ClosedStream(#[from] quinn::ClosedStream),
+    ClosedStream,
     #[error("peer refused: {message} ({code:?})")]
     Remote { code: pb::ErrorCode, message: String },
     #[error("unexpected message from peer: expected {expected}, got {got}")]
@@ -58,6 +59,15 @@ impl TransportError {
             code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
             message: e.message.clone(),
         }
+    }
+}
+
+fn closed_text(c: &conn::Closed) -> String {
+    match c {
+        conn::Closed::Application { code, reason } => format!("closed by peer: {reason} (code {code})"),
+        conn::Closed::TimedOut => "timed out: the peer stopped answering".into(),
+        conn::Closed::Reset => "reset by peer (it restarted)".into(),
+        conn::Closed::Lost(why) => format!("connection lost: {why}"),
     }
 }
 

@@ -114,16 +114,6 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError>
     Ok(config)
 }
 
-/// The verified identity of the peer on a connection (its certificate's CN or DNS SAN).
-pub fn peer_identity(conn: &quinn::Connection) -> Result<String, TlsError> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(TlsError::NoPeerCert)?;
-    let leaf = certs.first().ok_or(TlsError::NoPeerCert)?;
-    cert_identity(leaf)
-}
-
 /// Identity named by a DER certificate: subject CN, else the first DNS subject alternative name.
 pub fn cert_identity(der: &[u8]) -> Result<String, TlsError> {
     use x509_parser::prelude::*;

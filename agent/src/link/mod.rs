@@ -13,8 +13,12 @@ use std::time::Duration;
 
 use blockship_proto::pb::{self, DiskOpened, HelloReply, OpenDisk};
 use blockship_proto::{version, Body};
+use blockship_transport::conn::RecvStream;
 use blockship_transport::framed::unexpected;
-use blockship_transport::{quic, tls, FrameReader, FrameWriter, QuicTuning, TlsFiles, TransportError};
+use blockship_transport::{
+    tls, ClientOptions, Closed, Connection, FrameReader, FrameWriter, QuicTuning, TlsFiles, Transport,
+    TransportError,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -51,15 +55,13 @@ pub fn explain(sink: &str, e: TransportError) -> AgentError {
         || text.contains("fatal alert")
     {
         Some("the sink rejected our certificate: is it signed by the CA the sink trusts?")
-    } else if text.contains("timed out") {
-        Some("no answer: is the sink running and is its UDP port reachable?")
+    } else if text.contains("timed out") || text.contains("Connection refused") {
+        Some("no answer: is the sink running and is its port reachable (UDP for quic, TCP for grpc)?")
     } else {
         None
     };
     match (e, hint) {
-        (TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c)), _) => {
-            AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
-        }
+        (TransportError::Closed(Closed::Application { reason, .. }), _) => AgentError::Closed(reason),
         (TransportError::Remote { code, message }, _) => AgentError::Refused { code, message },
         (e, Some(h)) => AgentError::Connect { sink: sink.to_string(), reason: format!("{e} ({h})") },
         (e, None) => AgentError::Connect { sink: sink.to_string(), reason: e.to_string() },
@@ -70,13 +72,7 @@ pub fn explain(sink: &str, e: TransportError) -> AgentError {
 pub fn transport(e: TransportError) -> AgentError {
     match e {
         TransportError::Remote { code, message } => AgentError::Refused { code, message },
-        TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c))
-        | TransportError::Write(quinn::WriteError::ConnectionLost(
-            quinn::ConnectionError::ApplicationClosed(c),
-        ))
-        | TransportError::Read(quinn::ReadError::ConnectionLost(
-            quinn::ConnectionError::ApplicationClosed(c),
-        )) => AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned()),
+        TransportError::Closed(Closed::Application { reason, .. }) => AgentError::Closed(reason),
         other => AgentError::Transport(other),
     }
 }
@@ -88,6 +84,8 @@ pub struct LinkConfig {
     pub tls: TlsFiles,
     pub server_name: Option<String>,
     pub tuning: QuicTuning,
+    /// QUIC (UDP) or gRPC (TCP).
+    pub transport: Transport,
     /// Data streams wanted (the sink may allow fewer).
     pub streams: usize,
     /// Bandwidth limit of the payload, if any.
@@ -108,8 +106,7 @@ enum Route {
 
 struct Inner {
     sink: String,
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    conn: Connection,
     writer: tokio::sync::Mutex<FrameWriter>,
     hello: HelloReply,
     routes: Mutex<HashMap<Route, mpsc::Sender<Body>>>,
@@ -165,25 +162,29 @@ impl Link {
     pub async fn connect(cfg: &LinkConfig) -> Result<Link, AgentError> {
         let sink = cfg.sink.as_str();
         let tls = tls::client_config(&cfg.tls).map_err(|e| AgentError::Tls(e.to_string()))?;
-        let (endpoint, conn) = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            quic::connect(tls, &cfg.tuning, sink, cfg.server_name.as_deref()),
-        )
+        let opts = ClientOptions {
+            transport: cfg.transport,
+            tuning: cfg.tuning.clone(),
+            server_name: cfg.server_name.clone(),
+        };
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, blockship_transport::conn::connect(tls, sink, &opts))
         .await
         .map_err(|_| AgentError::Connect {
             sink: sink.to_string(),
             reason: format!(
-                "no answer within {CONNECT_TIMEOUT:?} (is the sink running and its UDP port reachable?)"
+                "no answer within {CONNECT_TIMEOUT:?} over {} (is the sink running and its {} port reachable?)",
+                cfg.transport,
+                if cfg.transport == Transport::Quic { "UDP" } else { "TCP" }
             ),
         })?
         .map_err(|e| explain(sink, e))?;
         // With TLS 1.3 the sink judges our certificate after our side of the handshake is done,
         // so a refusal shows up as a closed connection: report the close reason, not the pipe.
         let why = |e: TransportError| match conn.close_reason() {
-            Some(reason) => explain(sink, reason.into()),
+            Some(reason) => explain(sink, TransportError::Closed(reason)),
             None => explain(sink, e),
         };
-        let (send, recv) = conn.open_bi().await.map_err(|e| why(e.into()))?;
+        let (send, recv) = conn.open_bi().await.map_err(&why)?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
         let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
@@ -192,12 +193,11 @@ impl Link {
             Body::HelloReply(r) => r,
             other => return Err(transport(unexpected("HelloReply", &other))),
         };
-        tracing::info!(sink, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
+        tracing::info!(sink, transport = %cfg.transport, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
         let (data, queue) = async_channel::bounded(cfg.streams.max(1) * 2);
         let adaptive = cfg.adaptive.then(|| Arc::new(Adaptive::new(cfg.pacer.is_some())));
         let inner = Arc::new(Inner {
             sink: sink.to_string(),
-            endpoint,
             conn: conn.clone(),
             writer: tokio::sync::Mutex::new(writer),
             hello,
@@ -277,16 +277,14 @@ impl Link {
         Link::reason_of(&self.inner.conn, e)
     }
 
-    fn reason_of(conn: &quinn::Connection, e: AgentError) -> AgentError {
+    fn reason_of(conn: &Connection, e: AgentError) -> AgentError {
         match (conn.close_reason(), e) {
             (_, e @ (AgentError::Refused { .. } | AgentError::Closed(_))) => e,
-            (Some(quinn::ConnectionError::ApplicationClosed(c)), _) => {
-                AgentError::Closed(String::from_utf8_lossy(&c.reason).into_owned())
-            }
-            (Some(quinn::ConnectionError::TimedOut), _) => AgentError::Closed(
+            (Some(Closed::Application { reason, .. }), _) => AgentError::Closed(reason),
+            (Some(Closed::TimedOut), _) => AgentError::Closed(
                 "the sink stopped answering (no packet within --idle-timeout): is it still running?".into(),
             ),
-            (Some(quinn::ConnectionError::Reset), _) => {
+            (Some(Closed::Reset), _) => {
                 AgentError::Closed("the sink restarted and no longer knows this connection".into())
             }
             (_, e) => e,
@@ -405,8 +403,8 @@ impl Link {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
         }
         self.inner.writer.lock().await.close();
-        self.inner.conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_millis(20), self.inner.endpoint.wait_idle()).await;
+        self.inner.conn.close(0, b"done");
+        let _ = tokio::time::timeout(Duration::from_millis(20), self.inner.conn.wait_idle()).await;
     }
 }
 
@@ -448,7 +446,7 @@ fn clone_error(e: &AgentError) -> AgentError {
 
 /// Route every control frame to the disk or group it names; a connection-level error (or the
 /// end of the stream) fails every waiter.
-async fn read_replies(link: std::sync::Weak<Inner>, mut reader: FrameReader<quinn::RecvStream>) {
+async fn read_replies(link: std::sync::Weak<Inner>, mut reader: FrameReader<RecvStream>) {
     let failure = loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
@@ -530,12 +528,12 @@ fn monitor(
     a: &Arc<Adaptive>,
     queue: async_channel::Receiver<Out>,
     queued: Arc<AtomicU64>,
-    conn: quinn::Connection,
+    conn: Connection,
 ) -> MonitorGuard {
     let mut cpu = CpuMeter::default();
     let capacity = queue.capacity().unwrap_or(1).max(1) as f64;
     let backlog = move || {
-        let buffered = queued.load(Ordering::Relaxed).saturating_sub(conn.stats().udp_tx.bytes);
+        let buffered = queued.load(Ordering::Relaxed).saturating_sub(conn.sent_bytes());
         (queue.len() as f64 / capacity).max(buffered as f64 / SEND_BACKLOG)
     };
     a.monitor(backlog, move || cpu.sample())

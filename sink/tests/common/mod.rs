@@ -12,7 +12,10 @@ use std::process::{Child, Command, Stdio};
 use blockship_proto::codec::{Compression, Encoder};
 use blockship_proto::pb::{self, ErrorCode, SyncMode};
 use blockship_proto::{version, Body};
-use blockship_transport::{quic, tls, FrameReader, FrameWriter, QuicTuning, TlsFiles, TransportError};
+use blockship_transport::conn::RecvStream;
+use blockship_transport::{
+    tls, ClientOptions, Connection, FrameReader, FrameWriter, QuicTuning, TlsFiles, Transport, TransportError,
+};
 use bytes::Bytes;
 
 pub const MIB: u64 = 1 << 20;
@@ -150,14 +153,21 @@ impl Lab {
 
     /// A fake agent with the certificate of `name` (esx01 or esx02).
     pub async fn agent_as(&self, name: &str) -> Fake {
+        self.agent_over(name, Transport::Quic).await
+    }
+
+    /// A fake agent of `name` over `transport` (the sink serves both on its address).
+    pub async fn agent_over(&self, name: &str, transport: Transport) -> Fake {
         let files = TlsFiles::agent_in_pki(&self.pki(), name);
         // A sink killed by a failpoint is noticed by the idle timeout (no packet says it died).
         let mut tuning = QuicTuning::default();
         tuning.set_idle_timeout("2s").unwrap();
-        let (endpoint, conn) =
-            quic::connect(tls::client_config(&files).unwrap(), &tuning, &self.addr, None).await.unwrap();
+        let opts = ClientOptions { transport, tuning, server_name: None };
+        let conn = blockship_transport::conn::connect(tls::client_config(&files).unwrap(), &self.addr, &opts)
+            .await
+            .unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
-        Fake { disk: 0, _endpoint: endpoint, conn, w: FrameWriter::new(send), r: FrameReader::new(recv) }
+        Fake { disk: 0, conn, w: FrameWriter::new(send), r: FrameReader::new(recv) }
     }
 }
 
@@ -165,10 +175,9 @@ impl Lab {
 pub struct Fake {
     /// Handle of the disk opened last (handles only grow on a connection).
     pub disk: u32,
-    pub _endpoint: quinn::Endpoint,
-    pub conn: quinn::Connection,
+    pub conn: Connection,
     pub w: FrameWriter,
-    pub r: FrameReader<quinn::RecvStream>,
+    pub r: FrameReader<RecvStream>,
 }
 
 impl Fake {
