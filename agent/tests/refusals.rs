@@ -12,9 +12,8 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn bad_change_lists_are_refused_before_anything_is_sent() {
-    let lab = Lab::new(&["esx01"]);
+fn bad_change_lists_are_refused_before_anything_is_sent(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let sink = lab.sink(&["esx01=file:*"], &[]);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 1).unwrap();
@@ -74,9 +73,8 @@ fn bad_change_lists_are_refused_before_anything_is_sent() {
     );
 }
 
-#[test]
-fn incremental_needs_a_committed_full_sync() {
-    let lab = Lab::new(&["esx01"]);
+fn incremental_needs_a_committed_full_sync(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let sink = lab.sink(&["esx01=file:*"], &[]);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 1).unwrap();
@@ -89,11 +87,19 @@ fn incremental_needs_a_committed_full_sync() {
     assert!(!lab.target("new").exists());
 }
 
-#[test]
-fn a_busy_listen_address_is_named_once() {
-    let lab = Lab::new(&["esx01"]);
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
+fn a_busy_listen_address_is_named_once(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
+    // The sink needs the port on UDP (QUIC) and on TCP (gRPC): either one busy is named.
+    let (_udp, _tcp, addr);
+    if transport == "quic" {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        addr = s.local_addr().unwrap().to_string();
+        (_udp, _tcp) = (Some(s), None);
+    } else {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        addr = s.local_addr().unwrap().to_string();
+        (_udp, _tcp) = (None, Some(s));
+    }
     let out = std::process::Command::new(bin("blockship-sink"))
         .args(["serve", "--listen", &addr, "--allow", "esx01=file:*", "--pki"])
         .arg(lab.pki())
@@ -109,11 +115,10 @@ fn a_busy_listen_address_is_named_once() {
     assert_eq!(e.matches("os error 98").count(), 1, "the cause is repeated: {e}");
 }
 
-#[test]
-fn a_second_name_for_a_file_is_refused() {
+fn a_second_name_for_a_file_is_refused(transport: &str) {
     // Symlinks and hard links inside the file root would give a1's disk a second name that b2's
     // rules allow: b2 could overwrite it and a1's index would still vouch for its own data.
-    let lab = Lab::new(&["a1", "b2"]);
+    let lab = Lab::over(&["a1", "b2"], transport);
     let sink = lab.sink(&["a1=file:a1/*", "b2=file:b2/*"], &[]);
     let (src_a, src_b) = (lab.path("a.img"), lab.path("b.img"));
     image::generate(&src_a, DISK, Profile::Mixed, 1).unwrap();
@@ -137,7 +142,7 @@ fn a_second_name_for_a_file_is_refused() {
     assert!(lab.verify(&sink, "a1", &src_a, "file:a1/disk.img").status.success());
 
     // Two agents at once, one on t.img and one on a link to it: only one name is accepted.
-    let lab = Lab::new(&["x", "y"]);
+    let lab = Lab::over(&["x", "y"], transport);
     let sink = lab.sink(&["x=file:**", "y=file:**"], &[]);
     let (src_x, src_y) = (lab.path("x.img"), lab.path("y.img"));
     image::generate(&src_x, DISK, Profile::Mixed, 3).unwrap();
@@ -161,9 +166,8 @@ fn a_second_name_for_a_file_is_refused() {
     assert!(same_file(&src_x, &lab.target("t.img")), "t.img matches neither source");
 }
 
-#[test]
-fn targets_outside_the_root_and_forbidden_targets_are_refused() {
-    let lab = Lab::new(&["esx01", "esx02", "stranger"]);
+fn targets_outside_the_root_and_forbidden_targets_are_refused(transport: &str) {
+    let lab = Lab::over(&["esx01", "esx02", "stranger"], transport);
     let outside = lab.path("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, lab.target("escape")).unwrap();
@@ -195,10 +199,9 @@ fn targets_outside_the_root_and_forbidden_targets_are_refused() {
     assert!(!lab.target("stranger").exists());
 }
 
-#[test]
-fn certificates_from_another_ca_are_refused() {
-    let lab = Lab::new(&["esx01"]);
-    let other = Lab::new(&["esx01"]);
+fn certificates_from_another_ca_are_refused(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
+    let other = Lab::over(&["esx01"], transport);
     let sink = lab.sink(&["esx01=file:*"], &[]);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 1).unwrap();
@@ -206,7 +209,17 @@ fn certificates_from_another_ca_are_refused() {
     let foreign = other.pki();
     // Our CA, a certificate from another CA.
     let out = std::process::Command::new(bin("blockship-agent"))
-        .args(["sync", "--sink", &sink.addr, "--no-progress", "--target", "file:vm", "--source"])
+        .args([
+            "sync",
+            "--sink",
+            &sink.addr,
+            "--transport",
+            transport,
+            "--no-progress",
+            "--target",
+            "file:vm",
+        ])
+        .arg("--source")
         .arg(&src)
         .arg("--ca")
         .arg(pki.join("ca.pem"))
@@ -220,7 +233,17 @@ fn certificates_from_another_ca_are_refused() {
     assert!(stderr(&out).contains("the sink rejected our certificate"), "{}", stderr(&out));
     // A sink certificate we do not trust.
     let out = std::process::Command::new(bin("blockship-agent"))
-        .args(["sync", "--sink", &sink.addr, "--no-progress", "--target", "file:vm", "--source"])
+        .args([
+            "sync",
+            "--sink",
+            &sink.addr,
+            "--transport",
+            transport,
+            "--no-progress",
+            "--target",
+            "file:vm",
+        ])
+        .arg("--source")
         .arg(&src)
         .arg("--ca")
         .arg(foreign.join("ca.pem"))
@@ -235,3 +258,12 @@ fn certificates_from_another_ca_are_refused() {
     assert!(!lab.target("vm").exists());
     assert!(lab.sink_log().contains("handshake failed"));
 }
+
+each_transport!(
+    bad_change_lists_are_refused_before_anything_is_sent,
+    incremental_needs_a_committed_full_sync,
+    a_busy_listen_address_is_named_once,
+    a_second_name_for_a_file_is_refused,
+    targets_outside_the_root_and_forbidden_targets_are_refused,
+    certificates_from_another_ca_are_refused
+);

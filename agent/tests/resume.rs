@@ -34,9 +34,8 @@ fn paced_sync(
     cmd.spawn().unwrap()
 }
 
-#[test]
-fn sink_killed_mid_sync_resumes_without_resending() {
-    let lab = Lab::new(&["esx01"]);
+fn sink_killed_mid_sync_resumes_without_resending(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 5).unwrap();
     let mut sink = lab.sink(&["esx01=file:*"], &[]);
@@ -71,9 +70,8 @@ fn sink_killed_mid_sync_resumes_without_resending() {
     println!("first run total {total} bytes; after the crash: {second}");
 }
 
-#[test]
-fn agent_killed_mid_sync_resumes_and_takes_over_its_session() {
-    let lab = Lab::new(&["esx01"]);
+fn agent_killed_mid_sync_resumes_and_takes_over_its_session(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 6).unwrap();
     let sink = lab.sink(&["esx01=file:*"], &[]);
@@ -87,9 +85,8 @@ fn agent_killed_mid_sync_resumes_and_takes_over_its_session() {
     assert!(u(&second, "bytes_equal") >= 200 * MIB, "durable chunks were resent: {second}");
 }
 
-#[test]
-fn interrupted_incremental_resumes_after_its_durable_offset() {
-    let lab = Lab::new(&["esx01"]);
+fn interrupted_incremental_resumes_after_its_durable_offset(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Random, 7).unwrap();
     let sink = lab.sink(&["esx01=file:*"], &[]);
@@ -120,11 +117,10 @@ fn interrupted_incremental_resumes_after_its_durable_offset() {
     assert_eq!(u(&second, "bytes_read"), 600 * MIB - u(&second, "resumed_from"), "{second}");
 }
 
-#[test]
-fn an_interrupted_incremental_of_a_file_that_changed_starts_over() {
+fn an_interrupted_incremental_of_a_file_that_changed_starts_over(transport: &str) {
     // A plain file is its own frozen view only while it does not change: after a rewrite between
     // the attempts, resuming would keep the first attempt's data below the durable offset.
-    let lab = Lab::new(&["esx01"]);
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Random, 8).unwrap();
     let sink = lab.sink(&["esx01=file:*"], &[]);
@@ -155,9 +151,8 @@ fn an_interrupted_incremental_of_a_file_that_changed_starts_over() {
     assert!(same_file(&src, &lab.target("vm")), "the target mixes two versions of the file");
 }
 
-#[test]
-fn a_file_target_rolls_back_to_its_last_committed_epoch() {
-    let lab = Lab::new(&["esx01"]);
+fn a_file_target_rolls_back_to_its_last_committed_epoch(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 9).unwrap();
     let mut sink = lab.sink(&["esx01=file:*"], &[]);
@@ -204,11 +199,10 @@ fn a_file_target_rolls_back_to_its_last_committed_epoch() {
     assert!(lab.verify(&sink, "esx01", &src, "file:vm").status.success());
 }
 
-#[test]
-fn verify_during_a_sync_does_not_break_it() {
+fn verify_during_a_sync_does_not_break_it(transport: &str) {
     // Verification needs no write lease: it must not take over (and so kill) the agent's own
     // running sync; it says the target is busy instead.
-    let lab = Lab::new(&["esx01"]);
+    let lab = Lab::over(&["esx01"], transport);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 10).unwrap();
     let sink = lab.sink(&["esx01=file:*"], &[]);
@@ -231,3 +225,12 @@ fn verify_during_a_sync_does_not_break_it() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("replaced by a new session"), "the closed agent did not print the sink's reason: {e}");
 }
+
+each_transport!(
+    sink_killed_mid_sync_resumes_without_resending,
+    agent_killed_mid_sync_resumes_and_takes_over_its_session,
+    interrupted_incremental_resumes_after_its_durable_offset,
+    an_interrupted_incremental_of_a_file_that_changed_starts_over,
+    a_file_target_rolls_back_to_its_last_committed_epoch,
+    verify_during_a_sync_does_not_break_it
+);

@@ -29,9 +29,8 @@ fn change_list(changed: &[(u64, u64)]) -> String {
     serde_json::to_string_pretty(&pages).unwrap()
 }
 
-#[test]
-fn full_incremental_compare_and_verify() {
-    let lab = Lab::new(&["esx01"]);
+fn full_incremental_compare_and_verify(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let sink = lab.sink(&["esx01=file:esx01/*"], &[]);
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Mixed, 1).unwrap();
@@ -124,9 +123,8 @@ fn full_incremental_compare_and_verify() {
     assert!(text.contains(&format!("[{}, {})", 700 * MIB, 701 * MIB)), "{text}");
 }
 
-#[test]
-fn sparse_source_reads_only_its_data() {
-    let lab = Lab::new(&["esx01"]);
+fn sparse_source_reads_only_its_data(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
     let sink = lab.sink(&["esx01=file:**"], &[]);
     let src = lab.path("sparse.img");
     image::generate(&src, 2 * DISK, Profile::Sparse, 3).unwrap();
@@ -147,3 +145,5 @@ fn sparse_source_reads_only_its_data() {
     assert_eq!(u(&again, "bytes_read"), text, "{again}");
     assert_eq!(again["reader"], "pread", "{again}");
 }
+
+each_transport!(full_incremental_compare_and_verify, sparse_source_reads_only_its_data);

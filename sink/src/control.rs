@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use blockship_transport::grpc::PeerInfo;
+use blockship_transport::tcp_tls::PeerInfo;
 use tonic::{Request, Response, Status};
 
 use crate::roster::Roster;

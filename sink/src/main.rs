@@ -144,11 +144,10 @@ impl Remote {
         let Some(sink) = &self.sink else { return Ok(None) };
         let tls = blockship_transport::tls::client_config(&self.files()?)?;
         let tuning = blockship_transport::grpc::GrpcTuning::from_quic(&Default::default());
-        let (channel, _) =
-            blockship_transport::grpc::channel(tls, sink, self.server_name.as_deref(), &tuning)
-                .await
-                .with_context(|| format!("cannot reach the sink's control API at {sink}"))?;
-        Ok(Some(blockship_sink::control::SinkControlClient::new(channel)))
+        let tls = blockship_transport::tcp_tls::channel(tls, sink, self.server_name.as_deref(), &tuning)
+            .await
+            .with_context(|| format!("cannot reach the sink's control API at {sink}"))?;
+        Ok(Some(blockship_sink::control::SinkControlClient::new(tls.channel)))
     }
 }
 
@@ -328,9 +327,10 @@ fn run(cli: Cli) -> Result<()> {
                 let server = Server::bind(r.listen, r.grpc_listen, &r.tls, &r.tuning, ctx, routes)?;
                 let addr = server.local_addr()?;
                 let grpc = server.grpc_addr();
-                // Scripts and tests read these lines to learn the ports when listening on :0.
+                // Scripts and tests read this one line to learn the port when listening on :0
+                // (gRPC takes the same TCP port unless --grpc-listen moves it: see the log).
+                // Exactly one line, and nothing later: readers may close the pipe after it.
                 println!("listening on {addr}");
-                println!("grpc listening on {grpc}");
                 tracing::info!(%addr, %grpc, "sink ready (QUIC on UDP, gRPC on TCP)");
                 tokio::select! {
                     _ = server.run() => {}

@@ -77,6 +77,14 @@ pub enum Closed {
     Lost(String),
 }
 
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::closed_text(self))
+    }
+}
+
+impl std::error::Error for Closed {}
+
 /// A bidirectional stream: its sending and its receiving half.
 pub type BiStream = (Box<dyn SendStream>, RecvStream);
 

@@ -17,8 +17,6 @@ use std::time::Duration;
 use blockship_proto::pb::{DataEnd, WireFrame};
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -27,7 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::conn::{
     BiStream, BoxFuture, ClientOptions, Closed, Conn, Connection, Incoming, RecvStream, SendStream, Transport,
 };
-use crate::tls::{cert_identity, TlsError};
+use crate::tcp_tls::{channel, tls_incoming, PeerInfo};
+use crate::tls::TlsError;
 use crate::TransportError;
 
 mod generated {
@@ -70,110 +69,6 @@ impl GrpcTuning {
             idle_timeout: t.idle_timeout,
         }
     }
-}
-
-/// Who is on the other end of an accepted TLS connection (a request extension).
-#[derive(Clone, Debug)]
-pub struct PeerInfo {
-    pub remote: SocketAddr,
-    /// The identity in the client's verified certificate, or why there is none.
-    pub identity: Result<String, String>,
-}
-
-/// A server-side TLS connection that tells tonic who the peer is.
-pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
-/// Accept TCP connections and run their TLS handshakes (each in its own task, with a timeout,
-/// so a silent client cannot hold up the others).
-fn tls_incoming(
-    listener: tokio::net::TcpListener,
-    tls: rustls::ServerConfig,
-) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("gRPC accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%remote, "gRPC TLS handshake failed (wrong CA, no client certificate, or not a Blockship agent): {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%remote, "gRPC TLS handshake timed out");
-                        return;
-                    }
-                };
-                let identity = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .ok_or(TlsError::NoPeerCert)
-                    .and_then(|c| cert_identity(c))
-                    .map_err(|e| e.to_string());
-                let _ = tx.send(Ok(TlsConn { stream, info: PeerInfo { remote, identity } })).await;
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// The sink's gRPC side: serves `Replication` (and any extra services, e.g. the sink's control
@@ -280,8 +175,7 @@ impl Stream for FrameBytes {
                 if let Some(slot) = &self.closed {
                     slot.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(closed.clone());
                 }
-                let text = crate::TransportError::Closed(closed).to_string();
-                Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, text))))
+                Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, closed))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -535,49 +429,6 @@ struct ClientConn {
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
-/// An HTTP/2 channel with mutual TLS to `target` ("HOST:PORT"), checking the server certificate
-/// against `server_name` (default: HOST); for the replication service and the sink's control API.
-pub async fn channel(
-    tls: rustls::ClientConfig,
-    target: &str,
-    server_name: Option<&str>,
-    tuning: &GrpcTuning,
-) -> Result<(tonic::transport::Channel, SocketAddr), TransportError> {
-    let (host, port) = crate::quic::split_host_port(target)?;
-    let remote = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| TransportError::Resolve(format!("{target}: {e}")))?
-        .next()
-        .ok_or_else(|| TransportError::Resolve(format!("{target}: no address")))?;
-    let name = server_name.map(str::to_string).unwrap_or(host);
-    let server_name = rustls_pki_types::ServerName::try_from(name.clone())
-        .map_err(|e| TransportError::Resolve(format!("{name}: {e}")))?;
-    let mut tls = tls;
-    tls.alpn_protocols = vec![H2.to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{remote}"))
-        .map_err(|e| TransportError::Connect(e.to_string()))?
-        .initial_stream_window_size(tuning.stream_window)
-        .initial_connection_window_size(tuning.connection_window)
-        .http2_keep_alive_interval(tuning.keep_alive)
-        .keep_alive_timeout(tuning.idle_timeout)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let (connector, server_name) = (connector.clone(), server_name.clone());
-            async move {
-                let tcp = TcpStream::connect(remote).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
-        .map_err(|e| TransportError::Connect(crate::error_text(&e)))?;
-    Ok((channel, remote))
-}
-
 /// Connect to the sink's gRPC side at `target` ("HOST:PORT").
 pub async fn connect(
     tls: rustls::ClientConfig,
@@ -585,12 +436,17 @@ pub async fn connect(
     opts: &ClientOptions,
 ) -> Result<Connection, TransportError> {
     let tuning = GrpcTuning::from_quic(&opts.tuning);
-    let (channel, remote) = channel(tls, target, opts.server_name.as_deref(), &tuning).await?;
-    let client = ReplicationClient::new(channel)
+    let tls = channel(tls, target, opts.server_name.as_deref(), &tuning).await?;
+    let remote = tls.remote;
+    let client = ReplicationClient::new(tls.channel.clone())
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(256);
-    let resp = client.clone().control(ReceiverStream::new(rx)).await.map_err(|s| status_error(&s))?;
+    let resp = client
+        .clone()
+        .control(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| tls.failure(&s).unwrap_or_else(|| status_error(&s)))?;
     let number = |key: &str| -> Result<u64, TransportError> {
         resp.metadata().get(key).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).ok_or_else(|| {
             TransportError::Connect(format!("the sink's answer lacks {key} (not a Blockship sink?)"))

@@ -11,6 +11,7 @@ pub mod logs;
 pub mod metrics;
 pub mod quic;
 pub mod quic_conn;
+pub mod tcp_tls;
 pub mod tls;
 
 pub use conn::{ClientOptions, Closed, Connection, Transport};
@@ -29,7 +30,7 @@ pub enum TransportError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("network I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error(
         "cannot listen on {addr} (UDP): {source}; is another sink running there? Choose another --listen"
     )]
@@ -59,6 +60,17 @@ impl TransportError {
             code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::Unspecified),
             message: e.message.clone(),
         }
+    }
+}
+
+/// A read error of a stream keeps why its connection ended (the adapters put a `Closed` inside
+/// the `io::Error`), so a peer's close reason reaches the operator instead of "connection lost".
+impl From<std::io::Error> for TransportError {
+    fn from(e: std::io::Error) -> Self {
+        if let Some(c) = e.get_ref().and_then(|i| i.downcast_ref::<conn::Closed>()) {
+            return TransportError::Closed(c.clone());
+        }
+        TransportError::Io(e)
     }
 }
 

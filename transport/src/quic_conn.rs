@@ -50,11 +50,29 @@ impl SendStream for QuicSend {
     }
 }
 
+/// quinn's receive stream, its read errors carrying why the connection ended.
+struct QuicRecv(quinn::RecvStream);
+
+impl tokio::io::AsyncRead for QuicRecv {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf).map_err(|e| {
+            match e.get_ref().and_then(|i| i.downcast_ref::<quinn::ReadError>()) {
+                Some(quinn::ReadError::ConnectionLost(c)) => std::io::Error::new(e.kind(), closed(c)),
+                _ => e,
+            }
+        })
+    }
+}
+
 fn split(
     pair: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
 ) -> Result<BiStream, TransportError> {
     let (send, recv) = pair?;
-    Ok((Box::new(QuicSend(send)), Box::new(recv)))
+    Ok((Box::new(QuicSend(send)), Box::new(QuicRecv(recv))))
 }
 
 impl Conn for QuicConn {
@@ -92,7 +110,7 @@ impl Conn for QuicConn {
     }
 
     fn accept_uni(&self) -> BoxFuture<'_, Result<RecvStream, TransportError>> {
-        Box::pin(async move { Ok(Box::new(self.conn.accept_uni().await?) as RecvStream) })
+        Box::pin(async move { Ok(Box::new(QuicRecv(self.conn.accept_uni().await?)) as RecvStream) })
     }
 
     fn close(&self, code: u32, reason: &[u8]) {

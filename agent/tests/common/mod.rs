@@ -24,12 +24,33 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Declares each listed test once per transport, as `quic::NAME` and `grpc::NAME`; the test
+/// itself is a function taking the transport's name (`Lab::over` passes it to every agent).
+#[macro_export]
+macro_rules! each_transport {
+    ($($name:ident),+ $(,)?) => {
+        mod quic {
+            $( #[test] fn $name() { super::$name("quic") } )+
+        }
+        mod grpc {
+            $( #[test] fn $name() { super::$name("grpc") } )+
+        }
+    };
+}
+
 pub struct Lab {
     pub dir: tempfile::TempDir,
+    /// `--transport` of every agent command (the sink serves both).
+    pub transport: String,
 }
 
 impl Lab {
     pub fn new(agents: &[&str]) -> Lab {
+        Lab::over(agents, "quic")
+    }
+
+    /// A lab whose agents connect over `transport` (quic or grpc).
+    pub fn over(agents: &[&str], transport: &str) -> Lab {
         let dir = tempfile::Builder::new().prefix("blockship-test-").tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("root")).unwrap();
         let mut cmd = Command::new(bin("blockship-sink"));
@@ -39,7 +60,7 @@ impl Lab {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "pki init: {}", String::from_utf8_lossy(&out.stderr));
-        Lab { dir }
+        Lab { dir, transport: transport.to_string() }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -104,6 +125,7 @@ impl Lab {
         let mut cmd = Command::new(bin("blockship-agent"));
         cmd.arg(sub)
             .args(["--sink", &sink.addr, "--name", name, "--idle-timeout", "5s"])
+            .args(["--transport", &self.transport])
             .arg("--pki")
             .arg(self.pki());
         if sub == "sync" {
