@@ -2,7 +2,7 @@
 //! epoch one point in time across its disks. A live qemu-storage-daemon "VM" with three disks
 //! and a sequence-numbered writer replicates into RBD at a 5 s interval, and every committed
 //! epoch's snapshots must be one consistent cut of the writer's log; the RPO shown by `status`
-//! stays within interval + cycle time.
+//! stays within interval + cycle time; over QUIC and over gRPC alike.
 
 mod common;
 
@@ -14,14 +14,14 @@ use common::*;
 
 const DISK: u64 = 16 << 20;
 
-#[test]
-fn a_live_qemu_group_is_one_consistent_cut_every_epoch() {
+fn a_live_qemu_group_is_one_consistent_cut_every_epoch(transport: &str) {
     let Some(ceph) = ceph() else { return };
     if !common::qemu::available() {
         return;
     }
-    let lab = Lab::new(&["esx01"]);
-    let images: Vec<TestImage> = (0..3).map(|i| TestImage::new(&ceph, &format!("qemu{i}"))).collect();
+    let lab = Lab::over(&["esx01"], transport);
+    let images: Vec<TestImage> =
+        (0..3).map(|i| TestImage::new(&ceph, &format!("qemu{i}-{transport}"))).collect();
     // Every epoch's snapshots are kept, so each can be checked at the end.
     let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &["--keep-snapshots", "1000"]);
     let vm = Vm::start(lab.dir.path(), 3, DISK).unwrap();
@@ -549,3 +549,6 @@ fn a_broken_group_backs_off_alone_and_a_restarted_sink_is_reached_in_seconds() {
         }
     }
 }
+
+// The continuous group over either transport: the same cuts, the same RPO bound.
+each_transport!(a_live_qemu_group_is_one_consistent_cut_every_epoch);

@@ -58,8 +58,9 @@ impl Daemon {
         let log = lab.path(&format!("{tag}.log"));
         let config = lab.path(&format!("{tag}.toml"));
         let text = format!(
-            "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"{name}\"\nidle_timeout = \"5s\"\n{}\n{agent}\n[daemon]\ncontrol_socket = \"{}\"\n{daemon}\n{groups}\n",
+            "[agent]\nsink = \"{}\"\ntransport = \"{}\"\npki = \"{}\"\nname = \"{name}\"\nidle_timeout = \"5s\"\n{}\n{agent}\n[daemon]\ncontrol_socket = \"{}\"\n{daemon}\n{groups}\n",
             sink.addr,
+            lab.transport,
             lab.pki().display(),
             ceph_agent_keys(),
             socket.display()
