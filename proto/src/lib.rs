@@ -1,11 +1,12 @@
 //! Blockship's wire protocol, free of I/O in the spirit of `quinn-proto`: the protobuf messages
 //! (prost), the length-prefixed framing with hard size limits, the per-chunk codec (BLAKE3 +
-//! optional zstd) and protocol version negotiation. Agents, sinks, fuzzers and tests all drive
-//! the same code with plain byte buffers.
+//! optional zstd), protocol version negotiation and the session's control-stream state machine.
+//! Agents, sinks, fuzzers and tests all drive the same code with plain byte buffers.
 
 pub mod buffer;
 pub mod codec;
 pub mod frame;
+pub mod session;
 pub mod version;
 
 /// Generated protobuf types (`proto/blockship.proto`).

@@ -3,7 +3,9 @@
 //! commit, progress; acks and errors back), every unidirectional stream carries chunks and zero
 //! extents (see `datastream`). The session is seated within the sink's connection limits after
 //! Hello, must say Hello within the hello timeout and show progress within the idle timeout;
-//! any refusal is sent as an `Error` frame and as the connection's close reason.
+//! any refusal is sent as an `Error` frame and as the connection's close reason. Every control
+//! message first passes `blockship_proto::session::SinkSession` (the ordering rules, without
+//! I/O); this module carries out the step it names against targets, leases and writers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +15,6 @@ use std::time::Duration;
 use blockship_proto::pb::{self, ErrorCode};
 use blockship_proto::{version, Body};
 use blockship_transport::conn::{Closed, Incoming, RecvStream, SendStream};
-use blockship_transport::framed::unexpected;
 use blockship_transport::{Connection, FrameReader, FrameWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,6 +30,7 @@ use crate::roster::Entry;
 use crate::server::{SinkContext, Windows};
 use crate::state::GroupRecord;
 use crate::writer::WriterMsg;
+use blockship_proto::session::{Scope, SinkSession, Step};
 
 fn software() -> String {
     format!("blockship-sink {}", env!("CARGO_PKG_VERSION"))
@@ -144,12 +146,13 @@ async fn session(
     let mut reader = FrameReader::new(recv);
     let control = Control::start(send);
     let result = async {
-        let hello = match tokio::time::timeout_at(deadline, reader.next_body("Hello"))
-            .await
-            .map_err(|_| no_hello())??
-        {
-            Body::Hello(h) => h,
-            other => return Err(unexpected("Hello", &other).into()),
+        let first =
+            tokio::time::timeout_at(deadline, reader.next_body("Hello")).await.map_err(|_| no_hello())??;
+        let mut machine = SinkSession::new();
+        let hello = match machine.on_message(first) {
+            Ok(Step::Hello(h)) => h,
+            Ok(other) => return Err(Refusal::internal(format!("session state: {other:?} before Hello"))),
+            Err(v) => return Err(Refusal::new(v.code, v.message)),
         };
         let idle_ms = u32::try_from(limits.idle_timeout.as_millis()).unwrap_or(u32::MAX);
         let reply = version::negotiate(&hello, &software(), identity, idle_ms)
@@ -167,7 +170,7 @@ async fn session(
         let listed = ctx.roster.add(entry);
         control.send(Body::HelloReply(reply)).await;
         let received = listed.1.received.clone();
-        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams, received).await
+        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams, received, machine).await
     }
     .await;
     match result {
@@ -187,17 +190,10 @@ struct Session<'a> {
     liveness: Arc<Liveness>,
     holder: Holder,
     errors: DiskErrors,
-    /// Groups opened on this session: their members and committed epoch.
-    groups: HashMap<String, (GroupRecord, Vec<u32>, u64)>,
-    /// Disk handles only grow: items of a closed handle can never reach another disk's epoch.
-    last_handle: u32,
-}
-
-/// Which part of a session a refusal ends.
-enum Scope {
-    Disk(u32),
-    Group(String),
-    Connection,
+    /// The control stream's ordering rules (Hello, handles, epochs, groups).
+    machine: SinkSession,
+    /// Registry records of the groups opened on this session.
+    records: HashMap<String, GroupRecord>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -211,6 +207,7 @@ async fn run(
     seat: Seat,
     open_streams: &Arc<AtomicUsize>,
     received: Arc<AtomicU64>,
+    machine: SinkSession,
 ) -> Result<(), Refusal> {
     let limits = &ctx.admission.limits;
     let liveness = Liveness::new();
@@ -243,8 +240,8 @@ async fn run(
         liveness: liveness.clone(),
         holder,
         errors: errors_tx,
-        groups: HashMap::new(),
-        last_handle: 0,
+        machine,
+        records: HashMap::new(),
     };
     loop {
         let frame = tokio::select! {
@@ -287,6 +284,7 @@ impl Session<'_> {
     async fn fail(&mut self, scope: Scope, r: Refusal) {
         let (disk, group) = match scope {
             Scope::Disk(h) => {
+                self.machine.disk_failed(h);
                 let closed = self.disks.lock().unwrap_or_else(|p| p.into_inner()).remove(&h);
                 if let Some(d) = &closed {
                     d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -312,21 +310,13 @@ impl Session<'_> {
         lookup(self.disks, handle).map_err(|r| (Scope::Disk(handle), r))
     }
 
+    /// Check `body` against the session's state machine, then carry out its step.
     async fn dispatch(&mut self, body: Body) -> Result<(), (Scope, Refusal)> {
+        let step = self.machine.on_message(body).map_err(|v| (v.scope, Refusal::new(v.code, v.message)))?;
         let limits = &self.ctx.admission.limits;
-        match body {
-            Body::OpenDisk(req) => {
+        match step {
+            Step::OpenDisk(req) => {
                 let scope = || Scope::Disk(req.disk);
-                if req.disk <= self.last_handle {
-                    return Err((
-                        Scope::Connection,
-                        Refusal::bad_request(format!(
-                            "disk handle {} is not new (handles only grow on a connection; last {})",
-                            req.disk, self.last_handle
-                        )),
-                    ));
-                }
-                self.last_handle = req.disk;
                 let open = self.disks.lock().unwrap_or_else(|p| p.into_inner()).len();
                 if open >= limits.max_disks_per_connection {
                     return Err((
@@ -345,57 +335,42 @@ impl Session<'_> {
                 self.disks.lock().unwrap_or_else(|p| p.into_inner()).insert(req.disk, disk);
                 self.control.send(Body::DiskOpened(opened)).await;
             }
-            Body::CloseDisk(req) => {
-                if let Some(d) = self.disks.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.disk) {
+            Step::CloseDisk(handle) => {
+                if let Some(d) = self.disks.lock().unwrap_or_else(|p| p.into_inner()).remove(&handle) {
                     d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
                 }
             }
-            Body::IndexRequest(req) => {
-                let disk = self.disk(req.disk)?;
+            Step::Index(handle) => {
+                let disk = self.disk(handle)?;
                 if disk.writer().is_ok() {
+                    // The previous epoch's writer is still finishing its commit.
                     return Err((
-                        Scope::Disk(req.disk),
+                        Scope::Disk(handle),
                         Refusal::bad_request("index requested during an epoch"),
                     ));
                 }
                 crate::hashes::send_index(&disk, &self.control.out)
                     .await
-                    .map_err(|r| (Scope::Disk(req.disk), r))?;
+                    .map_err(|r| (Scope::Disk(handle), r))?;
             }
-            Body::VerifyRequest(req) => {
-                let disk = self.disk(req.disk)?;
+            Step::Verify(handle) => {
+                let disk = self.disk(handle)?;
                 crate::hashes::send_verify_hashes(&disk, &self.control.out)
                     .await
-                    .map_err(|r| (Scope::Disk(req.disk), r))?;
+                    .map_err(|r| (Scope::Disk(handle), r))?;
             }
-            Body::EpochBegin(mut req) => {
+            Step::Begin { mut req, group_committed } => {
                 let disk = self.disk(req.disk)?;
                 let handle = req.disk;
                 let scope = || Scope::Disk(handle);
                 if let Some(c) = disk.state().cut_over {
                     return Err((scope(), disk::cut_over_refusal(&disk.name, &c)));
                 }
-                let group_committed = if req.group.is_empty() {
-                    None
-                } else {
-                    match self.groups.get(&req.group) {
-                        Some((record, members, committed)) if members.contains(&req.disk) => {
-                            // The state names the group as the registry does (AGENT/GROUP), so
-                            // that a later GroupOpen recognizes a member prepared for it.
-                            req.group = record.name.clone();
-                            Some(*committed)
-                        }
-                        _ => {
-                            return Err((
-                                scope(),
-                                Refusal::bad_request(format!(
-                                    "disk {} is not a member of an open group {:?} (send GroupOpen first)",
-                                    req.disk, req.group
-                                )),
-                            ))
-                        }
-                    }
-                };
+                if let Some(record) = self.records.get(&req.group) {
+                    // The state names the group as the registry does (AGENT/GROUP), so that a
+                    // later GroupOpen recognizes a member prepared for it.
+                    req.group = record.name.clone();
+                }
                 crate::epoch::begin(
                     self.ctx,
                     &disk,
@@ -407,21 +382,19 @@ impl Session<'_> {
                 )
                 .await
                 .map_err(|r| (scope(), r))?;
+                self.machine.epoch_begun(handle, req.epoch);
                 self.control
                     .send(Body::EpochStarted(pb::EpochStarted { disk: req.disk, epoch: req.epoch }))
                     .await;
             }
-            Body::EpochCommit(req) => {
+            Step::Commit(req) => {
                 let disk = self.disk(req.disk)?;
                 let scope = || Scope::Disk(req.disk);
                 let (epoch, tx) = disk.writer().map_err(|r| (scope(), r))?;
                 if epoch != req.epoch {
                     return Err((
                         scope(),
-                        Refusal::bad_request(format!(
-                            "commit of epoch {} while epoch {epoch} is open",
-                            req.epoch
-                        )),
+                        Refusal::internal(format!("the writer is at epoch {epoch}, not {}", req.epoch)),
                     ));
                 }
                 let group = disk.state().in_progress.is_some_and(|p| !p.group.is_empty());
@@ -429,90 +402,48 @@ impl Session<'_> {
                     .await
                     .map_err(|_| (scope(), Refusal::internal("epoch writer stopped")))?;
             }
-            Body::GroupOpen(req) => {
+            Step::GroupOpen(req) => {
                 let scope = || Scope::Group(req.group.clone());
-                let members = req
-                    .disks
-                    .iter()
-                    .map(|&h| lookup(self.disks, h))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|r| (scope(), r))?;
+                let members = self.members(&req.disks).map_err(|r| (scope(), r))?;
                 let (record, committed) =
                     crate::group::open(&self.ctx.state_root, &self.holder.agent, &req.group, &members)
                         .await
                         .map_err(|r| (scope(), r))?;
-                self.groups.insert(req.group.clone(), (record, req.disks.clone(), committed));
+                self.records.insert(req.group.clone(), record);
+                self.machine.group_opened(&req.group, req.disks, committed);
                 self.control
                     .send(Body::GroupOpened(pb::GroupOpened { group: req.group, committed_epoch: committed }))
                     .await;
             }
-            Body::GroupCommit(req) => {
-                let scope = || Scope::Group(req.group.clone());
-                let Some((record, handles, committed)) = self.groups.get(&req.group).cloned() else {
-                    return Err((
-                        scope(),
-                        Refusal::bad_request(format!("group {:?} is not open", req.group)),
-                    ));
-                };
-                if req.epoch != committed + 1 {
-                    return Err((scope(), crate::writer::epoch_mismatch(&req.group, req.epoch, committed)));
-                }
-                let members = handles
-                    .iter()
-                    .map(|&h| lookup(self.disks, h))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|r| (scope(), r))?;
-                crate::commit::commit(&members, req.epoch, Some(&record)).await.map_err(|r| (scope(), r))?;
-                if let Some(g) = self.groups.get_mut(&req.group) {
-                    g.2 = req.epoch;
-                }
+            Step::GroupCommit { group, epoch, members } => {
+                let scope = || Scope::Group(group.clone());
+                let record = self.records.get(&group).cloned();
+                let members = self.members(&members).map_err(|r| (scope(), r))?;
+                crate::commit::commit(&members, epoch, record.as_ref()).await.map_err(|r| (scope(), r))?;
+                self.machine.group_committed(&group, epoch);
                 self.control
-                    .send(Body::GroupCommitted(pb::GroupCommitted {
-                        group: req.group,
-                        epoch: req.epoch,
-                        cut_over: false,
-                    }))
+                    .send(Body::GroupCommitted(pb::GroupCommitted { group, epoch, cut_over: false }))
                     .await;
                 for m in &members {
-                    crate::commit::release(m, req.epoch).await;
+                    crate::commit::release(m, epoch).await;
                 }
             }
-            Body::GroupCutover(req) => {
-                let scope = || Scope::Group(req.group.clone());
-                let Some((_, handles, committed)) = self.groups.get(&req.group).cloned() else {
-                    return Err((
-                        scope(),
-                        Refusal::bad_request(format!("group {:?} is not open", req.group)),
-                    ));
-                };
-                if req.epoch != committed || committed == 0 {
-                    return Err((
-                        scope(),
-                        Refusal::bad_request(format!(
-                            "cutover of group {:?} at epoch {}, but its committed epoch is {committed}; a cutover finalises the committed epoch",
-                            req.group, req.epoch
-                        )),
-                    ));
-                }
-                let members = handles
-                    .iter()
-                    .map(|&h| lookup(self.disks, h))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|r| (scope(), r))?;
-                crate::commit::cut_over(&members, committed).await.map_err(|r| (scope(), r))?;
+            Step::GroupCutover { group, epoch, members } => {
+                let scope = || Scope::Group(group.clone());
+                let members = self.members(&members).map_err(|r| (scope(), r))?;
+                crate::commit::cut_over(&members, epoch).await.map_err(|r| (scope(), r))?;
                 self.control
-                    .send(Body::GroupCommitted(pb::GroupCommitted {
-                        group: req.group,
-                        epoch: committed,
-                        cut_over: true,
-                    }))
+                    .send(Body::GroupCommitted(pb::GroupCommitted { group, epoch, cut_over: true }))
                     .await;
             }
-            // Progress only: it reset the idle deadline.
-            Body::Progress(_) => {}
-            other => return Err((Scope::Connection, unexpected("a control message", &other).into())),
+            // Progress only: it reset the idle deadline. Hello was taken before `run`.
+            Step::Progress | Step::Hello(_) => {}
         }
         Ok(())
+    }
+
+    fn members(&self, handles: &[u32]) -> Result<Vec<Arc<Disk>>, Refusal> {
+        handles.iter().map(|&h| lookup(self.disks, h)).collect()
     }
 }
 

@@ -222,9 +222,9 @@ async fn malformed_group_requests_are_refused_and_change_nothing() {
         other => panic!("{other:?}"),
     }
     a.w.send(&commit("vm", 3)).await.unwrap();
-    assert!(a.refused(ErrorCode::BadRequest).await.contains("last committed epoch is 0"));
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("its committed epoch is 0"));
     a.w.send(&commit("vm", 1)).await.unwrap();
-    assert!(a.refused(ErrorCode::BadRequest).await.contains("no epoch 1 in progress"));
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("before member disk 1 committed it"));
     // A cutover needs a committed epoch, and exactly the group's.
     for epoch in [0, 2] {
         a.w.send(&cutover("vm", epoch)).await.unwrap();
