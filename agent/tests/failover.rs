@@ -102,7 +102,12 @@ fn a_test_failover_clones_the_committed_epoch_while_replication_goes_on() {
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(v[0]["test_failover"]["epoch"].as_u64(), Some(epoch), "{v}");
+    let g = &v["groups"][0];
+    assert_eq!(g["test_failover_epoch"].as_u64(), Some(epoch), "{v}");
+    assert_eq!(g["test_failover_clones"].as_array().map(Vec::len), Some(2), "{v}");
+    // RBD members keep their state in the image; the listing still shows their commits.
+    assert!(g["committed_epoch"].as_u64().unwrap() >= epoch, "{v}");
+    assert_eq!(v["targets"].as_array().map(Vec::len), Some(2), "{v}");
 
     // Replication goes on over the cloned snapshots: more epochs, no failure, RPO kept.
     let started = Instant::now();

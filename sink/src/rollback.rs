@@ -132,6 +132,10 @@ async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &Tar
     if let Some(root) = state_root {
         let dir = StateDir::for_target(root, &name.to_string())?;
         let _ = std::fs::remove_file(dir.index_path());
+        // The listing copy must not go on showing the dropped epoch as in progress.
+        if let Err(e) = dir.store_copy(&state) {
+            tracing::warn!(error = %e, "status copy of {name}'s state not written");
+        }
     }
     Ok(match dropped {
         Some(e) => format!("{name}: rolled back to blockship-{epoch}; the unfinished epoch {e} was dropped"),
@@ -176,6 +180,9 @@ async fn store_member_state(
             let ceph = roots.ceph.as_ref().context("rbd targets are disabled (--no-rbd)")?;
             let (image, _) = RbdTarget::open(ceph, spec, &name, 0, Access::Repair).await?;
             image.store_state(state).await?;
+            if let Err(e) = StateDir::for_target(state_root, target).and_then(|d| d.store_copy(state)) {
+                tracing::warn!(error = %e, "status copy of {name}'s state not written");
+            }
         }
     }
     Ok(())

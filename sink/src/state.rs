@@ -202,6 +202,26 @@ impl StateDir {
         Ok(())
     }
 
+    /// Record a copy of the state of a target that keeps its state elsewhere (an RBD image's
+    /// metadata), so `status` lists it without opening the image. Only for listings: it is
+    /// written after the real record and never read back to resume.
+    pub fn store_copy(&self, state: &ReplicationState) -> Result<(), StateError> {
+        let path = self.dir.join("copy.json");
+        let tmp = self.dir.join("copy.json.tmp");
+        let io = |source| StateError::Io { path: path.clone(), source };
+        fs::write(&tmp, serde_json::to_vec_pretty(state).expect("state serializes")).map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// The state for a listing: the record itself (file targets) or the copy (RBD targets).
+    fn load_listing(&self) -> Option<ReplicationState> {
+        if let Ok(Some(s)) = self.load() {
+            return Some(s);
+        }
+        let bytes = fs::read(self.dir.join("copy.json")).ok()?;
+        serde_json::from_slice::<ReplicationState>(&bytes).ok().filter(|s| s.version == STATE_VERSION)
+    }
+
     /// Forget a target's state (used when the target itself is gone).
     pub fn remove(&self) -> Result<(), StateError> {
         fs::remove_dir_all(&self.dir).map_err(|source| StateError::Io { path: self.dir.clone(), source })
@@ -212,7 +232,7 @@ impl StateDir {
 pub fn all(state_root: &Path) -> Vec<ReplicationState> {
     let Ok(dir) = fs::read_dir(state_root.join("targets")) else { return Vec::new() };
     let mut v: Vec<ReplicationState> =
-        dir.filter_map(|e| e.ok()).filter_map(|e| StateDir { dir: e.path() }.load().ok().flatten()).collect();
+        dir.filter_map(|e| e.ok()).filter_map(|e| StateDir { dir: e.path() }.load_listing()).collect();
     v.sort_by(|a, b| a.target.cmp(&b.target));
     v
 }

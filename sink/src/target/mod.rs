@@ -279,7 +279,19 @@ impl Target {
                     })?
                     .map_err(TargetError::from)
             }
-            Target::Rbd(t) => t.store_state(state).await,
+            Target::Rbd(t) => {
+                t.store_state(state).await?;
+                // The listing copy is best effort: the image metadata is the record.
+                let (d, s) = (dir.clone(), state.clone());
+                match tokio::task::spawn_blocking(move || d.store_copy(&s)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "status copy of an RBD target's state not written")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "status copy of an RBD target's state not written"),
+                }
+                Ok(())
+            }
         }
     }
 
