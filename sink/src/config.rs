@@ -79,7 +79,7 @@ pub struct ServeSettings {
     /// Drop a connection that has not said Hello after this long (default 10s).
     #[arg(long)]
     pub hello_timeout: Option<String>,
-    /// Chunk bytes held in memory at once, in all (default 96MiB; one agent gets half at most).
+    /// Chunk bytes held in memory at once, in all (default 64MiB; one agent gets half at most).
     #[arg(long)]
     pub max_inflight: Option<String>,
     /// ... and per connection (default 32MiB).

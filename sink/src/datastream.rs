@@ -68,6 +68,8 @@ pub struct StreamCtx {
     pub fatal: mpsc::Sender<Refusal>,
     /// Chunk payload bytes received (the control API's throughput).
     pub received: Arc<std::sync::atomic::AtomicU64>,
+    /// The same bytes as `blockship_sink_received_bytes_total{agent}`.
+    pub received_metric: metrics::Counter,
 }
 
 /// The open disk `handle`, or None when it was closed (its items are dropped).
@@ -92,6 +94,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
         let Some(frame) = reader.next().await? else { break };
         ctx.liveness.touch();
         ctx.received.fetch_add(frame.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        ctx.received_metric.increment(frame.payload.len() as u64);
         let (handle, offset, len) = match &frame.body {
             Body::Chunk(h) => (h.disk, h.offset, u64::from(h.length)),
             Body::Zero(z) => (z.disk, z.offset, z.length),

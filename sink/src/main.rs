@@ -322,6 +322,11 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(async move {
                 if let Some(addr) = r.metrics_listen {
                     blockship_transport::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+                    // Series without labels exist from the start (a rate over a missing series is
+                    // no rate): touched at zero.
+                    metrics::counter!("blockship_sink_checksum_failures_total").increment(0);
+                    metrics::gauge!("blockship_sink_sessions").increment(0.0);
+                    metrics::gauge!("blockship_sink_in_flight_bytes").increment(0.0);
                 }
                 let routes = blockship_sink::control::routes(ctx.clone(), r.admins.clone());
                 let server = Server::bind(r.listen, r.grpc_listen, &r.tls, &r.tuning, ctx, routes)?;

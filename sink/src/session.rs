@@ -221,6 +221,7 @@ async fn run(
         errors: errors_tx.clone(),
         fatal: fatal_tx.clone(),
         received,
+        received_metric: metrics::counter!("blockship_sink_received_bytes_total", "agent" => identity.to_string()),
     };
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
     let _abort = AbortOnDrop(acceptor);

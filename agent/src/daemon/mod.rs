@@ -42,6 +42,14 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
 pub async fn run(d: config::Daemon) -> Result<()> {
     if let Some(addr) = d.metrics_listen {
         blockship_transport::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+        // Every group's failure series exist at zero from the start, so that alerts on their
+        // increase work before the first failure.
+        for g in &d.groups {
+            for kind in ["link", "group"] {
+                metrics::counter!("blockship_group_cycle_failures_total", "group" => g.name.clone(), "kind" => kind)
+                    .increment(0);
+            }
+        }
     }
     let mut link = d.agent.link();
     link.pacer = (!d.bandwidth.unlimited()).then(|| Pacer::new(d.bandwidth.clone()));
