@@ -3,6 +3,7 @@
 //! ratios (results.md, results.json, PNG charts).
 
 pub mod charts;
+pub mod grpc_peer;
 pub mod image;
 pub mod lab;
 pub mod machine;

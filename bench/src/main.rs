@@ -56,7 +56,12 @@ enum Cmd {
     /// Bare QUIC bulk transfer with Blockship's transport settings (the lan scenario's ceiling).
     QuicPeer {
         #[command(subcommand)]
-        side: QuicSide,
+        side: PeerSide,
+    },
+    /// Bare gRPC (tonic) bulk transfer with Blockship's gRPC settings (the grpc rows' ceiling).
+    GrpcPeer {
+        #[command(subcommand)]
+        side: PeerSide,
     },
     /// Render results.md and the charts again from a results.json (same directory).
     Report {
@@ -79,7 +84,7 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
-enum QuicSide {
+enum PeerSide {
     Serve {
         #[arg(long)]
         listen: std::net::SocketAddr,
@@ -114,11 +119,22 @@ fn main() -> Result<()> {
         Some(Cmd::QuicPeer { side }) => {
             let rt = tokio::runtime::Runtime::new()?;
             match side {
-                QuicSide::Serve { listen, pki } => {
+                PeerSide::Serve { listen, pki } => {
                     rt.block_on(blockship_bench::quic_peer::serve(listen, &pki))
                 }
-                QuicSide::Send { sink, pki, bytes, streams } => {
+                PeerSide::Send { sink, pki, bytes, streams } => {
                     rt.block_on(blockship_bench::quic_peer::send(&sink, &pki, bytes, streams))
+                }
+            }
+        }
+        Some(Cmd::GrpcPeer { side }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            match side {
+                PeerSide::Serve { listen, pki } => {
+                    rt.block_on(blockship_bench::grpc_peer::serve(listen, &pki))
+                }
+                PeerSide::Send { sink, pki, bytes, streams } => {
+                    rt.block_on(blockship_bench::grpc_peer::send(&sink, &pki, bytes, streams))
                 }
             }
         }

@@ -25,15 +25,17 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::conn::{
     BiStream, BoxFuture, ClientOptions, Closed, Conn, Connection, Incoming, RecvStream, SendStream, Transport,
 };
-use crate::tcp_tls::{channel, tls_incoming, PeerInfo};
+use crate::tcp_tls::{channel, tls_incoming, PeerInfo, H2};
 use crate::tls::TlsError;
 use crate::TransportError;
 
-mod generated {
+/// The `Replication` service's generated client and server (the bench's bare tonic peer serves
+/// it too, to measure tonic's ceiling with these exact settings).
+pub mod service {
     tonic::include_proto!("blockship.v1");
 }
-use generated::replication_client::ReplicationClient;
-use generated::replication_server::{Replication, ReplicationServer};
+use service::replication_client::ReplicationClient;
+use service::replication_server::{Replication, ReplicationServer};
 
 /// Metadata naming the session a `Data` call belongs to.
 const SESSION: &str = "blockship-session";
@@ -44,8 +46,6 @@ const CODE: &str = "blockship-code";
 /// Largest message: a chunk's header plus its largest payload.
 pub const MAX_MESSAGE: usize =
     blockship_proto::frame::MAX_HEADER_LEN + blockship_proto::frame::MAX_PAYLOAD_LEN + 1024;
-/// The ALPN protocol of HTTP/2 over TLS.
-const H2: &[u8] = b"h2";
 /// gRPC connections share no memory budget with QUIC's windows; bound each one's data streams.
 pub const DATA_STREAMS: u64 = 8;
 

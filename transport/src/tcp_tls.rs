@@ -21,7 +21,7 @@ use crate::tls::{cert_identity, TlsError};
 use crate::TransportError;
 
 /// The ALPN protocol of HTTP/2 over TLS.
-pub(crate) const H2: &[u8] = b"h2";
+pub const H2: &[u8] = b"h2";
 
 /// Who is on the other end of an accepted TLS connection (a request extension).
 #[derive(Clone, Debug)]
@@ -82,7 +82,7 @@ impl AsyncWrite for TlsConn {
 
 /// Accept TCP connections and run their TLS handshakes (each in its own task, with a timeout,
 /// so a silent client cannot hold up the others).
-pub(crate) fn tls_incoming(
+pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {

@@ -50,7 +50,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     for mode in ["none", "zstd", "auto"] {
         let mut row = Row::new(format!("blockship --compression {mode}, {} Mbit/s link", wan::RATE_MBIT));
         ctx.repeat(|measured| {
-            let s = path.sync(ctx, &wan_src, wan_size, &["--compression", mode])?;
+            let s = path.sync(ctx, "quic", &wan_src, wan_size, &["--compression", mode])?;
             if measured {
                 row.samples.push(s);
             }

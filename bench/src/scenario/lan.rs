@@ -1,6 +1,7 @@
-//! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target, against the
-//! transport's ceiling (bare QUIC with the same settings) and against `nbdcopy` and
-//! `qemu-img convert` copying the same image from a `qemu-nbd` TCP export into a local file.
+//! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target over QUIC and over
+//! gRPC, against each transport's ceiling (bare quinn and bare tonic with the same settings) and
+//! against `nbdcopy` and `qemu-img convert` copying the same image from a `qemu-nbd` TCP export
+//! into a local file.
 
 use std::process::Command;
 use std::time::Duration;
@@ -54,35 +55,20 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         Ok(())
     })?;
 
-    // The transport's ceiling, moving as many bytes as Blockship put on the wire.
-    let wire = ours.median_wire().unwrap_or(size as f64) as u64;
-    let mut bare = Row::new("bare quinn");
+    // The same over gRPC (TCP): the sink serves both at one address.
+    let mut grpc = Row::new("blockship grpc");
     ctx.repeat(|measured| {
-        let pki = ctx.lab.dir.join("pki");
-        let server = Server::start(
-            Command::new(&ctx.lab.bins.bench)
-                .args(["quic-peer", "serve", "--listen", "127.0.0.1:0", "--pki"])
-                .arg(&pki),
-            |l| l.starts_with("listening on "),
-            Duration::from_secs(10),
-        )?;
-        let addr = server.ready_line.trim_start_matches("listening on ").to_string();
-        let f = proc::run_ok(
-            Command::new(&ctx.lab.bins.bench)
-                .args(["quic-peer", "send", "--sink", &addr, "--bytes", &wire.to_string(), "--pki"])
-                .arg(&pki),
-        )?;
-        let srv = server.stop()?;
+        let (sample, _) = fresh_sync(ctx, &src_s, "file:lan-grpc.img", size, &["--transport", "grpc"])?;
         if measured {
-            bare.samples.push(Sample {
-                wall_s: f.usage.wall_s,
-                disk_bytes: wire,
-                wire_bytes: Some(wire),
-                sides: vec![side("sender", &f.usage), side("receiver", &srv)],
-            });
+            grpc.samples.push(sample);
         }
         Ok(())
     })?;
+
+    // Each transport's ceiling, moving as many bytes as Blockship put on the wire over it.
+    let bare = bare_peer(ctx, "bare quinn", "quic-peer", ours.median_wire().unwrap_or(size as f64) as u64)?;
+    let bare_tonic =
+        bare_peer(ctx, "bare tonic", "grpc-peer", grpc.median_wire().unwrap_or(size as f64) as u64)?;
 
     // The same agent reading the same qemu-nbd export the NBD peers read.
     let mut via_nbd = Row::new("blockship (nbd source)");
@@ -135,14 +121,16 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     }
     let _ = std::fs::remove_file(&out);
 
-    result.rows = vec![ours, via_nbd, bare, nc, qi];
-    if let (Some(o), Some(b)) = (result.row("blockship"), result.row("bare quinn")) {
-        // Same bytes on the wire: the share of the transport's ceiling Blockship reaches.
-        result.ratios.push(Ratio::at_least(
-            "blockship / bare quinn (same wire bytes, time)",
-            b.median_wall() / o.median_wall(),
-            0.8,
-        ));
+    result.rows = vec![ours, grpc, via_nbd, bare, bare_tonic, nc, qi];
+    // Same bytes on the wire: the share of each transport's ceiling Blockship reaches.
+    for (ours, bare, min) in [("blockship", "bare quinn", 0.8), ("blockship grpc", "bare tonic", 0.9)] {
+        if let (Some(o), Some(b)) = (result.row(ours), result.row(bare)) {
+            let r = b.median_wall() / o.median_wall();
+            result.ratios.push(Ratio::at_least(format!("{ours} / {bare} (same wire bytes, time)"), r, min));
+        }
+    }
+    if let Some(r) = result.speed_ratio("blockship grpc", "blockship") {
+        result.ratios.push(Ratio::info("blockship grpc / blockship quic", r));
     }
     if let Some(r) = result.speed_ratio("blockship", "nbdcopy") {
         result.ratios.push(Ratio::at_least("blockship / nbdcopy", r, 1.0));
@@ -153,6 +141,39 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     if let Some(r) = result.speed_ratio("blockship (nbd source)", "nbdcopy") {
         result.ratios.push(Ratio::info("blockship reading the qemu-nbd export / nbdcopy", r));
     }
-    result.notes.push("`bare quinn` moves as many bytes as Blockship put on the wire (after zero skipping and compression) with the same QUIC/TLS settings; its ratio compares times for the same wire bytes.".into());
+    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes.".into());
     Ok(result)
+}
+
+/// A bare bulk transfer of `wire` bytes through `peer` (`quic-peer` or `grpc-peer` of this
+/// binary), measured on both sides.
+fn bare_peer(ctx: &Ctx, name: &str, peer: &str, wire: u64) -> Result<Row> {
+    let mut row = Row::new(name);
+    ctx.repeat(|measured| {
+        let pki = ctx.lab.dir.join("pki");
+        let server = Server::start(
+            Command::new(&ctx.lab.bins.bench)
+                .args([peer, "serve", "--listen", "127.0.0.1:0", "--pki"])
+                .arg(&pki),
+            |l| l.starts_with("listening on "),
+            Duration::from_secs(10),
+        )?;
+        let addr = server.ready_line.trim_start_matches("listening on ").to_string();
+        let f = proc::run_ok(
+            Command::new(&ctx.lab.bins.bench)
+                .args([peer, "send", "--sink", &addr, "--bytes", &wire.to_string(), "--pki"])
+                .arg(&pki),
+        )?;
+        let srv = server.stop()?;
+        if measured {
+            row.samples.push(Sample {
+                wall_s: f.usage.wall_s,
+                disk_bytes: wire,
+                wire_bytes: Some(wire),
+                sides: vec![side("sender", &f.usage), side("receiver", &srv)],
+            });
+        }
+        Ok(())
+    })?;
+    Ok(row)
 }

@@ -46,23 +46,31 @@ impl Path<'_> {
         Server::start(&mut cmd, |l| l.starts_with("listening on "), Duration::from_secs(10))
     }
 
-    /// Start a sink in the namespace; returns it, an optional relay, and the agent's address.
-    pub fn sink(&self, ctx: &Ctx) -> Result<(Sink, Option<Server>, String)> {
+    /// Start a sink in the namespace; returns it, an optional relay (UDP for QUIC, TCP for
+    /// gRPC), and the agent's address.
+    pub fn sink(&self, ctx: &Ctx, transport: &str) -> Result<(Sink, Option<Server>, String)> {
         let listen = if self.impaired { "127.0.0.1:0".to_string() } else { format!("{}:0", self.link.ns_ip) };
         let sink = ctx.lab.sink_with(Some(self.link), &listen, &[])?;
         if !self.impaired {
             let addr = sink.addr.clone();
             return Ok((sink, None, addr));
         }
-        let relay = self.relay(ctx, "udp", &sink.addr)?;
+        let relay = self.relay(ctx, if transport == "grpc" { "tcp" } else { "udp" }, &sink.addr)?;
         let addr = relay.ready_line.trim_start_matches("listening on ").to_string();
         Ok((sink, Some(relay), addr))
     }
 
-    /// One Blockship sync across the link.
-    pub fn sync(&self, ctx: &Ctx, source: &str, size: u64, extra: &[&str]) -> Result<Sample> {
-        let (sink, relay, addr) = self.sink(ctx)?;
-        let mut args = vec!["--server-name", "localhost"];
+    /// One Blockship sync across the link over `transport`.
+    pub fn sync(
+        &self,
+        ctx: &Ctx,
+        transport: &str,
+        source: &str,
+        size: u64,
+        extra: &[&str],
+    ) -> Result<Sample> {
+        let (sink, relay, addr) = self.sink(ctx, transport)?;
+        let mut args = vec!["--server-name", "localhost", "--transport", transport];
         args.extend_from_slice(extra);
         let run = ctx.lab.sync(&addr, source, "file:wan.img", &args)?;
         let usage = sink.server.stop()?;
@@ -146,10 +154,16 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     for impaired in [false, true] {
         let path = Path { link: &link, impaired };
         let label = path.label();
-        for (profile, image) in [("random", &random), ("mixed", &mixed)] {
-            let mut row = Row::new(format!("blockship {profile}, {label}"));
+        for (transport, profile, image) in
+            [("quic", "random", &random), ("quic", "mixed", &mixed), ("grpc", "random", &random)]
+        {
+            let name = match transport {
+                "quic" => format!("blockship {profile}, {label}"),
+                _ => format!("blockship grpc {profile}, {label}"),
+            };
+            let mut row = Row::new(name.clone());
             ctx.repeat(|measured| {
-                let s = path.sync(ctx, image, size, &[])?;
+                let s = path.sync(ctx, transport, image, size, &[])?;
                 if measured {
                     row.samples.push(s);
                 }
@@ -158,11 +172,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             if profile == "random" {
                 if let Some(w) = row.median_wire() {
                     let util = w / row.median_wall() / link.bytes_per_s();
-                    result.ratios.push(Ratio::at_least(
-                        format!("link utilisation, random, {label}"),
-                        util,
-                        0.9,
-                    ));
+                    result.ratios.push(Ratio::at_least(format!("link utilisation, {name}"), util, 0.9));
                 }
             }
             result.rows.push(row);
@@ -187,6 +197,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             }
         }
     }
-    result.notes.push("Link utilisation = payload bytes on the wire / (link rate × time); QUIC, TLS and UDP headers come on top.".into());
+    result.notes.push("Link utilisation = payload bytes on the wire / (link rate × time); QUIC (or HTTP/2), TLS and UDP (TCP) headers come on top.".into());
+    result.notes.push("`grpc` rows run the same agent with `--transport grpc` (TCP); on the impaired path their relay is the TCP relay, which adds the delay but drops nothing (loss of TCP segments would need the kernel's netem, which a userspace relay cannot apply to one TCP connection).".into());
     Ok(result)
 }
