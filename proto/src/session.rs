@@ -197,7 +197,13 @@ impl SinkSession {
             }
             Body::GroupOpen(req) => {
                 // Names and duplicates are the group registry's to judge; the members must be
-                // disks of this session.
+                // disks of this session, and there must be some (a group of none commits nothing).
+                if req.disks.is_empty() {
+                    return Err(Violation::new(
+                        Scope::Group(req.group.clone()),
+                        format!("group {:?} names no member disks", req.group),
+                    ));
+                }
                 if let Some(h) = req.disks.iter().find(|h| !self.disks.contains_key(h)) {
                     return Err(Violation::new(
                         Scope::Group(req.group.clone()),
