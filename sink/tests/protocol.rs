@@ -206,7 +206,8 @@ async fn malformed_group_requests_are_refused_and_change_nothing() {
     a.w.send(&open("vm", vec![1, 1])).await.unwrap();
     assert!(a.refused(ErrorCode::BadTarget).await.contains("names a target twice"));
     a.w.send(&open("vm", vec![])).await.unwrap();
-    assert!(a.refused(ErrorCode::BadTarget).await.contains("has no members"));
+    // The session machine refuses a group of none before the registry sees it.
+    assert!(a.refused(ErrorCode::BadRequest).await.contains("names no member disks"));
     a.w.send(&commit("vm", 1)).await.unwrap();
     assert!(a.refused(ErrorCode::BadRequest).await.contains("is not open"));
     let cutover =
