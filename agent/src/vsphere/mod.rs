@@ -4,14 +4,14 @@
 //! pool); SOAP faults come back as `VsphereError::Fault` with vSphere's own words.
 
 mod power;
+mod xml;
 
 use std::time::{Duration, Instant};
 
 use quick_xml::escape::escape;
-use quick_xml::events::Event;
-use quick_xml::Reader;
 
 use crate::extents::Extent;
+pub use xml::Node;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsphereError {
@@ -88,96 +88,62 @@ fn envelope(body: &str) -> String {
     )
 }
 
-/// A tiny XML tree, enough for vim25 responses.
-#[derive(Debug, Default, Clone)]
-pub struct Node {
-    pub name: String,
-    pub attrs: Vec<(String, String)>,
-    pub text: String,
-    pub children: Vec<Node>,
+/// The SOAP fault in a response, in vSphere's own words: the fault's type (from the detail
+/// element, e.g. `InvalidArgument`) and its faultstring.
+pub fn fault_of(doc: &Node, call: &'static str) -> Option<VsphereError> {
+    let f = doc.find("Fault")?;
+    let message = f.text_of("faultstring").unwrap_or("").to_string();
+    let fault = f
+        .child("detail")
+        .and_then(|d| d.children.first())
+        .map(|d| {
+            d.attr("type").map(str::to_string).unwrap_or_else(|| d.name.trim_end_matches("Fault").to_string())
+        })
+        .unwrap_or_else(|| "Fault".into());
+    Some(VsphereError::Fault { call, fault, message })
 }
 
-impl Node {
-    pub fn parse(xml: &str) -> Result<Node, String> {
-        let mut reader = Reader::from_str(xml);
-        let mut stack: Vec<Node> = vec![Node::default()];
-        loop {
-            match reader.read_event().map_err(|e| format!("bad XML at {}: {e}", reader.buffer_position()))? {
-                Event::Start(e) => stack.push(Node::open(&e)?),
-                Event::Empty(e) => {
-                    let n = Node::open(&e)?;
-                    stack.last_mut().ok_or("unbalanced XML")?.children.push(n);
-                }
-                Event::End(_) => {
-                    let mut n = stack.pop().ok_or("unbalanced XML")?;
-                    // Trim once the element is complete: entity references split its text.
-                    n.text = n.text.trim().to_string();
-                    stack.last_mut().ok_or("unbalanced XML")?.children.push(n);
-                }
-                Event::Text(t) => {
-                    stack.last_mut().ok_or("unbalanced XML")?.text.push_str(&t.xml10_content());
-                }
-                // Entity and character references arrive as their own events.
-                Event::GeneralRef(r) => {
-                    let text = match r.resolve_char_ref().map_err(|e| e.to_string())? {
-                        Some(c) => c.to_string(),
-                        None => quick_xml::escape::resolve_predefined_entity(&r)
-                            .ok_or_else(|| format!("unknown XML entity &{};", &*r))?
-                            .to_string(),
-                    };
-                    stack.last_mut().ok_or("unbalanced XML")?.text.push_str(&text);
-                }
-                Event::Eof => break,
-                _ => {}
+impl ChangePage {
+    const CALL: &'static str = "QueryChangedDiskAreas";
+
+    /// The page in a `QueryChangedDiskAreas` response.
+    pub fn from_response(doc: &Node) -> Result<ChangePage, VsphereError> {
+        let rv = doc.find("returnval").ok_or(VsphereError::Unexpected("no returnval".into(), Self::CALL))?;
+        let mut areas = Vec::new();
+        for a in rv.all("changedArea") {
+            areas.push(Extent::new(num(a, "start", Self::CALL)?, num(a, "length", Self::CALL)?));
+        }
+        Ok(ChangePage {
+            start_offset: num(rv, "startOffset", Self::CALL)?,
+            length: num(rv, "length", Self::CALL)?,
+            areas,
+        })
+    }
+
+    /// Check the page asked for at `pos` of a disk of `capacity` bytes: it starts there, moves
+    /// forward, and every area lies inside it and the disk. Returns where the next page starts.
+    pub fn check(&self, pos: u64, capacity: u64) -> Result<u64, VsphereError> {
+        let end = self.start_offset.saturating_add(self.length);
+        if self.start_offset != pos || end <= pos {
+            return Err(VsphereError::Unexpected(
+                format!("page for offset {pos} covers [{}, {end})", self.start_offset),
+                Self::CALL,
+            ));
+        }
+        for a in &self.areas {
+            // An end past u64::MAX would wrap around and pass the bounds below.
+            let a_end = a.offset.checked_add(a.len);
+            if a.offset < self.start_offset || a_end.is_none_or(|e| e > end || e > capacity) {
+                return Err(VsphereError::Unexpected(
+                    format!(
+                        "changed area of {} bytes at {} outside its page [{pos}, {end}) or the disk",
+                        a.len, a.offset
+                    ),
+                    Self::CALL,
+                ));
             }
         }
-        let mut root = stack.pop().ok_or("empty XML")?;
-        if !stack.is_empty() {
-            return Err("unclosed XML element".into());
-        }
-        root.children.pop().ok_or_else(|| "no XML element".to_string())
-    }
-
-    fn open(e: &quick_xml::events::BytesStart) -> Result<Node, String> {
-        let name = e.local_name().as_ref().to_string();
-        let mut attrs = Vec::new();
-        for a in e.attributes() {
-            let a = a.map_err(|e| e.to_string())?;
-            let v = a
-                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                .map_err(|e| e.to_string())?
-                .into_owned();
-            attrs.push((a.key.local_name().as_ref().to_string(), v));
-        }
-        Ok(Node { name, attrs, ..Default::default() })
-    }
-
-    pub fn child(&self, name: &str) -> Option<&Node> {
-        self.children.iter().find(|c| c.name == name)
-    }
-
-    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> {
-        self.children.iter().filter(move |c| c.name == name)
-    }
-
-    pub fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-
-    /// Depth-first search for the first element called `name`.
-    pub fn find(&self, name: &str) -> Option<&Node> {
-        if self.name == name {
-            return Some(self);
-        }
-        self.children.iter().find_map(|c| c.find(name))
-    }
-
-    pub fn text_of(&self, name: &str) -> Option<&str> {
-        self.child(name).map(|n| n.text.as_str())
-    }
-
-    fn moref(&self) -> Option<MoRef> {
-        Some(MoRef { kind: self.attr("type")?.to_string(), value: self.text.clone() })
+        Ok(end)
     }
 }
 
@@ -274,18 +240,8 @@ impl Vsphere {
         let status = resp.status();
         let text = resp.body_mut().read_to_string().map_err(|e| http(e.to_string()))?;
         let doc = Node::parse(&text).map_err(|e| http(format!("HTTP {status}, {e}")))?;
-        if let Some(f) = doc.find("Fault") {
-            let message = f.text_of("faultstring").unwrap_or("").to_string();
-            let fault = f
-                .child("detail")
-                .and_then(|d| d.children.first())
-                .map(|d| {
-                    d.attr("type")
-                        .map(str::to_string)
-                        .unwrap_or_else(|| d.name.trim_end_matches("Fault").to_string())
-                })
-                .unwrap_or_else(|| "Fault".into());
-            return Err(VsphereError::Fault { call, fault, message });
+        if let Some(fault) = fault_of(&doc, call) {
+            return Err(fault);
         }
         if !status.is_success() {
             return Err(http(format!("HTTP {status}")));
@@ -481,17 +437,7 @@ impl Vsphere {
             snapshot.xml("snapshot"),
             escape(change_id)
         );
-        let doc = self.call(CALL, &body)?;
-        let rv = doc.find("returnval").ok_or(VsphereError::Unexpected("no returnval".into(), CALL))?;
-        let mut areas = Vec::new();
-        for a in rv.all("changedArea") {
-            areas.push(Extent::new(num(a, "start", CALL)?, num(a, "length", CALL)?));
-        }
-        Ok(ChangePage {
-            start_offset: num(rv, "startOffset", CALL)?,
-            length: num(rv, "length", CALL)?,
-            areas,
-        })
+        ChangePage::from_response(&self.call(CALL, &body)?)
     }
 
     /// All changes of a disk of `capacity` bytes since `change_id`, paging from offset 0 until
@@ -510,25 +456,7 @@ impl Vsphere {
         while pos < capacity {
             let page = self.query_changed_disk_areas(vm, snapshot, device_key, pos, change_id)?;
             pages += 1;
-            let end = page.start_offset.saturating_add(page.length);
-            if page.start_offset != pos || end <= pos {
-                return Err(VsphereError::Unexpected(
-                    format!("page for offset {pos} covers [{}, {end})", page.start_offset),
-                    "QueryChangedDiskAreas",
-                ));
-            }
-            for a in &page.areas {
-                if a.offset < page.start_offset || a.end() > end || a.end() > capacity {
-                    return Err(VsphereError::Unexpected(
-                        format!(
-                            "changed area [{}, {}) outside its page [{pos}, {end}) or the disk",
-                            a.offset,
-                            a.end()
-                        ),
-                        "QueryChangedDiskAreas",
-                    ));
-                }
-            }
+            let end = page.check(pos, capacity)?;
             all.extend(page.areas);
             pos = end;
         }
@@ -569,6 +497,38 @@ mod tests {
         assert_eq!(f.child("detail").unwrap().children[0].attr("type"), Some("InvalidArgument"));
         assert!(Node::parse("<a><b></a>").is_err());
         assert!(Node::parse("").is_err());
+    }
+
+    fn page(start: u64, length: u64, areas: &[(u64, u64)]) -> Node {
+        let areas: String = areas
+            .iter()
+            .map(|(s, l)| format!("<changedArea><start>{s}</start><length>{l}</length></changedArea>"))
+            .collect();
+        let xml = format!(
+            "<Envelope><Body><QueryChangedDiskAreasResponse><returnval><startOffset>{start}</startOffset>\
+             <length>{length}</length>{areas}</returnval></QueryChangedDiskAreasResponse></Body></Envelope>"
+        );
+        Node::parse(&xml).unwrap()
+    }
+
+    #[test]
+    fn change_pages_are_checked_against_the_request_and_the_disk() {
+        let p = ChangePage::from_response(&page(0, 1 << 20, &[(4096, 4096)])).unwrap();
+        assert_eq!(p.check(0, 1 << 30).unwrap(), 1 << 20);
+        for (what, doc, pos) in [
+            ("another offset", page(4096, 1 << 20, &[]), 0),
+            ("empty page", page(0, 0, &[]), 0),
+            ("area before the page", page(1 << 20, 1 << 20, &[(0, 4096)]), 1 << 20),
+            ("area past the page", page(0, 1 << 20, &[((1 << 20) - 1, 2)]), 0),
+            ("area past the disk", page(0, 1 << 31, &[(1 << 30, 1)]), 0),
+            // A vCenter (or a man in the middle with the CA) naming an area whose end wraps
+            // around must not slip past the bounds.
+            ("area end overflows", page(0, 1 << 20, &[(u64::MAX - 1, 10)]), 0),
+        ] {
+            let p = ChangePage::from_response(&doc).unwrap();
+            assert!(p.check(pos, 1 << 30).is_err(), "{what}: accepted");
+        }
+        assert!(ChangePage::from_response(&Node::parse("<a><returnval/></a>").unwrap()).is_err());
     }
 
     #[test]
