@@ -42,7 +42,7 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: Inco
     let conn = match incoming.accept().await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(%remote, "handshake failed (wrong CA, no client certificate, or not a Blockship agent): {e}");
+            tracing::warn!(%remote, "handshake failed (wrong CA; a missing, expired or wrong-use client certificate; or not a Blockship agent): {e}");
             return;
         }
     };

@@ -101,10 +101,12 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let accept = acceptor.accept(tcp).into_fallible();
+                let stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
                     Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%remote, "gRPC TLS handshake failed (wrong CA, no client certificate, or not a Blockship agent): {e}");
+                    Ok(Err((e, tcp))) => {
+                        tracing::warn!(%remote, "gRPC TLS handshake failed (wrong CA; a missing, expired or wrong-use client certificate; or not a Blockship agent): {e}");
+                        linger(tcp).await;
                         return;
                     }
                     Err(_) => {
@@ -125,6 +127,19 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// After a refused handshake (the alert is sent): half-close, then read and discard what the
+/// client still sends for a moment before closing. A TLS 1.3 client finishes its side of the
+/// handshake first and may already be writing; closing at once would answer its data with a
+/// reset that destroys the alert before the client has read it, and the agent could then only
+/// report a broken pipe instead of why its certificate was refused.
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async { while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// The last I/O error of a channel's connections (see the module comment).

@@ -39,8 +39,29 @@ const ROUTE_DEPTH: usize = 64;
 /// Explain a connection failure in terms of what the operator can fix.
 pub fn explain(sink: &str, e: TransportError) -> AgentError {
     let text = e.to_string();
+    let lower = text.to_lowercase();
     let by_peer = text.contains("by peer");
-    let hint = if by_peer && text.contains("cryptographic handshake failed") {
+    // The sink's TLS alert: by name over TCP, by number over QUIC ("handshake failed: error N").
+    let alert = |name: &str, number: u8| {
+        text.contains(name) || (by_peer && text.contains(&format!("handshake failed: error {number}")))
+    };
+    let hint = if alert("CertificateExpired", 45) {
+        Some(
+            "the sink refused our certificate as expired or not yet valid: check its dates and this \
+             host's clock, and reissue it if needed",
+        )
+    } else if alert("UnsupportedCertificate", 43) {
+        Some(
+            "the sink refused our certificate as not meant for client authentication: an agent's \
+             certificate needs the extended key usage clientAuth",
+        )
+    } else if alert("CertificateRequired", 116) {
+        Some("the sink requires a client certificate")
+    } else if lower.contains("invalid peer certificate")
+        && (lower.contains("expired") || lower.contains("not valid yet") || lower.contains("notvalidyet"))
+    {
+        Some("the sink's certificate is expired or not yet valid: check its dates and this host's clock")
+    } else if by_peer && text.contains("cryptographic handshake failed") {
         Some("the sink rejected our certificate: is it signed by the CA the sink trusts, and still valid?")
     } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
         Some(
@@ -55,6 +76,13 @@ pub fn explain(sink: &str, e: TransportError) -> AgentError {
         || text.contains("fatal alert")
     {
         Some("the sink rejected our certificate: is it signed by the CA the sink trusts?")
+    } else if text.contains("Broken pipe") || text.contains("Connection reset") {
+        // Over TCP, TLS 1.3 lets the client finish its handshake before the sink has judged the
+        // certificate; the sink's alert may then lose the race against our first write.
+        Some(
+            "the sink closed the connection right after the TLS handshake: it most likely refused \
+             our certificate (missing, expired, from another CA or not for client use); its log says why",
+        )
     } else if text.contains("timed out") || text.contains("Connection refused") {
         Some("no answer: is the sink running and is its port reachable (UDP for quic, TCP for grpc)?")
     } else {
