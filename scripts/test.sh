@@ -32,6 +32,8 @@ export BLOCKSHIP_REQUIRE_CEPH=1
 # O_DIRECT: the tests' files live under /var/tmp (disk-backed, where /tmp may be a tmpfs; and a
 # short path, for the Unix sockets of the NBD tests).
 export BLOCKSHIP_REQUIRE_NBD=1 BLOCKSHIP_REQUIRE_IO_URING=1 BLOCKSHIP_REQUIRE_DIRECT_IO=1
+# CI runs as root: the disk-full tests mount a small tmpfs.
+export BLOCKSHIP_REQUIRE_ROOT=1
 TMPDIR=$(mktemp -d /var/tmp/blockship-test.XXXXXX)
 export TMPDIR
 trap 'rm -rf "$TMPDIR"; bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT
