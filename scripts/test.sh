@@ -46,7 +46,9 @@ step "benchmark smoke test (blockship-bench all --quick; no thresholds)"
 # A smoke test checks that every scenario runs and copies byte for byte; it sets no thresholds,
 # so it reuses the test build (failpoints compiled in but never configured) instead of spending
 # minutes on a second release build. Measured runs (`blockship-bench all`) build without them.
-cargo build --release --workspace $FEATURES --quiet
+# (--all-targets: the same feature set as `cargo test`, dev-dependencies included, so nothing
+# is rebuilt; a plain build would rebuild tokio and all above it without its test features.)
+cargo build --release --workspace --all-targets $FEATURES --quiet
 target/release/blockship-bench all --quick --no-build --out target/bench-quick >/dev/null
 # Every scenario ran (CI has root for the wan namespaces and the Ceph cluster for rbd).
 for s in lan wan rbd incremental memory compression continuous cutover; do
@@ -55,5 +57,9 @@ done
 if grep -q '^Skipped:' target/bench-quick/results.md; then
   grep -B2 '^Skipped:' target/bench-quick/results.md >&2; exit 1
 fi
+
+step "fuzz the protocol targets (30 s each, from the committed seeds)"
+# The agent-side targets need a ~15-minute instrumented build: `scripts/fuzz.sh all` runs them.
+bash scripts/fuzz.sh protocol 30
 
 step "done in $(( $(date +%s) - start ))s"
