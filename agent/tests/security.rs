@@ -90,14 +90,8 @@ fn stderr(out: &std::process::Output) -> String {
 
 /// The sink's log, once it holds `what` (a client may learn of a refusal before the sink logs it).
 fn sink_logged(lab: &Lab, what: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let log = lab.sink_log();
-        if log.contains(what) || std::time::Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(std::time::Duration::from_secs(5), || lab.sink_log().contains(what));
+    lab.sink_log()
 }
 
 fn client_certificates_out_of_date_or_for_the_wrong_use_are_refused(transport: &str) {
