@@ -15,9 +15,9 @@ bash scripts/deps.sh test
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-# The sink's crash points (failpoints) are compiled into the test build only; release builds
-# (demo, bench, production) never have them.
-FEATURES="--features blockship-sink/failpoints"
+# The sink's crash points and both sides' corruption points (failpoints) are compiled into the
+# test build only; release builds (demo, bench, production) never have them.
+FEATURES="--features blockship-sink/failpoints,blockship-agent/failpoints"
 
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
@@ -34,6 +34,8 @@ export BLOCKSHIP_REQUIRE_CEPH=1
 export BLOCKSHIP_REQUIRE_NBD=1 BLOCKSHIP_REQUIRE_IO_URING=1 BLOCKSHIP_REQUIRE_DIRECT_IO=1
 # CI runs as root: the disk-full tests mount a small tmpfs.
 export BLOCKSHIP_REQUIRE_ROOT=1
+# The test build has the failpoints: the corruption tests must run, not skip.
+export BLOCKSHIP_REQUIRE_FAILPOINTS=1
 TMPDIR=$(mktemp -d /var/tmp/blockship-test.XXXXXX)
 export TMPDIR
 trap 'rm -rf "$TMPDIR"; bash scripts/ceph-down.sh >/dev/null 2>&1 || true' EXIT

@@ -62,6 +62,10 @@ pub struct AgentSettings {
     /// Chunks read and encoded concurrently (default: 2 x CPUs + 2).
     #[arg(long)]
     pub depth: Option<usize>,
+    /// Retry an epoch the sink refused because a chunk failed its BLAKE3 check (data damaged
+    /// between hashing and sending) up to N times, resuming from what is durable (default 3).
+    #[arg(long, value_name = "N")]
+    pub checksum_retries: Option<u32>,
     /// Give up on a silent sink after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
@@ -122,6 +126,8 @@ pub struct Resolved {
     pub compression: Compression,
     pub bwlimit: Option<u64>,
     pub depth: usize,
+    /// Retries of an epoch refused for a checksum failure (`sync`).
+    pub checksum_retries: u32,
     pub tuning: blockship_transport::QuicTuning,
     settings: AgentSettings,
 }
@@ -155,6 +161,7 @@ impl AgentSettings {
             zstd_level: self.zstd_level.or(file.zstd_level),
             bwlimit: self.bwlimit.or(file.bwlimit),
             depth: self.depth.or(file.depth),
+            checksum_retries: self.checksum_retries.or(file.checksum_retries),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             congestion: self.congestion.or(file.congestion),
             no_io_uring: self.no_io_uring || file.no_io_uring,
@@ -242,6 +249,7 @@ impl AgentSettings {
             compression,
             bwlimit,
             depth,
+            checksum_retries: self.checksum_retries.unwrap_or(3),
             tuning,
             settings,
         })

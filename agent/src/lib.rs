@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod extents;
+pub mod failpoint;
 pub mod link;
 pub mod pace;
 pub mod pipeline;

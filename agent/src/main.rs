@@ -164,6 +164,10 @@ fn main() -> ExitCode {
         eprintln!("blockship-agent: error: {e}");
         return ExitCode::FAILURE;
     }
+    if let Err(e) = blockship_agent::failpoint::setup() {
+        eprintln!("blockship-agent: error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

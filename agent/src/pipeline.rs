@@ -15,6 +15,7 @@ use futures::StreamExt;
 
 use crate::adaptive::Adaptive;
 use crate::chunker::Work;
+use crate::failpoint::{self, Once};
 use crate::source::Source;
 use crate::AgentError;
 
@@ -103,6 +104,7 @@ fn decide(
     data: Option<Bytes>,
     compression: Compression,
     stats: &Stats,
+    once: &Once,
 ) -> Result<Decision, AgentError> {
     let p = work.piece();
     let zero = Decision::Zero { offset: p.offset, len: p.len };
@@ -133,7 +135,8 @@ fn decide(
                 Stats::add(&stats.bytes_zero, p.len);
                 return Ok(zero);
             }
-            let encoded = encode(compression, data, Some(digest))?;
+            let (data, hash) = failpoint::corrupt_after_hash(once, p.offset, data, Some(digest));
+            let encoded = encode(compression, data, hash)?;
             Ok(Decision::Data { offset: p.offset, len: p.len, encoded })
         }
         Mode::Fresh | Mode::Incremental => {
@@ -141,7 +144,8 @@ fn decide(
                 Stats::add(&stats.bytes_zero, p.len);
                 return Ok(if matches!(mode, Mode::Fresh) { Decision::Skip } else { zero });
             }
-            let encoded = encode(compression, data, None)?;
+            let (data, hash) = failpoint::corrupt_after_hash(once, p.offset, data, None);
+            let encoded = encode(compression, data, hash)?;
             Ok(Decision::Data { offset: p.offset, len: p.len, encoded })
         }
     }
@@ -169,9 +173,11 @@ pub async fn run(
     out: async_channel::Sender<Out>,
 ) -> Result<u64, AgentError> {
     let Plan { mode, compression, adaptive, depth, disk } = plan;
+    // This epoch attempt's allowance of injected corruption (test builds only).
+    let once = Arc::new(Once::default());
     let mut decisions = futures::stream::iter(works)
         .map(|work| {
-            let (source, mode, stats) = (source.clone(), mode.clone(), stats.clone());
+            let (source, mode, stats, once) = (source.clone(), mode.clone(), stats.clone(), once.clone());
             let compression = match (&adaptive, compression) {
                 (Some(a), Compression::Auto { .. }) if !a.compress() => Compression::None,
                 (_, c) => c,
@@ -188,7 +194,7 @@ pub async fn run(
                 };
                 let s = stats.clone();
                 let decision =
-                    tokio::task::spawn_blocking(move || decide(&mode, work, data, compression, &s))
+                    tokio::task::spawn_blocking(move || decide(&mode, work, data, compression, &s, &once))
                         .await
                         .map_err(|e| AgentError::Internal(format!("chunk worker: {e}")))??;
                 Stats::add(&stats.bytes_done, p.len);

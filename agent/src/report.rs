@@ -12,6 +12,8 @@ pub struct SyncSummary {
     pub epoch: EpochReport,
     /// Scanned bytes per second over the whole run, in MB/s (10^6).
     pub mb_per_s: f64,
+    /// Attempts the sink refused because a chunk failed its checksum (each retried).
+    pub checksum_retries: u32,
 }
 
 impl SyncSummary {
@@ -19,7 +21,7 @@ impl SyncSummary {
     pub fn new(target: &str, mut epoch: EpochReport, seconds: f64) -> Self {
         epoch.seconds = seconds;
         let mb_per_s = epoch.bytes_scanned as f64 / seconds.max(1e-9) / 1e6;
-        SyncSummary { target: target.to_string(), epoch, mb_per_s }
+        SyncSummary { target: target.to_string(), epoch, mb_per_s, checksum_retries: 0 }
     }
 }
 
@@ -31,7 +33,7 @@ impl SyncSummary {
     pub fn human(&self) -> String {
         let e = &self.epoch;
         format!(
-            "epoch {} committed to {} ({}{}): {} scanned, {} read, {} sent in {} chunks, {} zero, {} unchanged; {:.1} s, {:.0} MB/s",
+            "epoch {} committed to {} ({}{}): {} scanned, {} read, {} sent in {} chunks, {} zero, {} unchanged; {:.1} s, {:.0} MB/s{}",
             e.epoch,
             self.target,
             e.mode,
@@ -44,6 +46,10 @@ impl SyncSummary {
             size(e.bytes_equal),
             e.seconds,
             self.mb_per_s,
+            match self.checksum_retries {
+                0 => String::new(),
+                n => format!("; retried {n} time(s) after chunks failed their checksum at the sink"),
+            },
         )
     }
 }
@@ -85,8 +91,15 @@ impl VerifySummary {
                 "; {} of {} chunks differ, first ranges:",
                 self.chunks_differing, self.chunks_compared
             ));
-            for (a, b) in &self.first_differences {
+            for (a, b) in self.first_differences.iter().take(10) {
                 s.push_str(&format!(" [{a}, {b})"));
+            }
+            if self.first_differences.len() > 10 {
+                s.push_str(&format!(
+                    " and {} more (--json lists up to {})",
+                    self.first_differences.len() - 10,
+                    crate::verify::MAX_RANGES
+                ));
             }
         }
         s

@@ -16,6 +16,7 @@ use crate::report::SyncSummary;
 use crate::source::group::GroupOrigin;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
+use blockship_proto::pb::ErrorCode;
 
 pub struct SyncRequest {
     pub source: String,
@@ -64,11 +65,29 @@ pub fn change_list(changes: &Changes, size: u64) -> Result<Option<Vec<crate::ext
 pub async fn sync(cfg: &Resolved, req: &SyncRequest) -> Result<SyncSummary, AgentError> {
     let started = Instant::now();
     let origin = GroupOrigin::of(vec![Origin::open(&req.source, &req.source_opts).await?]);
-    let result = run(cfg, req, &origin).await;
+    let mut retries = 0;
+    let result = loop {
+        match run(cfg, req, &origin).await {
+            // Data damaged between hashing and sending (the sink wrote none of it): the same
+            // frozen view is still open, so the retry resumes from what is durable.
+            Err(AgentError::Refused { code: ErrorCode::Checksum, message })
+                if retries < cfg.checksum_retries =>
+            {
+                retries += 1;
+                tracing::warn!(
+                    retries,
+                    "the sink refused a chunk that failed its checksum, retrying: {message}"
+                );
+            }
+            other => break other,
+        }
+    };
     origin.close().await;
     let report = result?.members.into_iter().next();
     let report = report.ok_or_else(|| AgentError::Internal("a cycle without its disk".into()))?;
-    Ok(SyncSummary::new(&req.target, report, started.elapsed().as_secs_f64()))
+    let mut summary = SyncSummary::new(&req.target, report, started.elapsed().as_secs_f64());
+    summary.checksum_retries = retries;
+    Ok(summary)
 }
 
 async fn run(

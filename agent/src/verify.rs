@@ -16,8 +16,8 @@ use crate::report::VerifySummary;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
 
-/// Differing ranges listed in the report.
-const MAX_RANGES: usize = 10;
+/// Differing ranges listed in the report (`--json`; the human line shows the first ten).
+pub const MAX_RANGES: usize = 1000;
 
 pub async fn verify(
     cfg: &Resolved,

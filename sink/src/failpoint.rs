@@ -1,4 +1,4 @@
-//! Crash points for tests. A build with `--features failpoints` (never a release build) reads
+//! Crash and corruption points for tests. A build with `--features failpoints` (never a release build) reads
 //! `FAILPOINTS` (the `fail` crate's syntax, e.g. `sink::after-flush=2*off->return`) at start;
 //! when a named point triggers, the process kills itself with SIGKILL right there, as a crash
 //! after the step before it would. The crash tests restart the sink and check that everything
@@ -20,6 +20,27 @@ pub const POINTS: &[&str] = &[
     "sink::before-ack",
 ];
 
+/// Corruption points (the hardening tests): data read back from a target while verifying is
+/// damaged in the chunks listed, e.g. `sink::corrupt-verify-read=return(3,17,40)`, as a bad disk
+/// or a lying cache would; `verify` must name every one of them.
+pub const CORRUPTION_POINTS: &[&str] = &["sink::corrupt-verify-read"];
+
+/// `data`, read back from the target as chunk `chunk`, with one bit flipped if the point lists it.
+pub fn corrupt_verify_read(chunk: u64, data: bytes::Bytes) -> bytes::Bytes {
+    #[cfg(feature = "failpoints")]
+    if let Some(Some(list)) = fail::eval("sink::corrupt-verify-read", |arg| arg) {
+        if !data.is_empty() && list.split(',').any(|c| c.trim().parse() == Ok(chunk)) {
+            let mut bad = data.to_vec();
+            bad[0] ^= 0x01;
+            tracing::warn!(chunk, "failpoint sink::corrupt-verify-read: flipped one bit read back");
+            metrics::counter!("blockship_sink_injected_corruptions_total").increment(1);
+            return bytes::Bytes::from(bad);
+        }
+    }
+    let _ = chunk;
+    data
+}
+
 /// Crash here if the point `name` is armed.
 pub fn crash_point(name: &'static str) {
     debug_assert!(POINTS.contains(&name), "undeclared failpoint {name}");
@@ -39,8 +60,10 @@ pub fn setup() -> Result<(), String> {
     {
         for point in wanted.split(';').filter(|p| !p.trim().is_empty()) {
             let name = point.split('=').next().unwrap_or_default().trim();
-            if !POINTS.contains(&name) {
-                return Err(format!("FAILPOINTS names {name:?}, not a failpoint of this sink ({POINTS:?})"));
+            if !POINTS.contains(&name) && !CORRUPTION_POINTS.contains(&name) {
+                return Err(format!(
+                    "FAILPOINTS names {name:?}, not a failpoint of this sink ({POINTS:?}, {CORRUPTION_POINTS:?})"
+                ));
             }
         }
         std::mem::forget(fail::FailScenario::setup());

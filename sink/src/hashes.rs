@@ -54,6 +54,7 @@ pub async fn send_verify_hashes(disk: &Arc<Disk>, out: &mpsc::Sender<Body>) -> R
             async move {
                 let offset = chunk * cs;
                 let data = disk.target.read(offset, cs.min(size - offset) as usize).await?;
+                let data = crate::failpoint::corrupt_verify_read(chunk, data);
                 tokio::task::spawn_blocking(move || chunk_digest(&data)).await.map_err(|e| join("hash", e))
             }
         })

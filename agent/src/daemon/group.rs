@@ -44,6 +44,8 @@ pub struct Shared {
 
 /// First wait after a failure; it doubles with every failure in a row.
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// Wait before retrying a cycle the sink refused for a checksum failure.
+const CORRUPTION_RETRY: Duration = Duration::from_millis(500);
 
 /// The initial status of group `g`.
 pub fn initial(g: &Group) -> pb::Group {
@@ -294,16 +296,25 @@ pub async fn run(
             }
             Err((e, link_failed)) => {
                 failures += 1;
+                // Data damaged between hashing and sending: the sink wrote none of it, and the
+                // retry resumes on the same frozen view, at once.
+                let corrupted = matches!(e, AgentError::Refused { code: ErrorCode::Checksum, .. });
                 // The sink unreachable is everyone's problem, retried on the link's short
                 // schedule; anything else is this group's, backed off exponentially.
                 let wait = if link_failed {
                     shared.links.retry_in()
+                } else if corrupted {
+                    CORRUPTION_RETRY
                 } else {
                     source_failures += 1;
                     FIRST_BACKOFF.saturating_mul(1 << (source_failures - 1).min(16)).min(shared.max_backoff)
                 };
                 tracing::warn!(group = %g.name, failures, retry_in = ?wait, "cycle failed: {e}");
-                let kind = if link_failed { "link" } else { "group" };
+                let kind = match (link_failed, corrupted) {
+                    (true, _) => "link",
+                    (false, true) => "checksum",
+                    (false, false) => "group",
+                };
                 metrics::counter!("blockship_group_cycle_failures_total", "group" => g.name.clone(), "kind" => kind)
                     .increment(1);
                 shared.board.update(&g.name, |s| {
@@ -312,7 +323,7 @@ pub async fn run(
                     s.cycles = cycles;
                 });
                 // Sources may be what broke: open them afresh.
-                if !link_failed {
+                if !link_failed && !corrupted {
                     if let Some(o) = replica.origin.take() {
                         o.close().await;
                     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod ceph;
 pub mod daemon;
 pub mod qemu;
+pub mod scrape;
 pub mod vcenter;
 
 pub const MIB: u64 = 1 << 20;

@@ -1,0 +1,70 @@
+//! Corruption points for the hardening tests. A build with `--features failpoints` (never a
+//! release build) reads `FAILPOINTS` (the `fail` crate's syntax) at start; when
+//! `agent::corrupt-after-hash` triggers (e.g. `agent::corrupt-after-hash=2%return`), one bit of
+//! a chunk is flipped after its BLAKE3 was computed, as a memory error between hashing and
+//! sending would. At most one chunk per disk epoch attempt is corrupted: the sink ends that
+//! disk's epoch at the first bad chunk and drops the disk's later items unread, so each
+//! injected corruption is one the sink must have seen, and the counts can be compared exactly.
+
+use std::sync::atomic::AtomicBool;
+#[cfg(feature = "failpoints")]
+use std::sync::atomic::Ordering;
+
+use blockship_proto::HASH_LEN;
+use bytes::Bytes;
+
+/// The points this agent declares.
+pub const POINTS: &[&str] = &["agent::corrupt-after-hash"];
+
+/// One epoch attempt's corruption allowance (see the module note).
+#[derive(Debug, Default)]
+pub struct Once(#[cfg_attr(not(feature = "failpoints"), allow(dead_code))] AtomicBool);
+
+/// Corrupt `data` (whose digest is `hash`, or computed here) if the point is armed and this
+/// attempt has not corrupted a chunk yet. Returns the data to send and its (original) digest.
+pub fn corrupt_after_hash(
+    once: &Once,
+    offset: u64,
+    data: Bytes,
+    hash: Option<[u8; HASH_LEN]>,
+) -> (Bytes, Option<[u8; HASH_LEN]>) {
+    #[cfg(feature = "failpoints")]
+    if !once.0.load(Ordering::Relaxed)
+        && fail::eval("agent::corrupt-after-hash", |_| ()).is_some()
+        && !once.0.swap(true, Ordering::Relaxed)
+    {
+        let hash = hash.unwrap_or_else(|| *blake3::hash(&data).as_bytes());
+        let mut bad = data.to_vec();
+        // A bit that depends on the offset, so runs differ in where the damage lands.
+        let bit = (offset / 4096) as usize % (bad.len() * 8);
+        bad[bit / 8] ^= 1 << (bit % 8);
+        tracing::warn!(offset, bit, "failpoint agent::corrupt-after-hash: flipped one bit after hashing");
+        metrics::counter!("blockship_agent_injected_corruptions_total").increment(1);
+        return (Bytes::from(bad), Some(hash));
+    }
+    let _ = (once, offset);
+    (data, hash)
+}
+
+/// Arm the points named in `FAILPOINTS` (kept for the life of the process). Without the feature,
+/// a set `FAILPOINTS` is an error: a hardening test must never pass by running an unarmed build.
+pub fn setup() -> Result<(), String> {
+    let wanted = std::env::var("FAILPOINTS").unwrap_or_default();
+    #[cfg(feature = "failpoints")]
+    {
+        for point in wanted.split(';').filter(|p| !p.trim().is_empty()) {
+            let name = point.split('=').next().unwrap_or_default().trim();
+            if !POINTS.contains(&name) {
+                return Err(format!("FAILPOINTS names {name:?}, not a failpoint of this agent ({POINTS:?})"));
+            }
+        }
+        std::mem::forget(fail::FailScenario::setup());
+        Ok(())
+    }
+    #[cfg(not(feature = "failpoints"))]
+    if wanted.is_empty() {
+        Ok(())
+    } else {
+        Err("FAILPOINTS is set, but this agent was built without failpoints (cargo build --features blockship-agent/failpoints)".into())
+    }
+}
