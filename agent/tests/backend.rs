@@ -42,19 +42,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("BLOCKSHIP_REQUIRE_ROOT").is_none(),
-        "BLOCKSHIP_REQUIRE_ROOT is set but the tests do not run as root (they mount a tmpfs)"
-    );
-    eprintln!("skipping: mounting a small tmpfs needs root");
-    false
-}
-
 /// The sink's offline view of its targets (`status --state-dir --json`).
 fn committed_epoch(lab: &Lab, rel: &str) -> u64 {
     let out = Command::new(bin("blockship-sink"))
@@ -72,7 +59,7 @@ fn committed_epoch(lab: &Lab, rel: &str) -> u64 {
 }
 
 fn a_full_filesystem_is_a_clear_error_and_the_sync_resumes_once_there_is_room(transport: &str) {
-    if !root_or_skip() {
+    if !root_or_skip("mounting a small tmpfs") {
         return;
     }
     let lab = Lab::over(&["esx01"], transport);

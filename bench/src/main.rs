@@ -68,7 +68,8 @@ enum Cmd {
         /// The results.json of an earlier run.
         json: PathBuf,
     },
-    /// Impairment relay: delay (and for UDP, drop) traffic between clients and an upstream.
+    /// Impairment relay: delay with jitter (and for UDP, drop and reorder) traffic between clients
+    /// and an upstream.
     Relay {
         /// udp or tcp.
         kind: String,
@@ -78,8 +79,13 @@ enum Cmd {
         upstream: std::net::SocketAddr,
         #[arg(long, default_value_t = 10)]
         delay_ms: u64,
+        /// Probability of dropping a UDP datagram.
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
+        /// Random extra delay up to this, per datagram (UDP: they overtake one another) or per
+        /// read (TCP: in order).
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
     },
 }
 
@@ -145,10 +151,11 @@ fn main() -> Result<()> {
             println!("wrote {}", out.join("results.md").display());
             Ok(())
         }
-        Some(Cmd::Relay { kind, listen, upstream, delay_ms, loss }) => {
+        Some(Cmd::Relay { kind, listen, upstream, delay_ms, loss, jitter_ms }) => {
             let imp = blockship_bench::relay::Impairment {
                 delay: std::time::Duration::from_millis(delay_ms),
                 loss,
+                jitter: std::time::Duration::from_millis(jitter_ms),
             };
             let rt = tokio::runtime::Runtime::new()?;
             match kind.as_str() {

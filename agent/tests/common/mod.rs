@@ -187,6 +187,11 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// A handle that reaches this sink through `addr` (a relay in front of it); it owns nothing.
+    pub fn via(&self, addr: &str) -> Sink {
+        Sink { child: None, addr: addr.to_string() }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -291,4 +296,19 @@ pub fn scribble(path: &Path, offset: u64, len: usize, seed: u64) {
     let mut buf = vec![0u8; len];
     rng.fill(&mut buf);
     std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(&buf, offset).unwrap();
+}
+
+/// Whether the tests run as root (`why`: what needs it). Without root the test is skipped with a
+/// message, unless BLOCKSHIP_REQUIRE_ROOT is set (CI): then it fails.
+pub fn root_or_skip(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("BLOCKSHIP_REQUIRE_ROOT").is_none(),
+        "BLOCKSHIP_REQUIRE_ROOT is set but the tests do not run as root ({why} needs it)"
+    );
+    eprintln!("skipping: {why} needs root");
+    false
 }
