@@ -60,6 +60,11 @@ if grep -q '^Skipped:' target/bench-quick/results.md; then
   grep -B2 '^Skipped:' target/bench-quick/results.md >&2; exit 1
 fi
 
+step "crash loop (blockship-bench chaos: 10 kills, seed 1)"
+# The sink and the agent SIGKILLed at seeded moments while a live writer runs; every committed
+# group epoch must be one consistent cut of the writer's log (`chaos --kills 100` for the full run).
+target/release/blockship-bench --no-build --work "$TMPDIR/chaos" chaos --kills 10 --seed 1
+
 step "fuzz the protocol targets (30 s each, from the committed seeds)"
 # The agent-side targets need a ~15-minute instrumented build: `scripts/fuzz.sh all` runs them.
 bash scripts/fuzz.sh protocol 30

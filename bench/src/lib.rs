@@ -2,6 +2,7 @@
 //! scenarios that run the real agent and sink next to peer tools in the same run and report
 //! ratios (results.md, results.json, PNG charts).
 
+pub mod chaos;
 pub mod charts;
 pub mod grpc_peer;
 pub mod image;
@@ -14,3 +15,4 @@ pub mod relay;
 pub mod report;
 pub mod scenario;
 pub mod vm;
+pub mod workload;

@@ -68,6 +68,23 @@ enum Cmd {
         /// The results.json of an earlier run.
         json: PathBuf,
     },
+    /// Crash loop: a live writer on a 3-disk VM, its group replicated continuously into file
+    /// targets, the sink and the agent SIGKILLed at seeded random moments; every committed group
+    /// epoch must be one consistent cut of the writer's log and the end an exact copy.
+    Chaos {
+        /// Kills (sink or agent, drawn from the seed).
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+        /// Seed of the kill moments and victims (the same seed replays the same schedule).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// quic or grpc.
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Impairment relay: delay with jitter (and for UDP, drop and reorder) traffic between clients
     /// and an upstream.
     Relay {
@@ -163,6 +180,21 @@ fn main() -> Result<()> {
                 "tcp" => rt.block_on(blockship_bench::relay::tcp(listen, upstream, imp)),
                 other => anyhow::bail!("relay kind {other:?}: udp or tcp"),
             }
+        }
+        Some(Cmd::Chaos { kills, seed, transport, json }) => {
+            let bins = Bins::prepare(!cli.no_build)?;
+            let dir = cli.work.clone().unwrap_or_else(|| cli.out.join("chaos"));
+            let opts = blockship_bench::chaos::Options { kills, seed, transport, dir };
+            let out = blockship_bench::chaos::run(&bins, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!(
+                    "chaos seed {}: {} sink and {} agent kills, {} committed cuts checked, all consistent; final epoch {} equals the source after {} writes; {:.0} s",
+                    out.seed, out.sink_kills, out.agent_kills, out.cuts_checked, out.final_epoch, out.writes, out.seconds
+                );
+            }
+            Ok(())
         }
         None => {
             let which = cli.scenario.context(

@@ -145,8 +145,24 @@ impl Server {
         Ok(Server { child: Some(child), started: Instant::now(), ready_line: String::new() })
     }
 
+    /// `start_detached`, with stderr appended to `log`.
+    pub fn start_logging(cmd: &mut Command, log: std::fs::File) -> Result<Server> {
+        let child = real_fork(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Server { child: Some(child), started: Instant::now(), ready_line: String::new() })
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// SIGKILL: no chance to clean up (the crash loop's kill).
+    pub fn kill9(self) {
+        drop(self);
     }
 
     /// SIGTERM, wait, and report what the server used over its lifetime.
