@@ -233,16 +233,7 @@ pub async fn run(
                 Stats::add(&stats.bytes_sent, encoded.payload.len() as u64);
                 Stats::add(&stats.bytes_data, len);
                 Stats::add(&stats.chunks_sent, 1);
-                let header = ChunkHeader {
-                    disk,
-                    seq,
-                    offset,
-                    length: len as u32,
-                    blake3: Bytes::copy_from_slice(&encoded.hash),
-                    codec: encoded.codec as i32,
-                    encoded_length: encoded.payload.len() as u32,
-                };
-                send(Out::Chunk(header, encoded.payload)).await?;
+                send(Out::Chunk(encoded.header(disk, seq, offset, len as u32), encoded.payload)).await?;
                 seq += 1;
             }
         }

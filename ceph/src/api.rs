@@ -174,6 +174,9 @@ api! {
     rbd_lock_get_owners: fn(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
     rbd_lock_get_owners_cleanup: fn(*mut *mut c_char, usize);
     rbd_lock_break: fn(ImageT, c_int, *const c_char) -> c_int;
+    rbd_get_id: fn(ImageT, *mut c_char, usize) -> c_int;
+    rados_list_lockers: fn(IoCtxT, *const c_char, *const c_char, *mut c_int, *mut c_char, *mut usize, *mut c_char, *mut usize, *mut c_char, *mut usize, *mut c_char, *mut usize) -> isize;
+    rados_break_lock: fn(IoCtxT, *const c_char, *const c_char, *const c_char, *const c_char) -> c_int;
     rbd_clone3: fn(IoCtxT, *const c_char, *const c_char, IoCtxT, *const c_char, OptionsT) -> c_int;
     rbd_snap_protect: fn(ImageT, *const c_char) -> c_int;
     rbd_snap_unprotect: fn(ImageT, *const c_char) -> c_int;

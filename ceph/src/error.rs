@@ -41,7 +41,7 @@ impl RbdError {
 fn describe(errno: i32) -> String {
     let base = std::io::Error::from_raw_os_error(errno).to_string();
     match errno {
-        libc::ETIMEDOUT => format!("{base} (is the cluster reachable? check mon host in the Ceph config)"),
+        libc::ETIMEDOUT => format!("{base} (the cluster did not answer in time: is it reachable (mon host in the Ceph config), are its OSDs up (ceph -s)?)"),
         libc::EACCES | libc::EPERM => format!("{base} (check --ceph-id / --keyring and the client's caps)"),
         _ => base,
     }

@@ -12,7 +12,7 @@ use crate::RbdError;
 
 pub(crate) struct ImageInner {
     pub(crate) ptr: ImageT,
-    _ioctx: Arc<IoCtx>,
+    ioctx: Arc<IoCtx>,
     /// Lets tests hold this image's completions and see on which thread it was closed.
     #[cfg(test)]
     pub(crate) probe: Arc<crate::aio::CloseProbe>,
@@ -57,7 +57,7 @@ impl Image {
         Image {
             inner: Arc::new(ImageInner {
                 ptr,
-                _ioctx: ioctx,
+                ioctx,
                 #[cfg(test)]
                 probe: Default::default(),
             }),
@@ -280,6 +280,68 @@ impl Image {
             (api()?.rbd_lock_break)(self.ptr(), crate::api::LOCK_MODE_EXCLUSIVE, o.as_ptr())
         })?;
         Ok(())
+    }
+
+    /// Break an exclusive lock that a closed handle of this very client left behind (blocking):
+    /// a handle closed while the cluster did not answer cannot release its lock, and librbd will
+    /// not break a lock of its own client (that would blocklist itself). This removes the lock
+    /// record on the image header (`cls_lock`) without blocklisting anyone, so the caller must
+    /// know that no handle of this process still writes the image. Returns the locks removed.
+    pub fn break_own_stale_lock(&self) -> Result<usize, RbdError> {
+        let api = api()?;
+        let mut id = [0 as c_char; 64];
+        // SAFETY: valid image, a buffer of the given length.
+        check("read the image id", unsafe { (api.rbd_get_id)(self.ptr(), id.as_mut_ptr(), id.len()) })?;
+        // SAFETY: librbd NUL-terminated the id within the buffer.
+        let id = unsafe { CStr::from_ptr(id.as_ptr()) }.to_string_lossy().into_owned();
+        let header = cstr(&format!("rbd_header.{id}"))?;
+        let name = cstr("rbd_lock")?;
+        let io = self.inner.ioctx.ptr;
+        let (mut tag, mut clients, mut cookies, mut addrs) =
+            ([0 as c_char; 256], [0 as c_char; 1024], [0 as c_char; 1024], [0 as c_char; 1024]);
+        let (mut tag_len, mut clients_len, mut cookies_len, mut addrs_len) =
+            (tag.len(), clients.len(), cookies.len(), addrs.len());
+        let mut exclusive: c_int = 0;
+        // SAFETY: valid ioctx, C strings and buffers with their lengths.
+        let n = unsafe {
+            (api.rados_list_lockers)(
+                io,
+                header.as_ptr(),
+                name.as_ptr(),
+                &mut exclusive,
+                tag.as_mut_ptr(),
+                &mut tag_len,
+                clients.as_mut_ptr(),
+                &mut clients_len,
+                cookies.as_mut_ptr(),
+                &mut cookies_len,
+                addrs.as_mut_ptr(),
+                &mut addrs_len,
+            )
+        };
+        check("list the image header's lockers", n as c_int)?;
+        let split = |buf: &[c_char], len: usize| -> Vec<String> {
+            // SAFETY: reinterpreting c_char as u8 of the same size.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, len.min(buf.len())) };
+            bytes
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        };
+        let (clients, cookies) = (split(&clients, clients_len), split(&cookies, cookies_len));
+        let mut broken = 0;
+        for (client, cookie) in clients.iter().zip(&cookies).take(n.max(0) as usize) {
+            let (c, k) = (cstr(client)?, cstr(cookie)?);
+            // SAFETY: valid ioctx and C strings.
+            let r =
+                unsafe { (api.rados_break_lock)(io, header.as_ptr(), name.as_ptr(), c.as_ptr(), k.as_ptr()) };
+            if r != -libc::ENOENT {
+                check(format!("break the stale lock of {client}"), r)?;
+                broken += 1;
+            }
+        }
+        Ok(broken)
     }
 
     /// Extents changed since snapshot `from` (None: allocated extents) in `[offset, offset+len)`.

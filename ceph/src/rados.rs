@@ -111,7 +111,7 @@ impl Rados {
 
 /// A pool (and namespace) I/O context.
 pub struct IoCtx {
-    ptr: IoCtxT,
+    pub(crate) ptr: IoCtxT,
     _rados: Arc<Rados>,
 }
 

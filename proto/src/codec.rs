@@ -42,6 +42,21 @@ pub struct Encoded {
     pub payload: Bytes,
 }
 
+impl Encoded {
+    /// The header announcing this chunk: `length` raw bytes at `offset`, item `seq` of `disk`.
+    pub fn header(&self, disk: u32, seq: u64, offset: u64, length: u32) -> ChunkHeader {
+        ChunkHeader {
+            disk,
+            seq,
+            offset,
+            length,
+            blake3: Bytes::copy_from_slice(&self.hash),
+            codec: self.codec as i32,
+            encoded_length: self.payload.len() as u32,
+        }
+    }
+}
+
 /// Compresses and hashes chunks; keep one per worker thread (it owns a zstd context).
 pub struct Encoder {
     mode: Compression,
@@ -188,15 +203,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn header_for(offset: u64, raw_len: usize, enc: &Encoded) -> ChunkHeader {
-        ChunkHeader {
-            disk: 0,
-            seq: 0,
-            offset,
-            length: raw_len as u32,
-            blake3: Bytes::copy_from_slice(&enc.hash),
-            codec: enc.codec as i32,
-            encoded_length: enc.payload.len() as u32,
-        }
+        enc.header(0, 0, offset, raw_len as u32)
     }
 
     fn text(len: usize) -> Bytes {

@@ -18,16 +18,7 @@ fn seeds_dir(target: &str) -> PathBuf {
 
 fn chunk_frame(disk: u32, seq: u64, offset: u64, data: &[u8], mode: Compression) -> Bytes {
     let e = Encoder::new(mode).unwrap().encode(Bytes::copy_from_slice(data)).unwrap();
-    let h = pb::ChunkHeader {
-        disk,
-        seq,
-        offset,
-        length: data.len() as u32,
-        blake3: Bytes::copy_from_slice(&e.hash),
-        codec: e.codec as i32,
-        encoded_length: e.payload.len() as u32,
-    };
-    frame::encode(&Body::Chunk(h), &e.payload)
+    frame::encode(&Body::Chunk(e.header(disk, seq, offset, data.len() as u32)), &e.payload)
 }
 
 fn frames(bodies: &[Body]) -> Vec<u8> {

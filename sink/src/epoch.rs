@@ -100,11 +100,15 @@ pub async fn begin(
     );
     let d = disk.clone();
     tokio::spawn(async move {
-        let result = writer.run(rx).await;
+        let mut rx = rx;
+        let result = writer.run(&mut rx).await;
         d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(r) = result {
             let _ = errors.send((d.handle, r)).await;
         }
+        // Only now may senders see the writer gone (and report "epoch writer stopped"): the
+        // disk fails once, so the writer's own error — the cause — must reach the session first.
+        drop(rx);
     });
     tracing::info!(target = %disk.name, epoch = req.epoch, ?mode, resume_offset = req.resume_offset, group = %req.group, "epoch begun");
     Ok(())

@@ -156,7 +156,7 @@ impl EpochWriter {
 
     /// Apply items until the epoch is prepared (and committed, if on its own) or the session
     /// ends (after a last checkpoint, so a resumed epoch skips what was written).
-    pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) -> Result<Ended, Refusal> {
+    pub async fn run(mut self, rx: &mut mpsc::Receiver<WriterMsg>) -> Result<Ended, Refusal> {
         let mut batch = Vec::with_capacity(BATCH);
         let mut commit: Option<(u64, String, bool)> = None;
         let mut tick = tokio::time::interval(self.policy.interval);

@@ -76,7 +76,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         bail!("qemu-storage-daemon is not installed (apt install qemu-system-common qemu-utils)");
     }
     let size: u64 = if ctx.quick { 64 << 20 } else { 1 << 30 };
-    let phase_s = if ctx.quick { 30 } else { 90 };
+    let phase_s = if ctx.quick { 15 } else { 90 };
     let dir = ctx.lab.dir.join("continuous");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;

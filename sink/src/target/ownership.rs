@@ -6,7 +6,9 @@
 //! gone — the same host and a process that no longer runs, or a heartbeat older than
 //! `STALE_AFTER` — and then breaks the lock, which blocklists the dead owner's client first (as
 //! rbd-mirror and Ceph CSI do), so the first write follows in well under a second. A lock held
-//! by anyone else (a VM using the volume, a live sink) is refused with who holds it.
+//! by anyone else (a VM using the volume, a live sink) is refused with who holds it. A lock of
+//! this very process that no writer of ours holds was left by a handle closed while the cluster
+//! did not answer (an OSD outage past `--ceph-op-timeout`): it is broken without blocklisting.
 
 use std::time::Duration;
 
@@ -40,6 +42,9 @@ pub enum Verdict {
     Dead(String),
     /// Someone alive holds it: refuse with this message.
     Held(String),
+    /// This very process holds it through a handle it closed while the cluster did not answer
+    /// (its release never arrived): the lock is stale, break it without blocklisting.
+    Ours(String),
 }
 
 /// This process, as an ownership record names it.
@@ -76,6 +81,10 @@ pub fn judge(image: &str, owners: &[String], record: Option<&Owner>, now: u64) -
     };
     if r.host == hostname() {
         return match start_time(r.pid) {
+            Some(start) if start == r.start && r.pid == std::process::id() => Verdict::Ours(format!(
+                "an earlier handle of this sink (pid {}) left it locked: its release did not reach the cluster",
+                r.pid
+            )),
             Some(start) if start == r.start => Verdict::Held(format!(
                 "{image} is being written by another sink on this host (pid {}); stop it first",
                 r.pid
@@ -105,8 +114,11 @@ mod tests {
         let now = 1_000_000;
         let alive = me("10.0.0.1:0/1", now);
         assert_eq!(judge("rbd:p/i", &[], Some(&alive), now), Verdict::Free);
-        // Ourselves (a live process on this host) is alive.
-        assert!(matches!(judge("rbd:p/i", &["10.0.0.1:0/1".into()], Some(&alive), now), Verdict::Held(_)));
+        // Ourselves: a lock of this very process that the caller does not hold (a stale one).
+        assert!(matches!(judge("rbd:p/i", &["10.0.0.1:0/1".into()], Some(&alive), now), Verdict::Ours(_)));
+        // Another live process of this host: alive. (pid 1 runs; its start time is its own.)
+        let init = Owner { pid: 1, start: start_time(1).unwrap_or(0), ..alive.clone() };
+        assert!(matches!(judge("rbd:p/i", &["10.0.0.1:0/1".into()], Some(&init), now), Verdict::Held(_)));
         // A record of another address: not a Blockship sink's lock.
         let v = judge("rbd:p/i", &["10.0.0.9:0/7".into()], Some(&alive), now);
         assert!(matches!(&v, Verdict::Held(m) if m.contains("not a Blockship sink")), "{v:?}");

@@ -193,6 +193,10 @@ async fn take_ownership(image: &Image, name: &TargetName) -> Result<Heartbeat, T
                 }
             }
             Verdict::Held(why) => return Ok(Err(why)),
+            Verdict::Ours(why) => {
+                tracing::warn!(target = %n, "removing a stale exclusive lock: {why}");
+                img.break_own_stale_lock()?;
+            }
         }
         img.lock_acquire()?;
         let addr = img.lock_owners()?.into_iter().next().unwrap_or_default();

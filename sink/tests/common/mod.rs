@@ -301,16 +301,7 @@ impl Fake {
 pub fn chunk(seq: u64, offset: u64, data: &[u8]) -> (pb::ChunkHeader, Bytes) {
     let e =
         Encoder::new(Compression::Auto { level: 1 }).unwrap().encode(Bytes::copy_from_slice(data)).unwrap();
-    let h = pb::ChunkHeader {
-        disk: 1,
-        seq,
-        offset,
-        length: data.len() as u32,
-        blake3: Bytes::copy_from_slice(&e.hash),
-        codec: e.codec as i32,
-        encoded_length: e.payload.len() as u32,
-    };
-    (h, e.payload)
+    (e.header(1, seq, offset, data.len() as u32), e.payload)
 }
 
 /// Deterministic pseudo-random bytes.
