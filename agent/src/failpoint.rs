@@ -6,9 +6,7 @@
 //! disk's epoch at the first bad chunk and drops the disk's later items unread, so each
 //! injected corruption is one the sink must have seen, and the counts can be compared exactly.
 
-use std::sync::atomic::AtomicBool;
-#[cfg(feature = "failpoints")]
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use blockship_proto::HASH_LEN;
 use bytes::Bytes;
@@ -16,9 +14,12 @@ use bytes::Bytes;
 /// The points this agent declares.
 pub const POINTS: &[&str] = &["agent::corrupt-after-hash"];
 
-/// One epoch attempt's corruption allowance (see the module note).
+/// One epoch attempt's corruption allowance (see the module note). A lock, not a flag: the
+/// point is evaluated by one hashing thread at a time and only while the allowance is unused, so
+/// an action such as `3*return` injects exactly three corruptions (with a flag, two threads could
+/// both consume a `return` and only one of them flip a bit — CI saw 2 injected for `3*return`).
 #[derive(Debug, Default)]
-pub struct Once(#[cfg_attr(not(feature = "failpoints"), allow(dead_code))] AtomicBool);
+pub struct Once(#[cfg_attr(not(feature = "failpoints"), allow(dead_code))] Mutex<bool>);
 
 /// Corrupt `data` (whose digest is `hash`, or computed here) if the point is armed and this
 /// attempt has not corrupted a chunk yet. Returns the data to send and its (original) digest.
@@ -29,10 +30,11 @@ pub fn corrupt_after_hash(
     hash: Option<[u8; HASH_LEN]>,
 ) -> (Bytes, Option<[u8; HASH_LEN]>) {
     #[cfg(feature = "failpoints")]
-    if !once.0.load(Ordering::Relaxed)
-        && fail::eval("agent::corrupt-after-hash", |_| ()).is_some()
-        && !once.0.swap(true, Ordering::Relaxed)
-    {
+    if once.0.lock().is_ok_and(|mut used| {
+        let fire = !*used && fail::eval("agent::corrupt-after-hash", |_| ()).is_some();
+        *used |= fire;
+        fire
+    }) {
         let hash = hash.unwrap_or_else(|| *blake3::hash(&data).as_bytes());
         let mut bad = data.to_vec();
         // A bit that depends on the offset, so runs differ in where the damage lands.
