@@ -4,8 +4,8 @@
 //! message on the agent's side that says what to fix and a log line on the sink's side, nothing
 //! is written, and the sink goes on serving a well-behaved agent. (The other rows live beside
 //! the code they test: another CA, `--allow` escapes and second names in refusals.rs, the control
-//! API's admins in metrics.rs, oversized frames, stream floods and slow clients in the sink's
-//! limits and protocol tests; the README's Security section lists them all.)
+//! API's admins in metrics.rs, slow handshakes, stream floods and oversized frames in the sink's
+//! attacks.rs, slow clients in its limits.rs; the README's Security section lists them all.)
 
 mod common;
 

@@ -58,7 +58,7 @@ pub async fn serve(listen: SocketAddr, pki: &Path) -> Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming(tls_incoming(listener, tls))
+        .serve_with_incoming(tls_incoming(listener, tls, Default::default()))
         .await
         .context("gRPC server")
 }

@@ -204,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Rollback { target, group, state_dir, file_root, ceph, remote } if remote.sink.is_some() => {
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let _ = (state_dir, file_root, ceph);
             runtime.block_on(async {
@@ -226,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, r) => r?,
             };
             let roots = TargetRoots { file_root, ceph: ceph.map(|c| std::sync::Arc::new(Ceph::new(c))) };
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let msg = runtime.block_on(async {
                 match (&target, &group) {
@@ -241,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::TestFailover { group, prefix, cleanup, state_dir: None, remote, .. } => {
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
                 let mut c = remote.client().await?.context("give --sink or --state-dir")?;
@@ -256,6 +259,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::TestFailover { group, prefix, cleanup, state_dir: Some(state_dir), ceph, .. } => {
             let ceph = ceph.resolve()?.context("test failover needs rbd support (drop --no-rbd)")?;
             let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let msg = runtime.block_on(async {
                 match (cleanup, prefix) {
@@ -273,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             let reply = match state_dir {
                 Some(dir) => blockship_sink::control::status(&dir, None),
                 None => {
+                    raise_fd_limit();
                     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
                     runtime.block_on(async {
                         let mut c = remote.client().await?.context("give --sink or --state-dir")?;
@@ -314,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
                 file_rollback: r.file_rollback,
                 roster: Default::default(),
             });
+            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(32)
@@ -327,6 +333,10 @@ fn run(cli: Cli) -> Result<()> {
                     metrics::counter!("blockship_sink_checksum_failures_total").increment(0);
                     metrics::gauge!("blockship_sink_sessions").increment(0.0);
                     metrics::gauge!("blockship_sink_in_flight_bytes").increment(0.0);
+                    for transport in ["quic", "grpc"] {
+                        metrics::counter!("blockship_sink_handshakes_refused_total", "transport" => transport)
+                            .increment(0);
+                    }
                 }
                 let routes = blockship_sink::control::routes(ctx.clone(), r.admins.clone());
                 let server = Server::bind(r.listen, r.grpc_listen, &r.tls, &r.tuning, ctx, routes)?;
@@ -356,5 +366,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Raise the soft limit of open files to the hard limit: every connection, target and Ceph
+/// socket costs a descriptor, and the usual soft limit (1024) is below what the sink's own caps
+/// (connections, handshakes in progress) allow together.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(
+                    soft = lim.rlim_cur,
+                    "cannot raise the open-file limit; many agents may exhaust it"
+                );
+            }
+        }
     }
 }

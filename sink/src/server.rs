@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use blockship_transport::conn::Incoming;
 use blockship_transport::grpc::{GrpcListener, GrpcTuning};
+use blockship_transport::handshakes::Handshakes;
 use blockship_transport::quic_conn::QuicListener;
 use blockship_transport::{quic, tls, Connection, QuicTuning, TlsFiles, TransportError};
 
@@ -138,9 +139,11 @@ impl Server {
                 Err(_) => continue,
             }
         };
-        let grpc = GrpcListener::serve(tcp, tls, &GrpcTuning::from_quic(tuning), extra)?;
+        // One admission of handshakes for both transports (a slow client may use either).
+        let handshakes = Arc::new(Handshakes::default());
+        let grpc = GrpcListener::serve(tcp, tls, &GrpcTuning::from_quic(tuning), extra, handshakes.clone())?;
         let windows = Arc::new(Windows::new(tuning, TOTAL_STREAMS));
-        Ok(Server { quic: QuicListener(endpoint), grpc, ctx, windows })
+        Ok(Server { quic: QuicListener::new(endpoint, handshakes), grpc, ctx, windows })
     }
 
     /// The QUIC (UDP) address.

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::conn::{
     BiStream, BoxFuture, ClientOptions, Closed, Conn, Connection, Incoming, RecvStream, SendStream, Transport,
 };
+use crate::handshakes::Handshakes;
 use crate::tcp_tls::{channel, tls_incoming, PeerInfo, H2};
 use crate::tls::TlsError;
 use crate::TransportError;
@@ -48,6 +49,9 @@ pub const MAX_MESSAGE: usize =
     blockship_proto::frame::MAX_HEADER_LEN + blockship_proto::frame::MAX_PAYLOAD_LEN + 1024;
 /// gRPC connections share no memory budget with QUIC's windows; bound each one's data streams.
 pub const DATA_STREAMS: u64 = 8;
+
+/// Concurrent calls (HTTP/2 streams) on one connection; the peer waits for a free one beyond.
+pub const MAX_CALLS: u32 = 64;
 
 /// HTTP/2 sizing of a gRPC side (see the module comment).
 #[derive(Debug, Clone)]
@@ -84,6 +88,7 @@ impl GrpcListener {
         tls: rustls::ServerConfig,
         tuning: &GrpcTuning,
         extra: tonic::service::Routes,
+        handshakes: Arc<Handshakes>,
     ) -> Result<Self, TransportError> {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
@@ -100,11 +105,15 @@ impl GrpcListener {
             .initial_stream_window_size(tuning.stream_window)
             .initial_connection_window_size(tuning.connection_window)
             .max_frame_size(Some(1 << 20))
+            // tonic's default is no limit: one authenticated connection could open thousands of
+            // calls. A session needs one control call and DATA_STREAMS data calls; the rest of
+            // the allowance serves the control API and several sessions on one connection.
+            .max_concurrent_streams(Some(MAX_CALLS))
             .http2_keepalive_interval(Some(tuning.keep_alive))
             .http2_keepalive_timeout(Some(tuning.idle_timeout))
             .tcp_nodelay(true)
             .add_routes(routes);
-        let incoming = tls_incoming(listener, tls);
+        let incoming = tls_incoming(listener, tls, handshakes);
         tokio::spawn(async move {
             if let Err(e) = server.serve_with_incoming(incoming).await {
                 tracing::error!("gRPC server stopped: {e}");

@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod framed;
 pub mod grpc;
+pub mod handshakes;
 pub mod logs;
 pub mod metrics;
 pub mod quic;

@@ -3,11 +3,13 @@
 //! why the connection ended (an application close keeps the peer's code and reason).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 
 use crate::conn::{BiStream, BoxFuture, Closed, Conn, RecvStream, SendStream, Transport};
+use crate::handshakes::Handshakes;
 use crate::tls::{cert_identity, TlsError};
 use crate::TransportError;
 
@@ -185,20 +187,37 @@ impl From<quinn::ClosedStream> for TransportError {
 }
 
 /// The sink's QUIC endpoint as a source of `Incoming` connections.
-pub struct QuicListener(pub quinn::Endpoint);
+pub struct QuicListener {
+    endpoint: quinn::Endpoint,
+    handshakes: Arc<Handshakes>,
+}
 
 impl QuicListener {
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.local_addr()
+    /// Serve `endpoint`, admitting handshakes through `handshakes` (shared with the gRPC side).
+    pub fn new(endpoint: quinn::Endpoint, handshakes: Arc<Handshakes>) -> Self {
+        QuicListener { endpoint, handshakes }
     }
 
-    /// The next connection attempt, or None once the endpoint is closed.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The next connection attempt, or None once the endpoint is closed. An address with too
+    /// many handshakes in progress is refused at once (CONNECTION_REFUSED, no state kept).
     pub async fn accept(&self) -> Option<crate::conn::Incoming> {
-        let incoming = self.0.accept().await?;
-        let remote = incoming.remote_address();
-        Some(crate::conn::Incoming::new(remote, Transport::Quic, async move {
-            let conn = incoming.await?;
-            Ok(crate::conn::Connection::new(QuicConn::new(conn, None)))
-        }))
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let remote = incoming.remote_address();
+            let Ok(ticket) = self.handshakes.enter(remote.ip(), "quic") else {
+                incoming.refuse();
+                continue;
+            };
+            return Some(crate::conn::Incoming::new(remote, Transport::Quic, async move {
+                // Held until the handshake is done or failed (quinn bounds it by the idle timeout).
+                let _ticket = ticket;
+                let conn = incoming.await?;
+                Ok(crate::conn::Connection::new(QuicConn::new(conn, None)))
+            }));
+        }
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::grpc::GrpcTuning;
+use crate::handshakes::Handshakes;
 use crate::tls::{cert_identity, TlsError};
 use crate::TransportError;
 
@@ -81,10 +82,12 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Accept TCP connections and run their TLS handshakes (each in its own task, with a timeout,
-/// so a silent client cannot hold up the others).
+/// so a silent client cannot hold up the others; `handshakes` caps how many may be in progress
+/// per address and in all, so many slow ones cannot either).
 pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
+    handshakes: Arc<Handshakes>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = mpsc::channel(16);
@@ -98,6 +101,9 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            // Over a cap the connection is closed at once (dropped): it costs no task and no
+            // file descriptor beyond this moment.
+            let Ok(ticket) = handshakes.enter(remote.ip(), "grpc") else { continue };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
@@ -114,6 +120,7 @@ pub fn tls_incoming(
                         return;
                     }
                 };
+                drop(ticket);
                 let identity = stream
                     .get_ref()
                     .1
