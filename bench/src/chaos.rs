@@ -7,6 +7,10 @@
 //! writer's log: the three disks must be one consistent cut, never earlier than the last one
 //! seen. At the end the writer stops, the group commits once more, and every target must equal
 //! its source disk. Any violation stops the loop with an error naming the kill and the seed.
+//! With `--rbd` the targets are RBD images of the cluster `scripts/ceph-up.sh` started, a third
+//! victim joins (its only OSD, SIGKILLed and started again 1 to 8 s later), and the committed
+//! cut is read after every kill from the members' snapshots of the group's committed epoch
+//! (`blockship-N`, immutable, so the sink need not be dead to read them).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::Rng;
-use crate::lab::Bins;
+use crate::lab::{Bins, CephEnv};
 use crate::proc::{self, Server};
 use crate::vm::Vm;
 use crate::workload::{consistent_cut, SeqWriter, BLOCK};
@@ -29,6 +33,8 @@ pub struct Options {
     pub seed: u64,
     pub transport: String,
     pub dir: PathBuf,
+    /// Replicate into RBD (and restart the OSD too) instead of file targets.
+    pub rbd: bool,
 }
 
 /// What a loop did.
@@ -37,6 +43,7 @@ pub struct Outcome {
     pub seed: u64,
     pub sink_kills: usize,
     pub agent_kills: usize,
+    pub osd_restarts: usize,
     /// Committed group epochs checked against the writer's log (all consistent, or we failed).
     pub cuts_checked: usize,
     pub final_epoch: u64,
@@ -49,9 +56,18 @@ struct Chaos<'a> {
     dir: PathBuf,
     listen: String,
     transport: String,
+    /// The cluster and pool with `--rbd`.
+    ceph: Option<(CephEnv, String)>,
 }
 
 impl Chaos<'_> {
+    fn target(&self, d: usize) -> String {
+        match &self.ceph {
+            Some((_, pool)) => format!("rbd:{pool}/chaos-d{d}"),
+            None => format!("file:vm/d{d}"),
+        }
+    }
+
     fn sink(&self) -> Result<Server> {
         let mut cmd = Command::new(&self.bins.sink);
         cmd.args(["serve", "--listen", &self.listen, "--allow", &format!("{AGENT}=file:**"), "--pki"])
@@ -62,12 +78,16 @@ impl Chaos<'_> {
             .arg(self.dir.join("state"))
             .args(["--idle-timeout", "5s"])
             .env("RUST_LOG", "warn");
+        if let Some((ceph, _)) = &self.ceph {
+            cmd.args(["--allow", &format!("{AGENT}=rbd:**")]).args(&ceph.sink_args);
+        }
         Server::start(&mut cmd, |l| l.starts_with("listening on "), Duration::from_secs(30))
     }
 
     fn daemon(&self, vm: &Vm) -> Result<Server> {
-        let disks: Vec<String> =
-            (0..DISKS).map(|d| format!("{{ disk = \"disk{d}\", target = \"file:vm/d{d}\" }}")).collect();
+        let disks: Vec<String> = (0..DISKS)
+            .map(|d| format!("{{ disk = \"disk{d}\", target = \"{}\" }}", self.target(d)))
+            .collect();
         let config = format!(
             "[agent]\nsink = \"{}\"\ntransport = \"{}\"\npki = \"{}\"\nname = \"{AGENT}\"\nidle_timeout = \"5s\"\n\
              [daemon]\ncontrol_socket = \"{}\"\n\
@@ -150,6 +170,91 @@ impl Chaos<'_> {
     }
 }
 
+/// RBD mode: the members' committed cut, read from their snapshots of the group's committed
+/// epoch. A member that recorded epoch N commits the group's N (the others are rolled forward
+/// to it when the group opens, see the sink's `group`), so N is the largest recorded epoch, and
+/// every member must hold its snapshot.
+impl Chaos<'_> {
+    fn committed_snapshots(&self) -> Result<(u64, Vec<Vec<u8>>)> {
+        let (ceph, pool) = self.ceph.as_ref().context("RBD mode")?;
+        let mut epochs = Vec::new();
+        for d in 0..DISKS {
+            let meta = proc::run(&mut ceph.rbd(&[
+                "image-meta",
+                "get",
+                &format!("{pool}/chaos-d{d}"),
+                "blockship.state",
+            ]))?;
+            let state: Option<serde_json::Value> = serde_json::from_str(meta.stdout.trim()).ok();
+            epochs.push(state.and_then(|v| v["committed_epoch"].as_u64()).unwrap_or(0));
+        }
+        let epoch = epochs.iter().copied().max().unwrap_or(0);
+        if epoch == 0 {
+            return Ok((0, vec![vec![0; SIZE as usize]; DISKS]));
+        }
+        let check = self.dir.join("check");
+        std::fs::create_dir_all(&check)?;
+        let mut images = Vec::new();
+        for d in 0..DISKS {
+            let file = check.join(format!("d{d}"));
+            let _ = std::fs::remove_file(&file);
+            let snap = format!("{pool}/chaos-d{d}@blockship-{epoch}");
+            let out = proc::run(&mut ceph.rbd(&["export", "--no-progress", &snap]).arg(&file))?;
+            if out.status != 0 {
+                bail!(
+                    "the group committed epoch {epoch} (members recorded {epochs:?}) but {snap} cannot be read: {}",
+                    out.stderr.trim()
+                );
+            }
+            let mut img = std::fs::read(&file)?;
+            img.resize(SIZE as usize, 0);
+            images.push(img);
+        }
+        Ok((epoch, images))
+    }
+
+    /// SIGKILL the cluster's only OSD, wait `down`, start it again (it daemonizes once up).
+    fn restart_osd(&self, down: Duration) -> Result<()> {
+        let (ceph, _) = self.ceph.as_ref().context("RBD mode")?;
+        let dir = std::env::var("BLOCKSHIP_CEPH_DIR").unwrap_or_else(|_| "/tmp/blockship-ceph".into());
+        let pidfile = format!("{dir}/run/ceph-osd.0.pid");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .with_context(|| format!("{pidfile}: is the cluster of scripts/ceph-up.sh running?"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{pidfile}: not a pid"))?;
+        // SAFETY: signalling the test cluster's OSD process.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+            bail!("cannot kill the OSD (pid {pid}): {}", std::io::Error::last_os_error());
+        }
+        let gone = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(down);
+        proc::run_ok(Command::new("ceph-osd").args(["-c", &ceph.conf, "-i", "0"]))?;
+        Ok(())
+    }
+
+    /// The committed cut as the mode reads it (file mode: the sink must be dead).
+    fn committed_cut(&self) -> Result<(u64, Vec<Vec<u8>>)> {
+        if self.ceph.is_some() {
+            self.committed_snapshots()
+        } else {
+            self.committed_copy()
+        }
+    }
+
+    /// Target `d`'s contents as a file (RBD mode: exported).
+    fn final_copy(&self, d: usize) -> Result<PathBuf> {
+        let Some((ceph, pool)) = &self.ceph else { return Ok(self.dir.join(format!("root/vm/d{d}"))) };
+        let file = self.dir.join(format!("final-d{d}"));
+        let _ = std::fs::remove_file(&file);
+        proc::run_ok(ceph.rbd(&["export", "--no-progress", &format!("{pool}/chaos-d{d}")]).arg(&file))?;
+        Ok(file)
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -167,11 +272,23 @@ pub fn run(bins: &Bins, opts: &Options) -> Result<Outcome> {
     let vm = Vm::start(&dir.join("vm"), DISKS, SIZE)?;
     let uris = (0..DISKS).map(|i| vm.export_uri(i)).collect();
     let writer = SeqWriter::start(uris, SIZE / BLOCK, &dir);
+    let ceph = if opts.rbd {
+        let env = CephEnv::from_env()
+            .context("--rbd needs the Ceph environment scripts/ceph-up.sh prints (CEPH_CONF, ...)")?;
+        let pool = std::env::var("BLOCKSHIP_CEPH_POOL").unwrap_or_else(|_| "rbd".into());
+        for d in 0..DISKS {
+            env.remove(&format!("{pool}/chaos-d{d}"));
+        }
+        Some((env, pool))
+    } else {
+        None
+    };
     let chaos = Chaos {
         bins,
         dir: dir.clone(),
         listen: format!("127.0.0.1:{}", free_port()?),
         transport: opts.transport.clone(),
+        ceph,
     };
     let mut sink = Some(chaos.sink()?);
     let mut daemon = Some(chaos.daemon(&vm)?);
@@ -181,38 +298,60 @@ pub fn run(bins: &Bins, opts: &Options) -> Result<Outcome> {
 
     for kill in 1..=opts.kills {
         std::thread::sleep(Duration::from_millis(500 + rng.next_u64() % 7500));
-        if rng.next_u64().is_multiple_of(2) {
-            out.sink_kills += 1;
-            if let Some(s) = sink.take() {
-                s.kill9();
+        let victims = if opts.rbd { 3 } else { 2 };
+        let victim = rng.next_u64() % victims;
+        let what = match victim {
+            0 => {
+                out.sink_kills += 1;
+                if let Some(s) = sink.take() {
+                    s.kill9();
+                }
+                "sink"
             }
+            1 => {
+                out.agent_kills += 1;
+                if let Some(d) = daemon.take() {
+                    d.kill9();
+                }
+                "agent"
+            }
+            _ => {
+                out.osd_restarts += 1;
+                chaos.restart_osd(Duration::from_millis(1000 + rng.next_u64() % 7000))?;
+                "osd"
+            }
+        };
+        // File targets are read (rolled back) only while the sink is dead; snapshots any time.
+        if victim == 0 || opts.rbd {
+            // The cut first, then the log: with a live sink (RBD) the cut may be newer than a log
+            // copied before it; every write a frozen view holds had completed when it froze.
+            let (epoch, images) = chaos.committed_cut()?;
             let log = writer.log.lock().map(|l| l.clone()).unwrap_or_default();
-            let (epoch, images) = chaos.committed_copy()?;
             let prefix = consistent_cut(&log, &images).map_err(|e| {
                 anyhow::anyhow!(
-                    "kill {kill} (seed {}): epoch {epoch} is not one consistent cut: {e}",
+                    "kill {kill} ({what}, seed {}): epoch {epoch} is not one consistent cut: {e}",
                     opts.seed
                 )
             })?;
             if epoch < last_epoch || prefix < last_prefix || (epoch == last_epoch && prefix != last_prefix) {
                 bail!(
-                    "kill {kill} (seed {}): went back in time: epoch {epoch} holds {prefix} writes, before it epoch {last_epoch} held {last_prefix}",
+                    "kill {kill} ({what}, seed {}): went back in time: epoch {epoch} holds {prefix} writes, before it epoch {last_epoch} held {last_prefix}",
                     opts.seed
                 );
             }
             (last_epoch, last_prefix) = (epoch, prefix);
             out.cuts_checked += 1;
             println!(
-                "kill {kill}: sink; committed epoch {epoch} = the first {prefix} of {} writes",
+                "kill {kill}: {what}; committed epoch {epoch} = the first {prefix} of {} writes",
                 log.len()
             );
-            sink = Some(chaos.sink()?);
         } else {
-            out.agent_kills += 1;
-            if let Some(d) = daemon.take() {
-                d.kill9();
-            }
-            println!("kill {kill}: agent");
+            println!("kill {kill}: {what}");
+        }
+        if sink.is_none() {
+            sink = Some(chaos.sink()?);
+        }
+        if daemon.is_none() {
             daemon = Some(chaos.daemon(&vm)?);
         }
     }
@@ -246,7 +385,7 @@ pub fn run(bins: &Bins, opts: &Options) -> Result<Outcome> {
         s.stop()?;
     }
     for d in 0..DISKS {
-        let target = dir.join(format!("root/vm/d{d}"));
+        let target = chaos.final_copy(d)?;
         let cmp = proc::run(
             Command::new("qemu-img")
                 .args(["compare", "-f", "raw", "-F", "raw", &vm.export_uri(d)])

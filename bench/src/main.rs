@@ -81,6 +81,10 @@ enum Cmd {
         /// quic or grpc.
         #[arg(long, default_value = "quic")]
         transport: String,
+        /// Replicate into RBD images of the cluster scripts/ceph-up.sh started (its environment
+        /// exported), and restart its OSD as a third kind of kill (needs root).
+        #[arg(long)]
+        rbd: bool,
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
@@ -181,17 +185,17 @@ fn main() -> Result<()> {
                 other => anyhow::bail!("relay kind {other:?}: udp or tcp"),
             }
         }
-        Some(Cmd::Chaos { kills, seed, transport, json }) => {
+        Some(Cmd::Chaos { kills, seed, transport, rbd, json }) => {
             let bins = Bins::prepare(!cli.no_build)?;
             let dir = cli.work.clone().unwrap_or_else(|| cli.out.join("chaos"));
-            let opts = blockship_bench::chaos::Options { kills, seed, transport, dir };
+            let opts = blockship_bench::chaos::Options { kills, seed, transport, dir, rbd };
             let out = blockship_bench::chaos::run(&bins, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {
                 println!(
-                    "chaos seed {}: {} sink and {} agent kills, {} committed cuts checked, all consistent; final epoch {} equals the source after {} writes; {:.0} s",
-                    out.seed, out.sink_kills, out.agent_kills, out.cuts_checked, out.final_epoch, out.writes, out.seconds
+                    "chaos seed {}: {} sink and {} agent kills, {} OSD restarts, {} committed cuts checked, all consistent; final epoch {} equals the source after {} writes; {:.0} s",
+                    out.seed, out.sink_kills, out.agent_kills, out.osd_restarts, out.cuts_checked, out.final_epoch, out.writes, out.seconds
                 );
             }
             Ok(())

@@ -194,6 +194,12 @@ async fn take_ownership(image: &Image, name: &TargetName) -> Result<Heartbeat, T
             }
             Verdict::Held(why) => return Ok(Err(why)),
             Verdict::Ours(why) => {
+                // Safe only while no other handle of ours still uses the image: the lease
+                // registry (lease.rs) admits one writer per target, and its lease is released
+                // after the Disk, and with it the Target, is dropped. Not covered: a heartbeat
+                // `metadata_set` still blocked in the cluster holds a clone of the old handle
+                // after its lease is gone (an outage); waiting a few seconds for that handle's
+                // own release before breaking would narrow it (see the hardening note).
                 tracing::warn!(target = %n, "removing a stale exclusive lock: {why}");
                 img.break_own_stale_lock()?;
             }
