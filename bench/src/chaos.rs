@@ -199,7 +199,7 @@ impl Chaos<'_> {
             let file = check.join(format!("d{d}"));
             let _ = std::fs::remove_file(&file);
             let snap = format!("{pool}/chaos-d{d}@blockship-{epoch}");
-            let out = proc::run(&mut ceph.rbd(&["export", "--no-progress", &snap]).arg(&file))?;
+            let out = proc::run(ceph.rbd(&["export", "--no-progress", &snap]).arg(&file))?;
             if out.status != 0 {
                 bail!(
                     "the group committed epoch {epoch} (members recorded {epochs:?}) but {snap} cannot be read: {}",
