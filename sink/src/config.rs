@@ -70,6 +70,12 @@ pub struct ServeSettings {
     /// Most connections of one agent at once (default 16).
     #[arg(long)]
     pub max_agent_connections: Option<usize>,
+    /// Most TLS handshakes in progress from one address (default 128); more are closed at once.
+    #[arg(long)]
+    pub max_handshakes_per_address: Option<usize>,
+    /// Most TLS handshakes in progress in all (default 1024).
+    #[arg(long)]
+    pub max_handshakes: Option<usize>,
     /// Most disks one connection may have open (default 256).
     #[arg(long)]
     pub max_disks_per_connection: Option<usize>,
@@ -213,6 +219,8 @@ impl ServeSettings {
             no_file_rollback: self.no_file_rollback || file.no_file_rollback,
             max_connections: self.max_connections.or(file.max_connections),
             max_agent_connections: self.max_agent_connections.or(file.max_agent_connections),
+            max_handshakes_per_address: self.max_handshakes_per_address.or(file.max_handshakes_per_address),
+            max_handshakes: self.max_handshakes.or(file.max_handshakes),
             max_disks_per_connection: self.max_disks_per_connection.or(file.max_disks_per_connection),
             max_disk_size: self.max_disk_size.or(file.max_disk_size),
             hello_timeout: self.hello_timeout.or(file.hello_timeout),
@@ -264,6 +272,12 @@ impl ServeSettings {
         }
         if let Some(n) = self.max_agent_connections {
             limits.max_agent_connections = n;
+        }
+        if let Some(n) = self.max_handshakes_per_address {
+            limits.max_handshakes_per_address = n;
+        }
+        if let Some(n) = self.max_handshakes {
+            limits.max_handshakes = n;
         }
         if let Some(n) = self.max_disks_per_connection {
             limits.max_disks_per_connection = n;

@@ -19,6 +19,9 @@ use crate::refusal::Refusal;
 pub struct Limits {
     pub max_connections: usize,
     pub max_agent_connections: usize,
+    /// TLS handshakes in progress per peer address and in all (see transport::handshakes).
+    pub max_handshakes_per_address: usize,
+    pub max_handshakes: usize,
     pub max_disks_per_connection: usize,
     pub max_disk_size: u64,
     pub hello_timeout: Duration,
@@ -35,6 +38,8 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             max_agent_connections: 16,
+            max_handshakes_per_address: blockship_transport::handshakes::PER_ADDRESS,
+            max_handshakes: blockship_transport::handshakes::TOTAL,
             max_disks_per_connection: 256,
             max_disk_size: 64 << 40,
             hello_timeout: Duration::from_secs(10),
@@ -57,7 +62,11 @@ impl Limits {
                 MAX_GRANT >> 20
             ));
         }
-        if self.max_connections == 0 || self.max_agent_connections == 0 || self.max_disks_per_connection == 0
+        if self.max_connections == 0
+            || self.max_agent_connections == 0
+            || self.max_disks_per_connection == 0
+            || self.max_handshakes_per_address == 0
+            || self.max_handshakes == 0
         {
             return Err("connection and disk limits must be at least 1".into());
         }

@@ -140,7 +140,8 @@ impl Server {
             }
         };
         // One admission of handshakes for both transports (a slow client may use either).
-        let handshakes = Arc::new(Handshakes::default());
+        let limits = &ctx.admission.limits;
+        let handshakes = Arc::new(Handshakes::new(limits.max_handshakes_per_address, limits.max_handshakes));
         let grpc = GrpcListener::serve(tcp, tls, &GrpcTuning::from_quic(tuning), extra, handshakes.clone())?;
         let windows = Arc::new(Windows::new(tuning, TOTAL_STREAMS));
         Ok(Server { quic: QuicListener::new(endpoint, handshakes), grpc, ctx, windows })

@@ -3,7 +3,7 @@
 //! descriptors, memory or handshake tasks and lock well-behaved agents out. Before any identity
 //! is known, the only thing to count by is the peer's address: each address may have a few
 //! handshakes in progress (an agent needs one per connection, and a NAT may hide several agents),
-//! and the sink a bounded number in all. A connection over either cap is closed at once, counted
+//! and the sink a bounded number in all (`--max-handshakes-per-address`, `--max-handshakes`). A connection over either cap is closed at once, counted
 //! in `blockship_sink_handshakes_refused_total{transport}`, and logged at most once every few
 //! seconds (an attack must not flood the log either). Both transports share one `Handshakes`.
 
@@ -12,10 +12,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Handshakes one address may have in progress.
-pub const PER_ADDRESS: usize = 32;
-/// Handshakes in progress in all (well under the default 1024 file descriptors).
-pub const TOTAL: usize = 512;
+/// Handshakes one address may have in progress by default: above a burst of legitimate
+/// connections (64 agents of one host starting at once, the bench's fleet, stay well under).
+pub const PER_ADDRESS: usize = 128;
+/// Handshakes in progress in all by default (the sink raises its open-file limit past it).
+pub const TOTAL: usize = 1024;
 /// Refusals are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
