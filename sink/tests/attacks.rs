@@ -120,7 +120,8 @@ async fn trickle_tcp(sink: SocketAddr, n: usize, stop: Arc<tokio::sync::Notify>)
                     }
                 }
                 closed.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Back again after a second: pressure enough, without churning ephemeral ports.
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
     }
