@@ -33,6 +33,10 @@ pub struct Owner {
     pub heartbeat: u64,
 }
 
+/// How long a lock of this very process is given to be released by its own (closing) handle
+/// before it is judged stale and broken (`Verdict::Ours`).
+pub const OWN_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What to do about the lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

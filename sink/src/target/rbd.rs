@@ -182,27 +182,35 @@ async fn take_ownership(image: &Image, name: &TargetName) -> Result<Heartbeat, T
         if img.is_lock_owner()? {
             return Ok(Ok(img.lock_owners()?.into_iter().next().unwrap_or_default()));
         }
-        let owners = img.lock_owners()?;
-        let record = img.metadata_get(ownership::OWNER_KEY)?.and_then(|t| serde_json::from_str(&t).ok());
-        match ownership::judge(&n, &owners, record.as_ref(), unix_now()) {
-            Verdict::Free => {}
-            Verdict::Dead(why) => {
-                tracing::warn!(target = %n, "breaking the image's exclusive lock: {why}");
-                for o in &owners {
-                    img.lock_break(o)?;
+        // A lock of this very process may be an earlier handle still closing (its release on
+        // its way): give it OWN_RELEASE_WAIT to go before judging it stale.
+        let patience = std::time::Instant::now() + ownership::OWN_RELEASE_WAIT;
+        loop {
+            let owners = img.lock_owners()?;
+            let record = img.metadata_get(ownership::OWNER_KEY)?.and_then(|t| serde_json::from_str(&t).ok());
+            match ownership::judge(&n, &owners, record.as_ref(), unix_now()) {
+                Verdict::Free => {}
+                Verdict::Dead(why) => {
+                    tracing::warn!(target = %n, "breaking the image's exclusive lock: {why}");
+                    for o in &owners {
+                        img.lock_break(o)?;
+                    }
+                }
+                Verdict::Held(why) => return Ok(Err(why)),
+                Verdict::Ours(_) if std::time::Instant::now() < patience => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Verdict::Ours(why) => {
+                    // Safe: the lease registry (lease.rs) admits one writer per target, and a
+                    // lease is released only after its Disk, and with it the Target, is dropped;
+                    // a clone of the old handle still blocked in the cluster (an outage) had
+                    // OWN_RELEASE_WAIT to finish first.
+                    tracing::warn!(target = %n, "removing a stale exclusive lock: {why}");
+                    img.break_own_stale_lock()?;
                 }
             }
-            Verdict::Held(why) => return Ok(Err(why)),
-            Verdict::Ours(why) => {
-                // Safe only while no other handle of ours still uses the image: the lease
-                // registry (lease.rs) admits one writer per target, and its lease is released
-                // after the Disk, and with it the Target, is dropped. Not covered: a heartbeat
-                // `metadata_set` still blocked in the cluster holds a clone of the old handle
-                // after its lease is gone (an outage); waiting a few seconds for that handle's
-                // own release before breaking would narrow it (see the hardening note).
-                tracing::warn!(target = %n, "removing a stale exclusive lock: {why}");
-                img.break_own_stale_lock()?;
-            }
+            break;
         }
         img.lock_acquire()?;
         let addr = img.lock_owners()?.into_iter().next().unwrap_or_default();
