@@ -78,14 +78,6 @@ fn durable(ceph: &Ceph, img: &TestImage) -> u64 {
         .unwrap_or(0)
 }
 
-fn committed(ceph: &Ceph, img: &TestImage) -> u64 {
-    let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["committed_epoch"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Sync `src` paced (so the outage lands in the middle), kill the OSD once some of it is
 /// durable, keep it down for `outage`, start it again; the agent's output.
 fn sync_across_an_outage(
@@ -137,7 +129,7 @@ fn an_osd_outage_shorter_than_the_op_timeout_is_ridden_out() {
         lab.sink_log()
     );
     assert_eq!(ceph.export_hash(&img.spec(), lab.dir.path()), sha(&src));
-    assert_eq!(committed(&ceph, &img), 1);
+    assert_eq!(ceph.committed_epoch(&img.spec()), 1);
 }
 
 #[test]
@@ -157,7 +149,7 @@ fn an_osd_outage_past_the_op_timeout_fails_cleanly_and_resumes() {
     assert!(!out.status.success(), "a sync whose writes timed out reported success");
     println!("the agent said: {err}");
     assert!(err.to_lowercase().contains("timed out"), "no clear error: {err}\nsink log:\n{}", lab.sink_log());
-    assert_eq!(committed(&ceph, &img), 0, "an epoch was committed across failed writes");
+    assert_eq!(ceph.committed_epoch(&img.spec()), 0, "an epoch was committed across failed writes");
 
     // The same command, with the OSD back: resumes from what was durable, ends exact.
     let again = lab.sync(&sink, "esx01", &src, &img.target(), &[]);

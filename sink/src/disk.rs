@@ -33,6 +33,9 @@ pub struct Disk {
     pub size: u64,
     pub chunk_size: u32,
     pub epoch: Mutex<Option<ActiveEpoch>>,
+    /// Why the last epoch writer failed: whoever finds the writer gone reports this cause
+    /// (e.g. the cluster's timeout), not just that it stopped.
+    pub writer_failure: Mutex<Option<Refusal>>,
     _lease: Lease,
     /// This process's hold on the state dir (writers only).
     _lock: Option<StateLock>,
@@ -84,6 +87,15 @@ impl Disk {
         epoch.as_ref().map(|e| (e.epoch, e.tx.clone())).ok_or_else(|| {
             Refusal::bad_request(format!("disk {}: data received outside an epoch", self.handle))
         })
+    }
+
+    /// The refusal for finding this disk's epoch writer gone: its own error when it failed.
+    pub fn writer_stopped(&self) -> Refusal {
+        self.writer_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Refusal::internal("epoch writer stopped"))
     }
 
     /// Recompute stale index entries from the target (after making the target durable, so the
@@ -235,6 +247,7 @@ pub async fn open(
         size: req.size,
         chunk_size,
         epoch: Mutex::new(None),
+        writer_failure: Mutex::new(None),
         _lease: lease,
         _lock: lock,
     };

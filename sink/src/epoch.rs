@@ -102,6 +102,10 @@ pub async fn begin(
     tokio::spawn(async move {
         let mut rx = rx;
         let result = writer.run(&mut rx).await;
+        if let Err(r) = &result {
+            // Before anyone can find the writer gone (the commit step, data streams).
+            *d.writer_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
+        }
         d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(r) = result {
             let _ = errors.send((d.handle, r)).await;

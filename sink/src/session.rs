@@ -401,7 +401,8 @@ impl Session<'_> {
                 let group = disk.state().in_progress.is_some_and(|p| !p.group.is_empty());
                 tx.send(WriterMsg::Commit { items: req.items, change_point: req.change_point, group })
                     .await
-                    .map_err(|_| (scope(), Refusal::internal("epoch writer stopped")))?;
+                    // The writer failed meanwhile: report its cause (CI once saw only "stopped").
+                    .map_err(|_| (scope(), disk.writer_stopped()))?;
             }
             Step::GroupOpen(req) => {
                 let scope = || Scope::Group(req.group.clone());

@@ -35,6 +35,15 @@ pub fn ceph() -> Option<Ceph> {
 }
 
 impl Ceph {
+    /// The committed epoch an RBD target records (its `blockship.state` metadata; 0 without).
+    pub fn committed_epoch(&self, spec: &str) -> u64 {
+        let out = self.rbd(&["image-meta", "get", spec, "blockship.state"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["committed_epoch"].as_u64())
+            .unwrap_or(0)
+    }
+
     pub fn rbd(&self, args: &[&str]) -> std::process::Output {
         let out = Command::new("timeout")
             .arg("120")
