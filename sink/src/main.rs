@@ -204,7 +204,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Rollback { target, group, state_dir, file_root, ceph, remote } if remote.sink.is_some() => {
-            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let _ = (state_dir, file_root, ceph);
             runtime.block_on(async {
@@ -227,7 +226,6 @@ fn run(cli: Cli) -> Result<()> {
                 (None, r) => r?,
             };
             let roots = TargetRoots { file_root, ceph: ceph.map(|c| std::sync::Arc::new(Ceph::new(c))) };
-            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let msg = runtime.block_on(async {
                 match (&target, &group) {
@@ -243,7 +241,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::TestFailover { group, prefix, cleanup, state_dir: None, remote, .. } => {
-            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
                 let mut c = remote.client().await?.context("give --sink or --state-dir")?;
@@ -259,7 +256,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::TestFailover { group, prefix, cleanup, state_dir: Some(state_dir), ceph, .. } => {
             let ceph = ceph.resolve()?.context("test failover needs rbd support (drop --no-rbd)")?;
             let roots = TargetRoots { file_root: None, ceph: Some(std::sync::Arc::new(Ceph::new(ceph))) };
-            raise_fd_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let msg = runtime.block_on(async {
                 match (cleanup, prefix) {
@@ -277,7 +273,6 @@ fn run(cli: Cli) -> Result<()> {
             let reply = match state_dir {
                 Some(dir) => blockship_sink::control::status(&dir, None),
                 None => {
-                    raise_fd_limit();
                     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
                     runtime.block_on(async {
                         let mut c = remote.client().await?.context("give --sink or --state-dir")?;
@@ -319,7 +314,11 @@ fn run(cli: Cli) -> Result<()> {
                 file_rollback: r.file_rollback,
                 roster: Default::default(),
             });
-            raise_fd_limit();
+            // Every connection, target and Ceph socket costs a descriptor; the usual soft limit
+            // (1024) is below what the sink's own caps allow together.
+            if let Err(e) = blockship_sink::limits::raise_fd_limit() {
+                tracing::warn!("{e}; many agents may exhaust it");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .max_blocking_threads(32)
@@ -366,24 +365,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Raise the soft limit of open files to the hard limit: every connection, target and Ceph
-/// socket costs a descriptor, and the usual soft limit (1024) is below what the sink's own caps
-/// (connections, handshakes in progress) allow together.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                tracing::warn!(
-                    soft = lim.rlim_cur,
-                    "cannot raise the open-file limit; many agents may exhaust it"
-                );
-            }
-        }
     }
 }

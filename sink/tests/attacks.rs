@@ -82,17 +82,6 @@ async fn logged(lab: &Lab, what: &str) -> bool {
     lab.log().contains(what)
 }
 
-/// Let this test process hold the attacker's many sockets (the sink raises its own limit).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-}
-
 /// A slowloris on the gRPC port: `n` TCP connections from ATTACKER, each trickling a TLS
 /// ClientHello one byte a second, reopened as soon as the sink closes one. Returns how many the
 /// sink closed, and keeps going until `stop`.
@@ -157,7 +146,8 @@ async fn half_open_quic(lab: &Lab, sink: SocketAddr, n: usize) -> (quinn::Endpoi
 }
 
 async fn slow_handshakes(transport: Transport) {
-    raise_fd_limit();
+    // Let this test process hold the attacker's many sockets (the sink raises its own limit).
+    blockship_sink::limits::raise_fd_limit().unwrap();
     let lab = lab();
     let src = source(&lab);
     let baseline = victim(&lab, &src, "baseline", transport).await;
