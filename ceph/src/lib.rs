@@ -7,7 +7,7 @@
 //!
 //! Modules: `api` (the dlopen'd function table and C layouts), `rados` (cluster and pool
 //! handles), `image` (an open image and its blocking operations), `aio` (asynchronous data I/O
-//! through librbd completions), `error` (`RbdError`); the test-only `layout` checks the C
+//! through librbd completions), `error` (`RbdError`), `spec` (image names, `RbdSpec`); the test-only `layout` checks the C
 //! struct layouts against the librbd headers.
 
 mod aio;
@@ -17,6 +17,7 @@ mod image;
 #[cfg(test)]
 mod layout;
 mod rados;
+mod spec;
 
 pub use api::{
     FEATURE_DEEP_FLATTEN, FEATURE_EXCLUSIVE_LOCK, FEATURE_FAST_DIFF, FEATURE_LAYERING, FEATURE_OBJECT_MAP,
@@ -24,6 +25,7 @@ pub use api::{
 pub use error::RbdError;
 pub use image::{DiffExtent, Image};
 pub use rados::{ConnectOptions, IoCtx, Rados};
+pub use spec::{RbdSpec, SpecError};
 
 #[cfg(test)]
 mod testing;

@@ -12,7 +12,7 @@ use crate::disk::Disk;
 use crate::failpoint::crash_point;
 use crate::refusal::Refusal;
 use crate::state::{CutOver, GroupRecord, ReplicationState};
-use crate::target::Target;
+use crate::targets::Target;
 
 /// The change point a member prepared for `epoch`, or a refusal naming what is missing.
 fn prepared(disk: &Disk, epoch: u64) -> Result<String, Refusal> {

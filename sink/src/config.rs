@@ -12,7 +12,7 @@ use serde::Deserialize;
 use blockship_transport::{QuicTuning, TlsFiles};
 
 use crate::limits::Limits;
-use crate::target::rbd::CephOptions;
+use crate::targets::rbd::CephOptions;
 use crate::writer::CheckpointPolicy;
 
 /// Settings as they appear in the TOML file and on the command line (all optional here).

@@ -17,7 +17,7 @@ use crate::lease::{Holder, Lease};
 use crate::refusal::{join, Refusal};
 use crate::server::SinkContext;
 use crate::state::{ReplicationState, StateDir, StateLock};
-use crate::target::{Access, Opened, Target, TargetError, TargetName};
+use crate::targets::{Access, Opened, Target, TargetError, TargetName};
 use crate::undo::Undo;
 use crate::writer::WriterMsg;
 

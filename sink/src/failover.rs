@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::group::{all_records, record_path, registered, store_record};
 use crate::state::ReplicationState;
-use crate::target::rbd::{blocking, RbdSpec, SNAP_PREFIX, STATE_KEY};
-use crate::target::{TargetName, TargetRoots};
+use crate::targets::rbd::{blocking, RbdSpec, SNAP_PREFIX, STATE_KEY};
+use crate::targets::{TargetName, TargetRoots};
 
 /// The clones of one test failover of a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +143,7 @@ pub async fn create(roots: &TargetRoots, state_root: &Path, name: &str, prefix: 
         };
         // Undo a partial set, then try again if the snapshot was pruned meanwhile.
         remove_clones(roots, &made).await;
-        let pruned = matches!(&e, crate::target::TargetError::Ceph { source, .. } if source.errno() == Some(libc::ENOENT));
+        let pruned = matches!(&e, crate::targets::TargetError::Ceph { source, .. } if source.errno() == Some(libc::ENOENT));
         if !pruned {
             return Err(e.into());
         }

@@ -23,7 +23,7 @@ pub mod roster;
 pub mod server;
 pub mod session;
 pub mod state;
-pub mod target;
+pub mod targets;
 pub mod undo;
 pub mod watermark;
 pub mod writer;

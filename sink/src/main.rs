@@ -10,8 +10,8 @@ use blockship_sink::auth::Authorizer;
 use blockship_sink::config::{CephSettings, ServeSettings};
 use blockship_sink::limits::Admission;
 use blockship_sink::server::{Server, SinkContext};
-use blockship_sink::target::rbd::Ceph;
-use blockship_sink::target::TargetRoots;
+use blockship_sink::targets::rbd::Ceph;
+use blockship_sink::targets::TargetRoots;
 
 #[derive(Parser)]
 #[command(

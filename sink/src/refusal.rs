@@ -5,7 +5,7 @@ use blockship_proto::pb::ErrorCode;
 
 use crate::auth::AuthError;
 use crate::state::StateError;
-use crate::target::TargetError;
+use crate::targets::TargetError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]

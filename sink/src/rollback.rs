@@ -12,9 +12,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::index::{HashIndex, IndexOrigin, STALE};
 use crate::state::{ReplicationState, StateDir};
-use crate::target::file::FileTarget;
-use crate::target::rbd::RbdTarget;
-use crate::target::{Access, TargetError, TargetName, TargetRoots};
+use crate::targets::file::FileTarget;
+use crate::targets::rbd::RbdTarget;
+use crate::targets::{Access, TargetError, TargetName, TargetRoots};
 use crate::writer::touched;
 
 /// How long rollback waits for a dead writer's exclusive lock.

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use crate::auth::Authorizer;
 use crate::lease::Leases;
 use crate::limits::Admission;
-use crate::target::TargetRoots;
+use crate::targets::TargetRoots;
 use crate::writer::CheckpointPolicy;
 
 /// Data streams shared by all connections (see `Windows`).

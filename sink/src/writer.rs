@@ -21,7 +21,7 @@ use crate::index::STALE;
 use crate::limits::Grant;
 use crate::liveness::Liveness;
 use crate::refusal::{join, Refusal};
-use crate::target::Target;
+use crate::targets::Target;
 use crate::undo::Undo;
 use crate::watermark::Watermark;
 

@@ -170,7 +170,13 @@ impl Origin {
             return Ok(Origin::Plain { spec: spec.into(), source: Arc::new(Source::Nbd(Arc::new(n))) });
         }
         if spec.starts_with("rbd:") {
-            return Ok(Origin::Rbd(rbd::RbdOrigin::open(rbd::RbdSpec::parse(spec)?, &opts.ceph).await?));
+            return Ok(Origin::Rbd(
+                rbd::RbdOrigin::open(
+                    rbd::RbdSpec::parse_uri(spec).map_err(rbd::RbdSourceError::from)?,
+                    &opts.ceph,
+                )
+                .await?,
+            ));
         }
         if spec == "vmware" || spec.starts_with("vmware://") {
             let v = opts.vmware.clone().ok_or_else(|| {

@@ -21,8 +21,8 @@ pub const SNAP_PREFIX: &str = "blockship-src-";
 pub enum RbdSourceError {
     #[error("rbd source {image}: {source}")]
     Ceph { image: String, source: RbdError },
-    #[error("bad rbd source {0:?}: expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE")]
-    BadName(String),
+    #[error("rbd source: {0}")]
+    BadName(#[from] blockship_ceph::SpecError),
     #[error("rbd source {0}: {1}")]
     Other(String, String),
 }
@@ -35,38 +35,7 @@ pub struct CephClient {
     pub keyring: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RbdSpec {
-    pub pool: String,
-    pub namespace: Option<String>,
-    pub image: String,
-}
-
-impl RbdSpec {
-    pub fn parse(s: &str) -> Result<RbdSpec, RbdSourceError> {
-        let rest = s.strip_prefix("rbd:").ok_or_else(|| RbdSourceError::BadName(s.into()))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        if parts.iter().any(|p| p.is_empty() || p.contains('@')) {
-            return Err(RbdSourceError::BadName(s.into()));
-        }
-        match parts.as_slice() {
-            [p, i] => Ok(RbdSpec { pool: p.to_string(), namespace: None, image: i.to_string() }),
-            [p, n, i] => {
-                Ok(RbdSpec { pool: p.to_string(), namespace: Some(n.to_string()), image: i.to_string() })
-            }
-            _ => Err(RbdSourceError::BadName(s.into())),
-        }
-    }
-}
-
-impl std::fmt::Display for RbdSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.namespace {
-            Some(n) => write!(f, "rbd:{}/{}/{}", self.pool, n, self.image),
-            None => write!(f, "rbd:{}/{}", self.pool, self.image),
-        }
-    }
-}
+pub use blockship_ceph::RbdSpec;
 
 /// The source image (head), before a point in time is frozen.
 pub struct RbdOrigin {
@@ -93,8 +62,8 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, RbdSourceError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| RbdSourceError::Other(spec.to_string(), e.to_string()))?
-        .map_err(|source| RbdSourceError::Ceph { image: spec.to_string(), source })
+        .map_err(|e| RbdSourceError::Other(spec.uri(), e.to_string()))?
+        .map_err(|source| RbdSourceError::Ceph { image: spec.uri(), source })
 }
 
 impl RbdOrigin {
@@ -123,7 +92,7 @@ impl RbdOrigin {
     }
 
     pub fn disk_id(&self) -> String {
-        self.spec.to_string()
+        self.spec.uri()
     }
 
     /// The point in time of epoch `epoch`: snapshot `blockship-src-<epoch>` of the head, opened
@@ -172,7 +141,7 @@ impl RbdOrigin {
         let img = blocking(&self.spec, move || io.open_at(&image, Some(&n))).await?;
         let i = img.clone();
         let size = blocking(&self.spec, move || i.size()).await?;
-        let id = format!("{}@{name}", self.spec);
+        let id = format!("rbd:{}@{name}", self.spec);
         Ok(RbdView { name: name.to_string(), id, image: img, size, spec: self.spec.clone() })
     }
 
@@ -214,7 +183,7 @@ impl RbdOrigin {
 /// The identity of snapshot `name` (with id `id`) of `spec`: a snapshot removed and created again
 /// under the same name is another point in time and gets another id.
 fn view_id(spec: &RbdSpec, name: &str, id: u64) -> String {
-    format!("{spec}@{name}#{id}")
+    format!("rbd:{spec}@{name}#{id}")
 }
 
 impl RbdView {
@@ -227,7 +196,7 @@ impl RbdView {
             .read(offset, len)
             .await
             .map(Bytes::from)
-            .map_err(|source| RbdSourceError::Ceph { image: self.spec.to_string(), source })
+            .map_err(|source| RbdSourceError::Ceph { image: self.spec.uri(), source })
     }
 
     /// Allocated extents of the snapshot.
@@ -243,23 +212,5 @@ impl RbdView {
         let (img, size, from) = (self.image.clone(), self.size, from.to_string());
         let d = blocking(&self.spec, move || img.diff(Some(&from), 0, size, false)).await?;
         Ok(normalize(d.into_iter().map(|e| Extent::new(e.offset, e.len)).collect()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        let s = RbdSpec::parse("rbd:volumes/volume-1").unwrap();
-        assert_eq!(
-            (s.pool.as_str(), s.namespace.as_deref(), s.image.as_str()),
-            ("volumes", None, "volume-1")
-        );
-        assert_eq!(RbdSpec::parse("rbd:p/ns/i").unwrap().to_string(), "rbd:p/ns/i");
-        for bad in ["rbd:", "rbd:pool", "rbd:p/i@s", "file:x", "rbd:a/b/c/d"] {
-            assert!(RbdSpec::parse(bad).is_err(), "{bad}");
-        }
     }
 }

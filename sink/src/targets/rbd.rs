@@ -30,43 +30,7 @@ pub const FEATURES: u64 = librbd::FEATURE_LAYERING
     | librbd::FEATURE_FAST_DIFF
     | librbd::FEATURE_DEEP_FLATTEN;
 
-/// Pool, optional namespace and image of an `rbd:` target.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RbdSpec {
-    pub pool: String,
-    pub namespace: Option<String>,
-    pub image: String,
-}
-
-impl RbdSpec {
-    pub fn parse(rest: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let ok = |s: &&str| !s.is_empty() && !s.contains(['@', '\0']) && s.len() <= 255;
-        if !parts.iter().all(ok) {
-            return Err("expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE (no empty parts, no '@')".into());
-        }
-        match parts.as_slice() {
-            [pool, image] => {
-                Ok(RbdSpec { pool: pool.to_string(), namespace: None, image: image.to_string() })
-            }
-            [pool, ns, image] => Ok(RbdSpec {
-                pool: pool.to_string(),
-                namespace: Some(ns.to_string()),
-                image: image.to_string(),
-            }),
-            _ => Err("expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE".into()),
-        }
-    }
-}
-
-impl std::fmt::Display for RbdSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{}/{}/{}", self.pool, ns, self.image),
-            None => write!(f, "{}/{}", self.pool, self.image),
-        }
-    }
-}
+pub use blockship_ceph::RbdSpec;
 
 /// How the sink reaches Ceph (Ceph's usual client settings).
 #[derive(Debug, Clone)]
@@ -458,24 +422,5 @@ impl RbdTarget {
     pub async fn rollback_to(&self, epoch: u64) -> Result<(), TargetError> {
         let img = self.image.clone();
         blocking(&self.name, move || img.snap_rollback(&format!("{SNAP_PREFIX}{epoch}"))).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn specs() {
-        assert_eq!(
-            RbdSpec::parse("rbd/img").unwrap(),
-            RbdSpec { pool: "rbd".into(), namespace: None, image: "img".into() }
-        );
-        let s = RbdSpec::parse("volumes/tenant-a/volume-1").unwrap();
-        assert_eq!(s.namespace.as_deref(), Some("tenant-a"));
-        assert_eq!(s.to_string(), "volumes/tenant-a/volume-1");
-        for bad in ["rbd", "rbd/", "/img", "a/b/c/d", "rbd/img@snap", ""] {
-            assert!(RbdSpec::parse(bad).is_err(), "{bad}");
-        }
     }
 }

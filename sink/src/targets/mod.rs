@@ -105,7 +105,7 @@ impl TargetName {
                 }
                 Ok(TargetName::File(clean))
             }
-            "rbd" => Ok(TargetName::Rbd(rbd::RbdSpec::parse(rest).map_err(|r| bad(&r))?)),
+            "rbd" => Ok(TargetName::Rbd(rbd::RbdSpec::parse(rest).map_err(|r| bad(&r.to_string()))?)),
             other => Err(bad(&format!("unknown target type {other:?} (supported: file, rbd)"))),
         }
     }
