@@ -211,8 +211,7 @@ fn a_vmware_group_takes_one_vm_snapshot_per_cycle_and_advances_every_change_id_t
         vm.write(disk, 4 * MIB, 8 * MIB, 10 + disk as u64);
     }
     daemon.control("sync-now", "vm42");
-    let durable =
-        |t: &str| state_of(&lab, t).and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    let durable = |t: &str| durable_offset(&lab, t);
     assert!(
         wait_until(Duration::from_secs(30), || durable(targets[0]) > 0 || durable(targets[1]) > 0),
         "epoch 3 made no durable progress: {}",

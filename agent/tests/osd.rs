@@ -70,14 +70,6 @@ impl Drop for Osd {
     }
 }
 
-fn durable(ceph: &Ceph, img: &TestImage) -> u64 {
-    let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Sync `src` paced (so the outage lands in the middle), kill the OSD once some of it is
 /// durable, keep it down for `outage`, start it again; the agent's output.
 fn sync_across_an_outage(
@@ -88,17 +80,9 @@ fn sync_across_an_outage(
     src: &std::path::Path,
     outage: Duration,
 ) -> std::process::Output {
-    let agent = lab
-        .agent_cmd(sink, "esx01", "sync")
-        .arg("--source")
-        .arg(src)
-        .args(["--target", &img.target(), "--json", "--bwlimit", "32MiB"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = lab.spawn_sync(sink, "esx01", src, &img.target(), &["--bwlimit", "32MiB"]);
     assert!(
-        wait_until(Duration::from_secs(60), || durable(ceph, img) >= 32 * MIB),
+        wait_until(Duration::from_secs(60), || ceph.durable_offset(&img.spec()) >= 32 * MIB),
         "no durable progress; sink log:\n{}",
         lab.sink_log()
     );

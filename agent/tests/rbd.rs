@@ -131,23 +131,9 @@ fn sink_killed_mid_sync_then_resume_and_rollback() {
     for i in 0..400u64 {
         scribble(&src, i * MIB, MIB as usize, 3000 + i);
     }
-    let mut agent = lab
-        .agent_cmd(&sink, "esx01", "sync")
-        .arg("--source")
-        .arg(&src)
-        .args(["--target", &img.target(), "--json", "--bwlimit", "100MiB"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let meta_durable = || {
-        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
-            .unwrap_or(0)
-    };
-    assert!(wait_until(Duration::from_secs(60), || meta_durable() >= 100 * MIB), "no durable progress");
+    let mut agent = lab.spawn_sync(&sink, "esx01", &src, &img.target(), &["--bwlimit", "100MiB"]);
+    let durable = || ceph.durable_offset(&img.spec());
+    assert!(wait_until(Duration::from_secs(60), || durable() >= 100 * MIB), "no durable progress");
     sink.kill9();
     assert!(!agent.wait().unwrap().success(), "agent succeeded although the sink died");
     // The snapshot of the last committed epoch still holds that epoch.
@@ -177,23 +163,8 @@ fn sink_killed_then_same_command_resumes_without_resending() {
     let src = lab.path("src.img");
     image::generate(&src, DISK, Profile::Random, 13).unwrap();
     let mut sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
-    let mut agent = lab
-        .agent_cmd(&sink, "esx01", "sync")
-        .arg("--source")
-        .arg(&src)
-        .args(["--target", &img.target(), "--json", "--bwlimit", "100MiB"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(60), || {
-        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
-            .unwrap_or(0)
-            >= 150 * MIB
-    }));
+    let mut agent = lab.spawn_sync(&sink, "esx01", &src, &img.target(), &["--bwlimit", "100MiB"]);
+    assert!(wait_until(Duration::from_secs(60), || ceph.durable_offset(&img.spec()) >= 150 * MIB));
     sink.kill9();
     assert!(!agent.wait().unwrap().success(), "agent claimed success although the sink died");
     let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
@@ -357,15 +328,14 @@ fn an_interrupted_rbd_epoch_is_retried_from_its_own_snapshot() {
 
     // Epoch 2: the first 320 MiB change; the sink dies once part of them is durable.
     write_random(&ceph, &src.name, 0, 320 * MIB, 1);
-    let mut agent = lab.agent_cmd(&sink, "esx01", "sync");
-    agent
-        .args(["--source", &source, "--target", "file:dr", "--json", "--bwlimit", "64MiB"])
-        .args(&agent_args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let running = agent.spawn().unwrap();
-    let durable =
-        || state_of(&lab, "file:dr").and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    let running = lab.spawn_sync(
+        &sink,
+        "esx01",
+        &source,
+        "file:dr",
+        &[&["--bwlimit", "64MiB"], &agent_args[..]].concat(),
+    );
+    let durable = || durable_offset(&lab, "file:dr");
     assert!(wait_until(Duration::from_secs(60), || durable() >= 160 * MIB), "no durable progress");
     sink.kill9();
     assert!(!running.wait_with_output().unwrap().status.success(), "agent succeeded although the sink died");
@@ -451,37 +421,15 @@ fn a_restarted_sink_takes_over_its_images_at_once() {
     let src = lab.path("src.img");
     image::generate(&src, 512 * MIB, Profile::Random, 19).unwrap();
     let mut sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
-    let mut agent = lab
-        .agent_cmd(&sink, "esx01", "sync")
-        .arg("--source")
-        .arg(&src)
-        .args(["--target", &img.target(), "--json", "--bwlimit", "64MiB"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let durable = || {
-        let out = ceph.rbd(&["image-meta", "get", &img.spec(), "blockship.state"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["in_progress"]["durable_offset"].as_u64())
-            .unwrap_or(0)
-    };
+    let mut agent = lab.spawn_sync(&sink, "esx01", &src, &img.target(), &["--bwlimit", "64MiB"]);
+    let durable = || ceph.durable_offset(&img.spec());
     assert!(wait_until(Duration::from_secs(60), || durable() >= 64 * MIB), "no durable progress");
     sink.kill9();
     assert!(!agent.wait().unwrap().success());
     let before = durable();
     let restarted = std::time::Instant::now();
     let sink = ceph.sink(&lab, &["esx01=rbd:rbd/*"], &[]);
-    let mut again = lab
-        .agent_cmd(&sink, "esx01", "sync")
-        .arg("--source")
-        .arg(&src)
-        .args(["--target", &img.target(), "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut again = lab.spawn_sync(&sink, "esx01", &src, &img.target(), &[]);
     assert!(wait_until(Duration::from_secs(60), || durable() > before), "no progress after the restart");
     let took = restarted.elapsed();
     println!("first durable write {:.2} s after the sink restarted", took.as_secs_f64());

@@ -150,15 +150,7 @@ fn a_second_name_for_a_file_is_refused(transport: &str) {
     lab.sync(&sink, "x", &src_x, "file:t.img", &[]);
     std::os::unix::fs::symlink("t.img", lab.target("l.img")).unwrap();
     scribble(&src_x, 0, 1 << 20, 9);
-    let x = lab
-        .agent_cmd(&sink, "x", "sync")
-        .arg("--source")
-        .arg(&src_x)
-        .args(["--target", "file:t.img", "--json", "--bwlimit", "16MiB", "--changes", "full"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let x = lab.spawn_sync(&sink, "x", &src_x, "file:t.img", &["--bwlimit", "16MiB", "--changes", "full"]);
     let y = lab.try_sync(&sink, "y", &src_y, "file:l.img", &[]);
     let x = x.wait_with_output().unwrap();
     assert!(x.status.success(), "{}", stderr(&x));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use blockship_bench::image::{self, Profile};
@@ -14,26 +14,9 @@ use common::*;
 // the suite stays quick (it was 1 GiB: four minutes of CI for the same checks).
 const DISK: u64 = 256 * MIB;
 
-fn durable_offset(lab: &Lab, target: &str) -> u64 {
-    state_of(lab, target).and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0)
-}
-
 /// Start a paced sync in the background (so there is time to crash it).
-fn paced_sync(
-    lab: &Lab,
-    sink: &Sink,
-    src: &std::path::Path,
-    target: &str,
-    extra: &[&str],
-) -> std::process::Child {
-    let mut cmd: Command = lab.agent_cmd(sink, "esx01", "sync");
-    cmd.arg("--source")
-        .arg(src)
-        .args(["--target", target, "--json", "--bwlimit", "50MiB"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.spawn().unwrap()
+fn paced_sync(lab: &Lab, sink: &Sink, src: &std::path::Path, target: &str, extra: &[&str]) -> Child {
+    lab.spawn_sync(sink, "esx01", src, target, &[&["--bwlimit", "50MiB"], extra].concat())
 }
 
 fn sink_killed_mid_sync_resumes_without_resending(transport: &str) {

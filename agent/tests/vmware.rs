@@ -152,13 +152,8 @@ fn cbt_cycles_resyncs_and_snapshot_lifecycle() {
     for i in 0..60u64 {
         vm.write(i * 2 * MIB, MIB, 100 + i);
     }
-    let mut agent = lab.agent_cmd(&sink, "esx01", "sync");
-    agent
-        .args(["--source", &vm.source(), "--target", "file:vm42", "--json", "--bwlimit", "5MiB"])
-        .args(vm.args(&[]))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut running = agent.spawn().unwrap();
+    let mut running =
+        lab.spawn_sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&["--bwlimit", "5MiB"]));
     let begun = wait_until(Duration::from_secs(30), || {
         vm.vc.snapshots().len() == 1 && lab.sink_log().contains("epoch begun target=file:vm42 epoch=6")
     });
@@ -243,15 +238,8 @@ fn an_interrupted_epoch_is_retried_from_its_own_snapshot() {
     for i in 0..60u64 {
         vm.write(i * 2 * MIB, MIB, 200 + i);
     }
-    let mut agent = lab.agent_cmd(&sink, "esx01", "sync");
-    agent
-        .args(["--source", &vm.source(), "--target", "file:vm42", "--json", "--bwlimit", "8MiB"])
-        .args(vm.args(&[]))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let running = agent.spawn().unwrap();
-    let durable =
-        || state_of(&lab, "file:vm42").and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0);
+    let running = lab.spawn_sync(&sink, "esx01", vm.source(), "file:vm42", &vm.args(&["--bwlimit", "8MiB"]));
+    let durable = || durable_offset(&lab, "file:vm42");
     assert!(wait_until(Duration::from_secs(60), || durable() >= 30 * MIB), "no durable progress");
     sink.kill9();
     assert!(!running.wait_with_output().unwrap().status.success(), "agent succeeded although the sink died");

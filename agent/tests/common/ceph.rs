@@ -37,11 +37,18 @@ pub fn ceph() -> Option<Ceph> {
 impl Ceph {
     /// The committed epoch an RBD target records (its `blockship.state` metadata; 0 without).
     pub fn committed_epoch(&self, spec: &str) -> u64 {
+        self.state(spec).and_then(|v| v["committed_epoch"].as_u64()).unwrap_or(0)
+    }
+
+    /// Bytes of the epoch in progress on an RBD target that the sink has made durable.
+    pub fn durable_offset(&self, spec: &str) -> u64 {
+        self.state(spec).and_then(|v| v["in_progress"]["durable_offset"].as_u64()).unwrap_or(0)
+    }
+
+    /// The replication state an RBD target records (its `blockship.state` metadata).
+    fn state(&self, spec: &str) -> Option<serde_json::Value> {
         let out = self.rbd(&["image-meta", "get", spec, "blockship.state"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["committed_epoch"].as_u64())
-            .unwrap_or(0)
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     pub fn rbd(&self, args: &[&str]) -> std::process::Output {

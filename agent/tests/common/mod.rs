@@ -171,6 +171,27 @@ impl Lab {
             .unwrap()
     }
 
+    /// Start `sync` in the background (stdout and stderr piped), e.g. paced with `--bwlimit`
+    /// so that a test can crash something half-way.
+    pub fn spawn_sync(
+        &self,
+        sink: &Sink,
+        name: &str,
+        source: impl AsRef<OsStr>,
+        target: &str,
+        extra: &[&str],
+    ) -> Child {
+        self.agent_cmd(sink, name, "sync")
+            .arg("--source")
+            .arg(source)
+            .args(["--target", target, "--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn verify(&self, sink: &Sink, name: &str, source: impl AsRef<OsStr>, target: &str) -> Output {
         self.agent_cmd(sink, name, "verify")
             .arg("--source")
@@ -275,6 +296,11 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// The replication state document of `target` in the lab's state dir.
+/// Bytes of the epoch in progress on file target `target` that the sink has made durable.
+pub fn durable_offset(lab: &Lab, target: &str) -> u64 {
+    state_of(lab, target).and_then(|s| s["in_progress"]["durable_offset"].as_u64()).unwrap_or(0)
+}
+
 pub fn state_of(lab: &Lab, target: &str) -> Option<serde_json::Value> {
     let dir = lab.path("state").join("targets");
     for e in std::fs::read_dir(dir).ok()? {
