@@ -162,13 +162,7 @@ impl Lab {
         target: &str,
         extra: &[&str],
     ) -> Output {
-        self.agent_cmd(sink, name, "sync")
-            .arg("--source")
-            .arg(source)
-            .args(["--target", target, "--json"])
-            .args(extra)
-            .output()
-            .unwrap()
+        self.sync_cmd(sink, name, source, target, extra).output().unwrap()
     }
 
     /// Start `sync` in the background (stdout and stderr piped), e.g. paced with `--bwlimit`
@@ -181,15 +175,21 @@ impl Lab {
         target: &str,
         extra: &[&str],
     ) -> Child {
-        self.agent_cmd(sink, name, "sync")
-            .arg("--source")
-            .arg(source)
-            .args(["--target", target, "--json"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        let mut cmd = self.sync_cmd(sink, name, source, target, extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    fn sync_cmd(
+        &self,
+        sink: &Sink,
+        name: &str,
+        source: impl AsRef<OsStr>,
+        target: &str,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = self.agent_cmd(sink, name, "sync");
+        cmd.arg("--source").arg(source).args(["--target", target, "--json"]).args(extra);
+        cmd
     }
 
     pub fn verify(&self, sink: &Sink, name: &str, source: impl AsRef<OsStr>, target: &str) -> Output {
