@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use blockship_bench::image::{self, Profile};
+use blockship_bench::osd::Osd;
 use common::ceph::*;
 use common::*;
 
@@ -20,55 +19,6 @@ const DISK: u64 = 128 * MIB;
 
 /// The tests of this binary take turns: there is one OSD (CI runs tests two at a time).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The test cluster's only OSD; started again on drop if a test left it stopped.
-struct Osd {
-    dir: PathBuf,
-    conf: String,
-    stopped: bool,
-}
-
-impl Osd {
-    fn of(ceph: &Ceph) -> Osd {
-        let dir = PathBuf::from(std::env::var("BLOCKSHIP_CEPH_DIR").unwrap_or("/tmp/blockship-ceph".into()));
-        Osd { dir, conf: ceph.conf.clone(), stopped: false }
-    }
-
-    fn pid(&self) -> i32 {
-        let f = self.dir.join("run/ceph-osd.0.pid");
-        std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display())).trim().parse().unwrap()
-    }
-
-    fn kill(&mut self) {
-        let pid = self.pid();
-        // SAFETY: signalling the OSD process of the test cluster.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill osd {pid}");
-        assert!(
-            wait_until(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{pid}")).exists())
-        );
-        self.stopped = true;
-    }
-
-    fn start(&mut self) {
-        // ceph-osd daemonizes once it is up.
-        let status = Command::new("ceph-osd")
-            .args(["-c", &self.conf, "-i", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "ceph-osd did not start again");
-        self.stopped = false;
-    }
-}
-
-impl Drop for Osd {
-    fn drop(&mut self) {
-        if self.stopped {
-            self.start();
-        }
-    }
-}
 
 /// Sync `src` paced (so the outage lands in the middle), kill the OSD once some of it is
 /// durable, keep it down for `outage`, start it again; the agent's output.
@@ -86,10 +36,10 @@ fn sync_across_an_outage(
         "no durable progress; sink log:\n{}",
         lab.sink_log()
     );
-    let mut osd = Osd::of(ceph);
-    osd.kill();
+    let mut osd = Osd::of(&ceph.conf);
+    osd.kill().unwrap();
     std::thread::sleep(outage);
-    osd.start();
+    osd.start().unwrap();
     agent.wait_with_output().unwrap()
 }
 

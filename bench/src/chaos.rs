@@ -179,14 +179,7 @@ impl Chaos<'_> {
         let (ceph, pool) = self.ceph.as_ref().context("RBD mode")?;
         let mut epochs = Vec::new();
         for d in 0..DISKS {
-            let meta = proc::run(&mut ceph.rbd(&[
-                "image-meta",
-                "get",
-                &format!("{pool}/chaos-d{d}"),
-                "blockship.state",
-            ]))?;
-            let state: Option<serde_json::Value> = serde_json::from_str(meta.stdout.trim()).ok();
-            epochs.push(state.and_then(|v| v["committed_epoch"].as_u64()).unwrap_or(0));
+            epochs.push(ceph.committed_epoch(&format!("{pool}/chaos-d{d}"))?);
         }
         let epoch = epochs.iter().copied().max().unwrap_or(0);
         if epoch == 0 {
@@ -213,27 +206,13 @@ impl Chaos<'_> {
         Ok((epoch, images))
     }
 
-    /// SIGKILL the cluster's only OSD, wait `down`, start it again (it daemonizes once up).
+    /// SIGKILL the cluster's only OSD, wait `down`, start it again.
     fn restart_osd(&self, down: Duration) -> Result<()> {
         let (ceph, _) = self.ceph.as_ref().context("RBD mode")?;
-        let dir = std::env::var("BLOCKSHIP_CEPH_DIR").unwrap_or_else(|_| "/tmp/blockship-ceph".into());
-        let pidfile = format!("{dir}/run/ceph-osd.0.pid");
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .with_context(|| format!("{pidfile}: is the cluster of scripts/ceph-up.sh running?"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("{pidfile}: not a pid"))?;
-        // SAFETY: signalling the test cluster's OSD process.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            bail!("cannot kill the OSD (pid {pid}): {}", std::io::Error::last_os_error());
-        }
-        let gone = Instant::now() + Duration::from_secs(10);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut osd = crate::osd::Osd::of(&ceph.conf);
+        osd.kill()?;
         std::thread::sleep(down);
-        proc::run_ok(Command::new("ceph-osd").args(["-c", &ceph.conf, "-i", "0"]))?;
-        Ok(())
+        osd.start()
     }
 
     /// The committed cut as the mode reads it (file mode: the sink must be dead).

@@ -97,6 +97,13 @@ impl CephEnv {
         c
     }
 
+    /// The committed epoch an RBD target records in its `blockship.state` metadata (0 without).
+    pub fn committed_epoch(&self, spec: &str) -> Result<u64> {
+        let meta = proc::run(&mut self.rbd(&["image-meta", "get", spec, "blockship.state"]))?;
+        let state: Option<serde_json::Value> = serde_json::from_str(meta.stdout.trim()).ok();
+        Ok(state.and_then(|v| v["committed_epoch"].as_u64()).unwrap_or(0))
+    }
+
     /// Remove an image and its snapshots (no error if it does not exist).
     pub fn remove(&self, spec: &str) {
         let _ = proc::run(&mut self.rbd(&["snap", "purge", spec]));

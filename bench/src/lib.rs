@@ -9,6 +9,7 @@ pub mod image;
 pub mod lab;
 pub mod machine;
 pub mod netns;
+pub mod osd;
 pub mod proc;
 pub mod quic_peer;
 pub mod relay;
