@@ -91,6 +91,20 @@ impl CephEnv {
         Some(CephEnv { conf, sink_args })
     }
 
+    /// For a test: the cluster, or None with a note on stderr; with `BLOCKSHIP_REQUIRE_CEPH` set
+    /// (as CI sets it) a missing cluster fails the test instead of skipping it.
+    pub fn for_test() -> Option<CephEnv> {
+        let env = CephEnv::from_env();
+        if env.is_none() {
+            assert!(
+                std::env::var("BLOCKSHIP_REQUIRE_CEPH").is_err(),
+                "BLOCKSHIP_REQUIRE_CEPH is set but CEPH_CONF is not"
+            );
+            eprintln!("skipped: no Ceph cluster (source the env printed by scripts/ceph-up.sh)");
+        }
+        env
+    }
+
     pub fn rbd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("timeout");
         c.args(["300", "rbd", "-c", &self.conf]).args(args);

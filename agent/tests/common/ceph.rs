@@ -17,21 +17,7 @@ pub struct Ceph {
 }
 
 pub fn ceph() -> Option<Ceph> {
-    let Ok(conf) = std::env::var("CEPH_CONF") else {
-        assert!(
-            std::env::var("BLOCKSHIP_REQUIRE_CEPH").is_err(),
-            "BLOCKSHIP_REQUIRE_CEPH is set but CEPH_CONF is not"
-        );
-        eprintln!("skipped: no Ceph cluster (source the env printed by scripts/ceph-up.sh)");
-        return None;
-    };
-    let mut sink_args = vec!["--ceph-conf".to_string(), conf.clone()];
-    if let (Ok(id), Ok(keyring)) =
-        (std::env::var("BLOCKSHIP_CEPH_ID"), std::env::var("BLOCKSHIP_CEPH_KEYRING"))
-    {
-        sink_args.extend(["--ceph-id".into(), id, "--keyring".into(), keyring]);
-    }
-    Some(Ceph { conf, sink_args })
+    blockship_bench::lab::CephEnv::for_test().map(|e| Ceph { conf: e.conf, sink_args: e.sink_args })
 }
 
 impl Ceph {
