@@ -348,22 +348,10 @@ fn run(cli: Cli) -> Result<()> {
                 tracing::info!(%addr, %grpc, "sink ready (QUIC on UDP, gRPC on TCP)");
                 tokio::select! {
                     _ = server.run() => {}
-                    _ = shutdown_signal() => tracing::info!("shutting down"),
+                    _ = blockship_transport::shutdown::signal() => tracing::info!("shutting down"),
                 }
                 Ok(())
             })
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -12,6 +12,7 @@ pub mod logs;
 pub mod metrics;
 pub mod quic;
 pub mod quic_conn;
+pub mod shutdown;
 pub mod tcp_tls;
 pub mod tls;
 

@@ -97,7 +97,7 @@ pub async fn run(d: config::Daemon) -> Result<()> {
         d.groups.len(),
         d.control_socket.display()
     );
-    shutdown_signal().await;
+    blockship_transport::shutdown::signal().await;
     tracing::info!(grace = ?d.shutdown_grace, "stopping: running cycles may finish");
     let _ = stop_tx.send(true);
     let all = futures::future::join_all(tasks.iter_mut());
@@ -112,16 +112,4 @@ pub async fn run(d: config::Daemon) -> Result<()> {
     let _ = server.await;
     let _ = std::fs::remove_file(&d.control_socket);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
