@@ -115,7 +115,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
             Body::Chunk(h) => {
                 let slot =
                     slots.clone().acquire_owned().await.map_err(|_| Refusal::internal("decode slots"))?;
-                let (payload, errors) = (frame.payload, ctx.errors.clone());
+                let (payload, errors, disk) = (frame.payload, ctx.errors.clone(), disk.clone());
                 tokio::spawn(async move {
                     let verified = tokio::task::spawn_blocking(move || {
                         let data = decode(&h, payload)?;
@@ -135,7 +135,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                         Ok(item) => tx
                             .send(WriterMsg::Item(item))
                             .await
-                            .map_err(|_| Refusal::internal("epoch writer stopped")),
+                            .map_err(|_| disk.writer_stopped()),
                         Err(r) => Err(r),
                     };
                     drop(slot);
@@ -155,7 +155,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                     grant: None,
                 };
                 if tx.send(WriterMsg::Item(item)).await.is_err() {
-                    let _ = ctx.errors.send((handle, Refusal::internal("epoch writer stopped"))).await;
+                    let _ = ctx.errors.send((handle, disk.writer_stopped())).await;
                 }
             }
             _ => unreachable!("only items get here"),
