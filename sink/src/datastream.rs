@@ -132,10 +132,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                     .map_err(|e| join("verify chunk", e))
                     .and_then(|r| r);
                     let result = match verified {
-                        Ok(item) => tx
-                            .send(WriterMsg::Item(item))
-                            .await
-                            .map_err(|_| disk.writer_stopped()),
+                        Ok(item) => tx.send(WriterMsg::Item(item)).await.map_err(|_| disk.writer_stopped()),
                         Err(r) => Err(r),
                     };
                     drop(slot);
