@@ -7,7 +7,7 @@ what=${1:-build}
 pkgs="build-essential pkg-config"
 case $what in
   build) ;;
-  test) pkgs="$pkgs python3 qemu-utils libnbd-bin nbdkit fonts-dejavu-core librbd-dev iptables" ;;
+  test) pkgs="$pkgs python3 qemu-utils libnbd-bin nbdkit fonts-dejavu-core librbd-dev iptables openssl" ;;
   *) echo "usage: deps.sh build|test" >&2; exit 2 ;;
 esac
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }

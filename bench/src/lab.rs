@@ -180,6 +180,24 @@ impl Lab {
 
     /// Start a fresh sink listening on `listen`, optionally inside a network namespace.
     pub fn sink_with(&self, ns: Option<&crate::netns::Link>, listen: &str, extra: &[&str]) -> Result<Sink> {
+        let mut cmd = self.sink_command(ns, listen, extra)?;
+        Self::start_sink(&mut cmd)
+    }
+
+    /// A fresh sink on loopback that runs on CPU `cpu` only.
+    pub fn sink_on_cpu(&self, cpu: usize, extra: &[&str]) -> Result<Sink> {
+        let mut cmd = self.sink_command(None, "127.0.0.1:0", extra)?;
+        Self::start_sink(proc::pin(&mut cmd, cpu))
+    }
+
+    fn start_sink(cmd: &mut Command) -> Result<Sink> {
+        let server = Server::start(cmd, |l| l.starts_with("listening on "), Duration::from_secs(20))?;
+        let addr = server.ready_line.trim_start_matches("listening on ").to_string();
+        Ok(Sink { server, addr })
+    }
+
+    /// The command of a fresh sink: its file root and state dir emptied first.
+    fn sink_command(&self, ns: Option<&crate::netns::Link>, listen: &str, extra: &[&str]) -> Result<Command> {
         for d in ["root", "state"] {
             let p = self.dir.join(d);
             if p.exists() {
@@ -214,9 +232,7 @@ impl Lab {
         if let Some(c) = &self.ceph {
             cmd.args(&c.sink_args);
         }
-        let server = Server::start(&mut cmd, |l| l.starts_with("listening on "), Duration::from_secs(20))?;
-        let addr = server.ready_line.trim_start_matches("listening on ").to_string();
-        Ok(Sink { server, addr })
+        Ok(cmd)
     }
 
     pub fn agent(&self, sink: &str, sub: &str) -> Command {
@@ -244,9 +260,26 @@ impl Lab {
         target: &str,
         extra: &[&str],
     ) -> Result<AgentRun> {
+        self.run_agent(&mut self.sync_command(name, sink, source, target, extra))
+    }
+
+    /// The command of `sync ... --json` as agent `name`.
+    pub fn sync_command(
+        &self,
+        name: &str,
+        sink: &str,
+        source: &str,
+        target: &str,
+        extra: &[&str],
+    ) -> Command {
         let mut cmd = self.agent_as(name, sink, "sync");
         cmd.args(["--source", source, "--target", target, "--json", "--no-progress"]).args(extra);
-        let f = proc::run_ok(&mut cmd)?;
+        cmd
+    }
+
+    /// Run an agent command that prints its `--json` summary.
+    pub fn run_agent(&self, cmd: &mut Command) -> Result<AgentRun> {
+        let f = proc::run_ok(cmd)?;
         let summary =
             serde_json::from_str(f.stdout.trim()).with_context(|| format!("agent output {:?}", f.stdout))?;
         Ok(AgentRun { usage: f.usage, summary })

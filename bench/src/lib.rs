@@ -4,10 +4,12 @@
 
 pub mod chaos;
 pub mod charts;
+pub mod floor;
 pub mod grpc_peer;
 pub mod image;
 pub mod lab;
 pub mod machine;
+pub mod nbd_export;
 pub mod netns;
 pub mod osd;
 pub mod proc;
@@ -15,5 +17,6 @@ pub mod quic_peer;
 pub mod relay;
 pub mod report;
 pub mod scenario;
+pub mod tls_peer;
 pub mod vm;
 pub mod workload;

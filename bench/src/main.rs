@@ -63,6 +63,12 @@ enum Cmd {
         #[command(subcommand)]
         side: PeerSide,
     },
+    /// Bare TLS 1.3 over one TCP connection with Blockship's TLS settings (the floor of any
+    /// secure TCP transport; `--streams` is ignored).
+    TlsPeer {
+        #[command(subcommand)]
+        side: PeerSide,
+    },
     /// Render results.md and the charts again from a results.json (same directory).
     Report {
         /// The results.json of an earlier run.
@@ -162,6 +168,17 @@ fn main() -> Result<()> {
                 }
                 PeerSide::Send { sink, pki, bytes, streams } => {
                     rt.block_on(blockship_bench::grpc_peer::send(&sink, &pki, bytes, streams))
+                }
+            }
+        }
+        Some(Cmd::TlsPeer { side }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            match side {
+                PeerSide::Serve { listen, pki } => {
+                    rt.block_on(blockship_bench::tls_peer::serve(listen, &pki))
+                }
+                PeerSide::Send { sink, pki, bytes, .. } => {
+                    rt.block_on(blockship_bench::tls_peer::send(&sink, &pki, bytes))
                 }
             }
         }

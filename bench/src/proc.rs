@@ -52,6 +52,23 @@ fn real_fork(cmd: &mut Command) -> &mut Command {
     unsafe { cmd.pre_exec(|| Ok(())) }
 }
 
+/// Make `cmd` run on CPU `cpu` only (like `taskset -c CPU`), threads and children included.
+pub fn pin(cmd: &mut Command, cpu: usize) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the hook only calls sched_setaffinity, which is
+    // async-signal-safe, on a cpu_set_t on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Output and usage of a one-shot command.
 pub struct Finished {
     pub usage: Usage,

@@ -92,6 +92,20 @@ impl Row {
         )
     }
 
+    /// Median CPU seconds per GiB put on the wire (after zero skipping and compression) for
+    /// one side; per GiB of disk for rows that do not report wire bytes.
+    pub fn cpu_per_wire_gib(&self, side: &str) -> f64 {
+        median(
+            self.samples
+                .iter()
+                .filter_map(|s| {
+                    let c = s.sides.iter().find(|x| x.name == side)?;
+                    Some(c.cpu_s / (s.wire_bytes.unwrap_or(s.disk_bytes) as f64 / (1u64 << 30) as f64))
+                })
+                .collect(),
+        )
+    }
+
     /// Peak RSS of one side over all runs, MiB.
     pub fn peak_rss_mib(&self, side: &str) -> f64 {
         self.samples

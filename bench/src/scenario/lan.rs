@@ -1,37 +1,23 @@
 //! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target over QUIC and over
-//! gRPC, against each transport's ceiling (bare quinn and bare tonic with the same settings) and
+//! gRPC, against each transport's ceiling (bare quinn and bare tonic with the same settings),
 //! against `nbdcopy` and `qemu-img convert` copying the same image from a `qemu-nbd` TCP export
-//! into a local file.
+//! into a local file, against `nbdcopy` over NBD with TLS (the same security as ours), and
+//! against the floor (see `floor`): what reading, hashing, encrypting, moving and writing each
+//! byte costs here. Blockship and plain `nbdcopy` are also run with their two processes pinned
+//! to separate cores, as they would run on two hosts.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{fresh_sync, side, Ctx};
+use super::{blockship_sample, fresh_sync, side, Ctx};
+use crate::floor;
 use crate::image::Profile;
-use crate::lab::{free_port, wait_tcp};
+use crate::nbd_export::{self, export, ExportOptions};
 use crate::proc::{self, Server};
 use crate::report::{Ratio, Row, Sample, ScenarioResult};
-
-/// A read-only `qemu-nbd` TCP export of `image` on 127.0.0.1 (like a hypervisor's NBD server).
-pub struct NbdExport {
-    pub server: Server,
-    pub uri: String,
-}
-
-pub fn export(ctx: &Ctx, image: &str) -> Result<NbdExport> {
-    let qemu_nbd = ctx.lab.bins.peer("qemu-nbd")?;
-    let port = free_port()?;
-    let server = Server::start_detached(
-        Command::new(qemu_nbd)
-            .args(["-t", "-r", "-f", "raw", "-x", "img", "--shared", "32", "--bind", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .arg(image),
-    )?;
-    wait_tcp(port, Duration::from_secs(10))?;
-    Ok(NbdExport { server, uri: format!("nbd://127.0.0.1:{port}/img") })
-}
 
 pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let size: u64 = if ctx.quick { 512 << 20 } else { 4 << 30 };
@@ -69,11 +55,13 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let bare = bare_peer(ctx, "bare quinn", "quic-peer", ours.median_wire().unwrap_or(size as f64) as u64)?;
     let bare_tonic =
         bare_peer(ctx, "bare tonic", "grpc-peer", grpc.median_wire().unwrap_or(size as f64) as u64)?;
+    let bare_tls =
+        bare_peer(ctx, "bare TLS over TCP", "tls-peer", grpc.median_wire().unwrap_or(size as f64) as u64)?;
 
     // The same agent reading the same qemu-nbd export the NBD peers read.
     let mut via_nbd = Row::new("blockship (nbd source)");
     ctx.repeat(|measured| {
-        let nbd = export(ctx, &src_s)?;
+        let nbd = export(&ctx.lab.bins, &src_s, ExportOptions::default())?;
         let (mut sample, _) = fresh_sync(ctx, &nbd.uri, "file:lan-nbd.img", size, &[])?;
         let srv = nbd.server.stop()?;
         crate::lab::check_copy(&ctx.lab.target_path("lan-nbd.img"), &src)?;
@@ -84,44 +72,45 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         Ok(())
     })?;
 
-    let out = ctx.lab.dir.join("peer-copy.img");
-    let nbdcopy = ctx.lab.bins.peer("nbdcopy")?;
-    let qemu_img = ctx.lab.bins.peer("qemu-img")?;
-    let mut nc = Row::new("nbdcopy");
-    let mut qi = Row::new("qemu-img convert");
-    for (row, is_nbdcopy) in [(&mut nc, true), (&mut qi, false)] {
-        ctx.repeat(|measured| {
-            let _ = std::fs::remove_file(&out);
-            let nbd = export(ctx, &src_s)?;
-            let mut cmd = if is_nbdcopy {
-                let mut c = Command::new(&nbdcopy);
-                c.arg(&nbd.uri).arg(&out);
-                c
-            } else {
-                let mut c = Command::new(&qemu_img);
-                c.args(["convert", "-f", "raw", "-O", "raw", &nbd.uri]).arg(&out);
-                c
-            };
-            let f = proc::run_ok(&mut cmd)?;
-            let srv = nbd.server.stop()?;
-            crate::lab::check_copy(&out, &src)?;
-            if measured {
-                row.samples.push(Sample {
-                    wall_s: f.usage.wall_s,
-                    disk_bytes: size,
-                    wire_bytes: None,
-                    sides: vec![
-                        side(if is_nbdcopy { "nbdcopy" } else { "qemu-img" }, &f.usage),
-                        side("qemu-nbd", &srv),
-                    ],
-                });
-            }
-            Ok(())
-        })?;
-    }
-    let _ = std::fs::remove_file(&out);
+    // Agent and sink pinned to separate cores, as on two hosts (each side's work in parallel).
+    let mut pinned = Row::new("blockship pinned");
+    ctx.repeat(|measured| {
+        let sink = ctx.lab.sink_on_cpu(1, &[])?;
+        let mut cmd = ctx.lab.sync_command("bench", &sink.addr, &src_s, "file:lan-pinned.img", &[]);
+        let run = ctx.lab.run_agent(proc::pin(&mut cmd, 0))?;
+        let usage = sink.server.stop()?;
+        crate::lab::check_copy(&ctx.lab.target_path("lan-pinned.img"), &src)?;
+        if measured {
+            pinned.samples.push(blockship_sample(&run, &usage, size));
+        }
+        Ok(())
+    })?;
 
-    result.rows = vec![ours, grpc, via_nbd, bare, bare_tonic, nc, qi];
+    let tls = nbd_export::tls_dir(&ctx.lab.dir.join("nbd-tls"))?;
+    let plain = ExportOptions::default();
+    let nc = nbd_peer(ctx, &src, "nbdcopy", Peer::Nbdcopy, plain, None)?;
+    let nc_tls = nbd_peer(
+        ctx,
+        &src,
+        "nbdcopy (NBD-TLS)",
+        Peer::Nbdcopy,
+        ExportOptions { tls: Some(&tls), cpu: None },
+        None,
+    )?;
+    let nc_pinned = nbd_peer(
+        ctx,
+        &src,
+        "nbdcopy pinned",
+        Peer::Nbdcopy,
+        ExportOptions { tls: None, cpu: Some(1) },
+        Some(0),
+    )?;
+    let qi = nbd_peer(ctx, &src, "qemu-img convert", Peer::QemuImg, plain, None)?;
+
+    // Measured after the runs, so the image is in the page cache as it was for them.
+    let floor = floor::measure(&src, &ctx.lab.dir, size.min(1 << 30))?;
+
+    result.rows = vec![ours, grpc, pinned, via_nbd, bare, bare_tonic, bare_tls, nc, nc_tls, nc_pinned, qi];
     // Same bytes on the wire: the share of each transport's ceiling Blockship reaches.
     for (ours, bare, min) in [("blockship", "bare quinn", 0.8), ("blockship grpc", "bare tonic", 0.9)] {
         if let (Some(o), Some(b)) = (result.row(ours), result.row(bare)) {
@@ -138,11 +127,84 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     if let Some(r) = result.speed_ratio("blockship", "qemu-img convert") {
         result.ratios.push(Ratio::at_least("blockship / qemu-img convert", r, 2.0));
     }
+    if let Some(r) = result.speed_ratio("blockship", "nbdcopy (NBD-TLS)") {
+        result.ratios.push(Ratio::at_least("blockship / nbdcopy over NBD-TLS (same security)", r, 1.5));
+    }
+    if let Some(r) = result.speed_ratio("blockship pinned", "nbdcopy pinned") {
+        result.ratios.push(Ratio::at_least("blockship / nbdcopy, each side pinned to its own core", r, 0.8));
+    }
+    let per_wire: Vec<(&str, f64, f64)> = match result.row("blockship") {
+        Some(row) => [("agent", floor.agent()), ("sink", floor.sink())]
+            .into_iter()
+            .map(|(side, floor)| (side, row.cpu_per_wire_gib(side), floor))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (side, cpu, floor) in per_wire {
+        result.ratios.push(Ratio::at_most(
+            format!("{side} CPU-s per wire GiB / its floor"),
+            cpu / floor,
+            1.3,
+        ));
+    }
+    result.notes.push(format!("{}.", floor.describe()));
     if let Some(r) = result.speed_ratio("blockship (nbd source)", "nbdcopy") {
         result.ratios.push(Ratio::info("blockship reading the qemu-nbd export / nbdcopy", r));
     }
-    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes.".into());
+    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes. `bare TLS over TCP` moves gRPC's wire bytes through one rustls TLS 1.3 connection with the same certificates: the floor of any secure TCP tool.".into());
+    result.notes.push("`nbdcopy (NBD-TLS)` reads a `qemu-nbd` export with x509 TLS that requires a client certificate (`nbds://`): the same security as Blockship's mutual TLS, without end-to-end checksums. The `pinned` rows run the two processes on separate cores (agent / `nbdcopy` on CPU 0, sink / `qemu-nbd` on CPU 1), as two hosts would. The floor ratios divide each side's CPU per wire GiB by the floor's sum for that side (agent: read + BLAKE3 + seal + send; sink: receive + open + BLAKE3 + write).".into());
     Ok(result)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Nbdcopy,
+    QemuImg,
+}
+
+/// `nbdcopy` or `qemu-img convert` copying `src` from a fresh `qemu-nbd` export into a local
+/// file, checked, measured on both sides (the tool on `tool_cpu` if given).
+fn nbd_peer(
+    ctx: &Ctx,
+    src: &Path,
+    name: &str,
+    peer: Peer,
+    opts: ExportOptions,
+    tool_cpu: Option<usize>,
+) -> Result<Row> {
+    let out = ctx.lab.dir.join("peer-copy.img");
+    let tool = ctx.lab.bins.peer(if peer == Peer::Nbdcopy { "nbdcopy" } else { "qemu-img" })?;
+    let size = std::fs::metadata(src)?.len();
+    let mut row = Row::new(name);
+    ctx.repeat(|measured| {
+        let _ = std::fs::remove_file(&out);
+        let nbd = export(&ctx.lab.bins, &src.to_string_lossy(), opts)?;
+        let mut cmd = Command::new(&tool);
+        match peer {
+            Peer::Nbdcopy => cmd.arg(&nbd.uri).arg(&out),
+            Peer::QemuImg => cmd.args(["convert", "-f", "raw", "-O", "raw", &nbd.uri]).arg(&out),
+        };
+        if let Some(cpu) = tool_cpu {
+            proc::pin(&mut cmd, cpu);
+        }
+        let f = proc::run_ok(&mut cmd)?;
+        let srv = nbd.server.stop()?;
+        crate::lab::check_copy(&out, src)?;
+        if measured {
+            row.samples.push(Sample {
+                wall_s: f.usage.wall_s,
+                disk_bytes: size,
+                wire_bytes: None,
+                sides: vec![
+                    side(if peer == Peer::Nbdcopy { "nbdcopy" } else { "qemu-img" }, &f.usage),
+                    side("qemu-nbd", &srv),
+                ],
+            });
+        }
+        Ok(())
+    })?;
+    let _ = std::fs::remove_file(&out);
+    Ok(row)
 }
 
 /// A bare bulk transfer of `wire` bytes through `peer` (`quic-peer` or `grpc-peer` of this
