@@ -124,31 +124,67 @@ impl Drop for MonitorGuard {
     }
 }
 
-/// Idle share of all CPUs between successive calls, from /proc/stat (None before the second
-/// reading, or where /proc/stat cannot be read).
-#[derive(Debug, Default)]
+/// Idle share of the CPUs this process may run on (its affinity mask, as `taskset` or a cpuset
+/// sets it) between successive calls, from /proc/stat (None before the second reading, or where
+/// /proc/stat cannot be read). The machine's total would call an agent confined to one busy core
+/// of many idle and switch compression on exactly when it has no CPU to spare. (A cgroup CPU
+/// quota without a cpuset is not seen.)
+#[derive(Debug)]
 pub struct CpuMeter {
+    cpus: Option<Vec<usize>>,
     last: Option<(u64, u64)>,
+}
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        CpuMeter { cpus: allowed_cpus(), last: None }
+    }
 }
 
 impl CpuMeter {
     pub fn sample(&mut self) -> Option<f64> {
-        let now = std::fs::read_to_string("/proc/stat").ok().and_then(|s| parse_stat(&s))?;
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let now = parse_stat(&stat, self.cpus.as_deref())?;
         let prev = self.last.replace(now)?;
         let (idle, total) = (now.0.saturating_sub(prev.0), now.1.saturating_sub(prev.1));
         (total > 0).then(|| idle as f64 / total as f64)
     }
 }
 
-/// (idle + iowait, total) jiffies from the aggregate `cpu` line of /proc/stat.
-pub fn parse_stat(stat: &str) -> Option<(u64, u64)> {
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> =
-        line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
-    if v.len() < 5 {
+/// The CPUs this process may run on (None if the kernel does not say).
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data, zero is a valid (empty) set; the kernel fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return None;
     }
-    Some((v[3] + v[4], v.iter().sum()))
+    // SAFETY: CPU_ISSET reads the set filled above, for indexes below CPU_SETSIZE.
+    let cpus: Vec<usize> =
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// (idle + iowait, total) jiffies of /proc/stat: the aggregate `cpu` line, or with `cpus` the sum
+/// of those CPUs' `cpuN` lines (None if none of them is there).
+pub fn parse_stat(stat: &str, cpus: Option<&[usize]>) -> Option<(u64, u64)> {
+    let times = |line: &str| -> Option<(u64, u64)> {
+        let v: Vec<u64> =
+            line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        (v.len() >= 5).then(|| (v[3] + v[4], v.iter().sum()))
+    };
+    let Some(cpus) = cpus else {
+        return times(stat.lines().find(|l| l.starts_with("cpu "))?);
+    };
+    let mut found = None;
+    for line in stat.lines() {
+        let Some(n) = line.split_whitespace().next().and_then(|w| w.strip_prefix("cpu")) else { continue };
+        if n.parse::<usize>().is_ok_and(|n| cpus.contains(&n)) {
+            let (i, t) = times(line)?;
+            let (si, st) = found.unwrap_or((0, 0));
+            found = Some((si + i, st + t));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -174,16 +210,41 @@ mod tests {
 
     #[test]
     fn proc_stat_is_parsed() {
-        let stat = "cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 50 2 25 400 10 0 1 1 0 0\nintr 1 2\n";
-        assert_eq!(parse_stat(stat), Some((820, 981)));
-        assert_eq!(parse_stat("intr 1 2\n"), None);
-        assert_eq!(parse_stat("cpu  a b c d e\n"), None);
+        let stat = "cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 50 2 25 400 10 0 1 1 0 0\ncpu1 50 3 25 400 10 1 1 2 0 0\nintr 1 2\n";
+        assert_eq!(parse_stat(stat, None), Some((820, 981)));
+        assert_eq!(parse_stat("intr 1 2\n", None), None);
+        assert_eq!(parse_stat("cpu  a b c d e\n", None), None);
+        // Confined to some CPUs: only theirs count (cpu1 here: 410 idle of 492), and a mask that
+        // names no listed CPU gives nothing rather than the machine's figure.
+        assert_eq!(parse_stat(stat, Some(&[1])), Some((410, 492)));
+        assert_eq!(parse_stat(stat, Some(&[0, 1])), Some((820, 981)));
+        assert_eq!(parse_stat(stat, Some(&[7])), None);
         // The live meter on this (Linux) machine: nothing before two readings, then a share.
         let mut m = CpuMeter::default();
         assert_eq!(m.sample(), None, "an idle share from a single reading");
         std::thread::sleep(Duration::from_millis(50));
         let idle = m.sample();
         assert!(idle.is_some_and(|i| (0.0..=1.0).contains(&i)), "/proc/stat gave no idle share: {idle:?}");
+    }
+
+    #[test]
+    fn the_meter_watches_the_cpus_it_may_run_on() {
+        // A thread confined to CPU 0 (affinity is per thread and inherited): its meter reads cpu0.
+        let cpus = std::thread::spawn(|| {
+            // SAFETY: a zeroed cpu_set_t is empty; CPU_SET adds CPU 0, which every machine has.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe { libc::CPU_SET(0, &mut set) };
+            let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+            assert_eq!(r, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+            let mut m = CpuMeter::default();
+            m.sample();
+            std::thread::sleep(Duration::from_millis(20));
+            (m.cpus.clone(), m.sample())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(cpus.0, Some(vec![0]));
+        assert!(cpus.1.is_some_and(|i| (0.0..=1.0).contains(&i)), "no idle share for cpu0: {:?}", cpus.1);
     }
 
     #[tokio::test(start_paused = true)]
