@@ -188,36 +188,27 @@ fn socket(data: &[u8], chunks: u64) -> Result<(f64, f64)> {
 /// CPU per GiB of writing `chunks` × 1 MiB with `O_DIRECT` (page-aligned buffer) and one
 /// fdatasync, as the sink's file targets do.
 fn direct_write(path: &Path, data: &[u8], chunks: u64) -> Result<f64> {
-    let layout = std::alloc::Layout::from_size_align(CHUNK, 4096)?;
-    // SAFETY: the layout has a non-zero size; the buffer is freed below and only used in between.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    anyhow::ensure!(!ptr.is_null(), "out of memory");
-    // SAFETY: ptr is valid for CHUNK bytes, as allocated above.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, CHUNK) };
-    buf.copy_from_slice(data);
-    let result = (|| {
-        let open = |flags| {
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(path)
-        };
-        // Filesystems without O_DIRECT (tmpfs) get buffered writes, as the sink's file targets do.
-        let f = match open(libc::O_DIRECT) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
-            other => other,
+    let (mut buf, skip) = blockship_proto::buffer::aligned_vec(CHUNK);
+    buf.extend_from_slice(data);
+    let buf = &buf[skip..];
+    let open = |flags| {
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(path)
+    };
+    // Filesystems without O_DIRECT (tmpfs) get buffered writes, as the sink's file targets do.
+    let f = match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
+        other => other,
+    }
+    .with_context(|| format!("opening {}", path.display()))?;
+    let cost = per_gib(chunks * CHUNK as u64, || {
+        for i in 0..chunks {
+            f.write_all_at(buf, i * CHUNK as u64)?;
         }
-        .with_context(|| format!("opening {}", path.display()))?;
-        let cost = per_gib(chunks * CHUNK as u64, || {
-            for i in 0..chunks {
-                f.write_all_at(buf, i * CHUNK as u64)?;
-            }
-            f.sync_data()?;
-            Ok(())
-        });
-        let _ = std::fs::remove_file(path);
-        cost
-    })();
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    result
+        f.sync_data()?;
+        Ok(())
+    });
+    let _ = std::fs::remove_file(path);
+    cost
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{blockship_sample, fresh_sync, side, Ctx};
+use super::{fresh_sync, fresh_sync_on, side, Ctx};
 use crate::floor;
 use crate::image::Profile;
 use crate::nbd_export::{self, export, ExportOptions};
@@ -53,10 +53,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
 
     // Each transport's ceiling, moving as many bytes as Blockship put on the wire over it.
     let bare = bare_peer(ctx, "bare quinn", "quic-peer", ours.median_wire().unwrap_or(size as f64) as u64)?;
-    let bare_tonic =
-        bare_peer(ctx, "bare tonic", "grpc-peer", grpc.median_wire().unwrap_or(size as f64) as u64)?;
-    let bare_tls =
-        bare_peer(ctx, "bare TLS over TCP", "tls-peer", grpc.median_wire().unwrap_or(size as f64) as u64)?;
+    let grpc_wire = grpc.median_wire().unwrap_or(size as f64) as u64;
+    let bare_tonic = bare_peer(ctx, "bare tonic", "grpc-peer", grpc_wire)?;
+    let bare_tls = bare_peer(ctx, "bare TLS over TCP", "tls-peer", grpc_wire)?;
 
     // The same agent reading the same qemu-nbd export the NBD peers read.
     let mut via_nbd = Row::new("blockship (nbd source)");
@@ -75,15 +74,11 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     // Agent and sink pinned to separate cores, as on two hosts (each side's work in parallel).
     let cpus = proc::two_cpus();
     let mut pinned = Row::new("blockship pinned");
-    if let Some((a, b)) = cpus {
+    if cpus.is_some() {
         ctx.repeat(|measured| {
-            let sink = ctx.lab.sink_on_cpu(b, &[])?;
-            let mut cmd = ctx.lab.sync_command("bench", &sink.addr, &src_s, "file:lan-pinned.img", &[]);
-            let run = ctx.lab.run_agent(proc::pin(&mut cmd, a))?;
-            let usage = sink.server.stop()?;
-            crate::lab::check_copy(&ctx.lab.target_path("lan-pinned.img"), &src)?;
+            let (sample, _) = fresh_sync_on(ctx, cpus, &src_s, "file:lan-pinned.img", size, &[])?;
             if measured {
-                pinned.samples.push(blockship_sample(&run, &usage, size));
+                pinned.samples.push(sample);
             }
             Ok(())
         })?;

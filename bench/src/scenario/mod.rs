@@ -74,8 +74,27 @@ pub fn fresh_sync(
     disk_bytes: u64,
     extra: &[&str],
 ) -> Result<(Sample, AgentRun)> {
-    let sink = ctx.lab.sink(&[])?;
-    let run = ctx.lab.sync(&sink.addr, source, target, extra)?;
+    fresh_sync_on(ctx, None, source, target, disk_bytes, extra)
+}
+
+/// `fresh_sync`, with `cpus` = (agent's CPU, sink's CPU) pinning each side to its own core.
+pub fn fresh_sync_on(
+    ctx: &Ctx,
+    cpus: Option<(usize, usize)>,
+    source: &str,
+    target: &str,
+    disk_bytes: u64,
+    extra: &[&str],
+) -> Result<(Sample, AgentRun)> {
+    let sink = match cpus {
+        Some((_, cpu)) => ctx.lab.sink_on_cpu(cpu, &[])?,
+        None => ctx.lab.sink(&[])?,
+    };
+    let mut cmd = ctx.lab.sync_command("bench", &sink.addr, source, target, extra);
+    if let Some((cpu, _)) = cpus {
+        crate::proc::pin(&mut cmd, cpu);
+    }
+    let run = ctx.lab.run_agent(&mut cmd)?;
     let usage = sink.server.stop()?;
     if let Some(rel) = target.strip_prefix("file:") {
         if std::path::Path::new(source).is_file() {
