@@ -6,13 +6,12 @@
 //! No peer keeps disks replicated at a 5 s interval here (rbd-mirror's finest schedule is one
 //! minute, the others sync hourly), so the figures are set against the targets.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::Ctx;
+use super::{daemon_status, Ctx};
 use crate::proc::{self, Server};
 use crate::report::{Ratio, ScenarioResult};
 use crate::vm::Vm;
@@ -43,13 +42,6 @@ fn rss_mib(pid: u32) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-/// Every group's status from the daemon's control socket.
-fn status(agent: &Path, socket: &Path) -> Result<Vec<serde_json::Value>> {
-    let f = proc::run_ok(Command::new(agent).args(["status", "--json", "--control-socket"]).arg(socket))?;
-    let v: serde_json::Value = serde_json::from_str(f.stdout.trim()).context("status --json")?;
-    Ok(v.as_array().cloned().unwrap_or_default())
 }
 
 /// One phase's measurements.
@@ -113,7 +105,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     // Every group's first (full) epoch, then the measured phases.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let groups = status(agent, &socket).unwrap_or_default();
+        let groups = daemon_status(agent, &socket).unwrap_or_default();
         if groups.len() == GROUPS && groups.iter().all(|g| g["committed_epoch"].as_u64().unwrap_or(0) >= 2) {
             break;
         }
@@ -144,7 +136,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
                 ]))?;
                 next_change += Duration::from_secs(INTERVAL_S);
             }
-            for g in status(agent, &socket)? {
+            for g in daemon_status(agent, &socket)? {
                 let key = (g["name"].as_str().unwrap_or("").to_string(), g["cycles"].as_u64().unwrap_or(0));
                 let secs = g["last_cycle_seconds"].as_f64().unwrap_or(f64::NAN);
                 if g["failures"].as_u64().unwrap_or(0) > 0 {
@@ -181,9 +173,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let epoch = |groups: &[serde_json::Value]| {
         groups.iter().find(|g| g["name"] == "vm0").and_then(|g| g["committed_epoch"].as_u64()).unwrap_or(0)
     };
-    let want = epoch(&status(agent, &socket)?) + 2;
+    let want = epoch(&daemon_status(agent, &socket)?) + 2;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while epoch(&status(agent, &socket)?) < want {
+    while epoch(&daemon_status(agent, &socket)?) < want {
         if Instant::now() > deadline {
             bail!("vm0 did not commit again after its last change");
         }

@@ -3,6 +3,7 @@
 pub mod compression;
 pub mod continuous;
 pub mod cutover;
+pub mod estate;
 pub mod incremental;
 pub mod lan;
 pub mod memory;
@@ -36,7 +37,7 @@ impl Ctx<'_> {
 }
 
 pub const ALL: &[&str] =
-    &["lan", "wan", "rbd", "incremental", "memory", "compression", "continuous", "cutover"];
+    &["lan", "wan", "rbd", "incremental", "memory", "compression", "continuous", "cutover", "estate"];
 
 pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
     match name {
@@ -48,6 +49,7 @@ pub fn run(name: &str, ctx: &Ctx) -> Result<ScenarioResult> {
         "compression" => compression::run(ctx),
         "continuous" => continuous::run(ctx),
         "cutover" => cutover::run(ctx),
+        "estate" => estate::run(ctx),
         other => anyhow::bail!("unknown scenario {other:?} (known: {})", ALL.join(", ")),
     }
 }
@@ -102,4 +104,14 @@ pub fn fresh_sync_on(
         }
     }
     Ok((blockship_sample(&run, &usage, disk_bytes), run))
+}
+
+/// Every group's status from an agent daemon's control socket (`status --json`).
+pub fn daemon_status(agent: &std::path::Path, socket: &std::path::Path) -> Result<Vec<serde_json::Value>> {
+    let f = crate::proc::run_ok(
+        std::process::Command::new(agent).args(["status", "--json", "--control-socket"]).arg(socket),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(f.stdout.trim())
+        .map_err(|e| anyhow::anyhow!("status --json: {e}"))?;
+    Ok(v.as_array().cloned().unwrap_or_default())
 }
