@@ -1,5 +1,5 @@
 //! `blockship-bench`: run scenarios (`lan`, `rbd`, `incremental`, `memory`, `compression`,
-//! `continuous`, `cutover`, or `all`), generate test images, and serve as the bare-QUIC peer.
+//! `continuous`, `cutover`, `estate`, or `all`), generate test images, and serve as the bare-QUIC peer.
 
 use std::path::PathBuf;
 
@@ -20,7 +20,7 @@ use blockship_bench::scenario::{self, Ctx};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Scenario to run (lan, wan, rbd, incremental, memory, compression, continuous, cutover) or `all`.
+    /// Scenario to run (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate) or `all`.
     scenario: Option<String>,
     /// Small sizes and one run per tool (a smoke test, < 2 minutes).
     #[arg(long)]
@@ -219,7 +219,7 @@ fn main() -> Result<()> {
         }
         None => {
             let which = cli.scenario.context(
-                "name a scenario (lan, wan, rbd, incremental, memory, compression, continuous, cutover) or `all`",
+                "name a scenario (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate) or `all`",
             )?;
             let names: Vec<&str> = if which == "all" { scenario::ALL.to_vec() } else { vec![which.as_str()] };
             let bins = Bins::prepare(!cli.no_build)?;

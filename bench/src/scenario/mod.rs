@@ -111,7 +111,7 @@ pub fn daemon_status(agent: &std::path::Path, socket: &std::path::Path) -> Resul
     let f = crate::proc::run_ok(
         std::process::Command::new(agent).args(["status", "--json", "--control-socket"]).arg(socket),
     )?;
-    let v: serde_json::Value = serde_json::from_str(f.stdout.trim())
-        .map_err(|e| anyhow::anyhow!("status --json: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(f.stdout.trim()).map_err(|e| anyhow::anyhow!("status --json: {e}"))?;
     Ok(v.as_array().cloned().unwrap_or_default())
 }
