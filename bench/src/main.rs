@@ -240,6 +240,7 @@ fn main() -> Result<()> {
                 let r = scenario::run(name, &ctx).with_context(|| format!("scenario {name}"))?;
                 eprintln!("   {} in {:.0} s", name, started.elapsed().as_secs_f64());
                 report.scenarios.push(r);
+                scenario::cross_ratios(&mut report.scenarios);
                 // Partial results survive a later failure.
                 report.write(&cli.out)?;
             }

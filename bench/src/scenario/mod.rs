@@ -115,3 +115,13 @@ pub fn daemon_status(agent: &std::path::Path, socket: &std::path::Path) -> Resul
         serde_json::from_str(f.stdout.trim()).map_err(|e| anyhow::anyhow!("status --json: {e}"))?;
     Ok(v.as_array().cloned().unwrap_or_default())
 }
+
+/// Ratios between scenarios of one run, added once both are there (`wan` against `lan`).
+pub fn cross_ratios(results: &mut [ScenarioResult]) {
+    let Some(lan) = results.iter().find(|r| r.name == "lan" && r.skipped.is_none()).cloned() else { return };
+    if let Some(w) = results.iter_mut().find(|r| r.name == "wan" && r.skipped.is_none()) {
+        if !w.ratios.iter().any(|r| r.name.contains("/ lan's")) {
+            wan::against_lan(w, &lan);
+        }
+    }
+}

@@ -197,7 +197,100 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             }
         }
     }
+    result.notes.push("Run with `lan` (e.g. `all`), each side's CPU per wire GiB on the link is also set against its `lan` figure over the same transport (target ≤ 1.5 ×: a byte waiting for the link should not cost much more than a fast one).".into());
     result.notes.push("Link utilisation = payload bytes on the wire / (link rate × time); QUIC (or HTTP/2), TLS and UDP (TCP) headers come on top.".into());
     result.notes.push("`grpc` rows run the same agent with `--transport grpc` (TCP); on the impaired path their relay is the TCP relay, which adds the delay but drops nothing (loss of TCP segments would need the kernel's netem, which a userspace relay cannot apply to one TCP connection).".into());
     Ok(result)
+}
+
+/// Issue target: a byte waiting for the link costs at most 1.5 × a fast one. With the same
+/// run's `lan` result at hand, each side's CPU per wire GiB on the link (`random`, both paths,
+/// both transports) against that side's figure in `lan` over the same transport.
+pub fn against_lan(wan: &mut ScenarioResult, lan: &ScenarioResult) {
+    let mut ratios = Vec::new();
+    for row in &wan.rows {
+        let Some(rest) = row.tool.strip_prefix("blockship ") else { continue };
+        let (lan_row, rest) = match rest.strip_prefix("grpc ") {
+            Some(r) => ("blockship grpc", r),
+            None => ("blockship", rest),
+        };
+        if !rest.starts_with("random") {
+            continue;
+        }
+        let Some(reference) = lan.row(lan_row) else { continue };
+        for side in ["agent", "sink"] {
+            let (here, there) = (row.cpu_per_wire_gib(side), reference.cpu_per_wire_gib(side));
+            if here.is_finite() && there.is_finite() && there > 0.0 {
+                ratios.push(Ratio::at_most(
+                    format!("{side} CPU per wire GiB / lan's ({lan_row}), {}", row.tool),
+                    here / there,
+                    1.5,
+                ));
+            }
+        }
+    }
+    wan.ratios.extend(ratios);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Side;
+
+    fn row(tool: &str, agent_cpu: f64, sink_cpu: f64) -> Row {
+        let mut r = Row::new(tool);
+        r.samples.push(Sample {
+            wall_s: 1.0,
+            disk_bytes: 2 << 30,
+            wire_bytes: Some(1 << 30),
+            sides: vec![
+                Side { name: "agent".into(), cpu_s: agent_cpu, max_rss_kib: 0 },
+                Side { name: "sink".into(), cpu_s: sink_cpu, max_rss_kib: 0 },
+            ],
+        });
+        r
+    }
+
+    #[test]
+    fn wan_cpu_is_set_against_the_same_transports_lan_figure() {
+        let mut lan = ScenarioResult::new("lan", "", "");
+        lan.rows = vec![row("blockship", 1.0, 2.0), row("blockship grpc", 2.0, 2.0)];
+        let mut wan = ScenarioResult::new("wan", "", "");
+        wan.rows = vec![
+            row("blockship random, 500 Mbit/s", 3.0, 3.0),
+            row("blockship mixed, 500 Mbit/s", 9.0, 9.0),
+            row("blockship grpc random, 500 Mbit/s", 2.0, 5.0),
+            row("nbdcopy mixed, 500 Mbit/s", 1.0, 1.0),
+        ];
+        against_lan(&mut wan, &lan);
+        let got: Vec<(String, f64, Option<bool>)> =
+            wan.ratios.iter().map(|r| (r.name.clone(), r.value, r.met())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "agent CPU per wire GiB / lan's (blockship), blockship random, 500 Mbit/s".into(),
+                    3.0,
+                    Some(false)
+                ),
+                (
+                    "sink CPU per wire GiB / lan's (blockship), blockship random, 500 Mbit/s".into(),
+                    1.5,
+                    Some(true)
+                ),
+                (
+                    "agent CPU per wire GiB / lan's (blockship grpc), blockship grpc random, 500 Mbit/s"
+                        .into(),
+                    1.0,
+                    Some(true)
+                ),
+                (
+                    "sink CPU per wire GiB / lan's (blockship grpc), blockship grpc random, 500 Mbit/s"
+                        .into(),
+                    2.5,
+                    Some(false)
+                ),
+            ]
+        );
+    }
 }
