@@ -48,7 +48,8 @@ impl Disks {
                 .arg(&sock)
                 .args(["--filter=rate", "--filter=delay", "file"])
                 .arg(format!("file={}", image.display()))
-                .arg(format!("rate={}M", CAP_MB_S * 8))
+                // In bits per second, spelled out: nbdkit reads a suffix M as 2^20.
+                .arg(format!("rate={}", CAP_MB_S * 8_000_000))
                 .arg(format!("burstiness={BURST_S}"))
                 .arg(format!("delay-read={DELAY_MS}ms"));
             servers.push(Server::start_detached(&mut cmd)?);
