@@ -81,12 +81,18 @@ impl Disk {
             .map_err(|e| Refusal::internal(format!("{}: undo journal: {e}", self.name)))
     }
 
-    /// Sender of the active epoch's writer.
+    /// Sender of the active epoch's writer. With none: the failed writer's own error if the epoch
+    /// ended that way (data still in flight when a write failed must report the cause, e.g. a full
+    /// filesystem, not that the epoch is gone), else a protocol error.
     pub fn writer(&self) -> Result<(u64, mpsc::Sender<WriterMsg>), Refusal> {
         let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
-        epoch.as_ref().map(|e| (e.epoch, e.tx.clone())).ok_or_else(|| {
+        if let Some(e) = epoch.as_ref() {
+            return Ok((e.epoch, e.tx.clone()));
+        }
+        drop(epoch);
+        Err(self.writer_failure.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| {
             Refusal::bad_request(format!("disk {}: data received outside an epoch", self.handle))
-        })
+        }))
     }
 
     /// The refusal for finding this disk's epoch writer gone: its own error when it failed.

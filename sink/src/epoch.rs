@@ -108,6 +108,7 @@ pub async fn begin(
         }
         d.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(r) = result {
+            crate::failpoint::delay_point("sink::writer-failure-report").await;
             let _ = errors.send((d.handle, r)).await;
         }
         // Only now may senders see the writer gone (and report "epoch writer stopped"): the

@@ -25,6 +25,20 @@ pub const POINTS: &[&str] = &[
 /// or a lying cache would; `verify` must name every one of them.
 pub const CORRUPTION_POINTS: &[&str] = &["sink::corrupt-verify-read"];
 
+/// Delay points (race tests): the task passing one waits the armed number of milliseconds, e.g.
+/// `sink::writer-failure-report=return(300)`, to widen a window a race test must hit every time.
+pub const DELAY_POINTS: &[&str] = &["sink::writer-failure-report"];
+
+/// Wait here if the delay point `name` is armed (`return(MS)`).
+pub async fn delay_point(name: &'static str) {
+    debug_assert!(DELAY_POINTS.contains(&name), "undeclared delay point {name}");
+    #[cfg(feature = "failpoints")]
+    if let Some(ms) = fail::eval(name, |arg| arg.and_then(|a| a.trim().parse::<u64>().ok())).flatten() {
+        tracing::warn!(ms, "failpoint {name}: waiting");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 /// `data`, read back from the target as chunk `chunk`, with one bit flipped if the point lists it.
 pub fn corrupt_verify_read(chunk: u64, data: bytes::Bytes) -> bytes::Bytes {
     #[cfg(feature = "failpoints")]
@@ -60,9 +74,9 @@ pub fn setup() -> Result<(), String> {
     {
         for point in wanted.split(';').filter(|p| !p.trim().is_empty()) {
             let name = point.split('=').next().unwrap_or_default().trim();
-            if !POINTS.contains(&name) && !CORRUPTION_POINTS.contains(&name) {
+            if ![POINTS, CORRUPTION_POINTS, DELAY_POINTS].iter().any(|kind| kind.contains(&name)) {
                 return Err(format!(
-                    "FAILPOINTS names {name:?}, not a failpoint of this sink ({POINTS:?}, {CORRUPTION_POINTS:?})"
+                    "FAILPOINTS names {name:?}, not a failpoint of this sink ({POINTS:?}, {CORRUPTION_POINTS:?}, {DELAY_POINTS:?})"
                 ));
             }
         }
