@@ -1,5 +1,6 @@
-//! `blockship-bench`: run scenarios (`lan`, `rbd`, `incremental`, `memory`, `compression`,
-//! `continuous`, `cutover`, `estate`, or `all`), generate test images, and serve as the bare-QUIC peer.
+//! `blockship-bench`: run scenarios (`lan`, `wan`, `rbd`, `incremental`, `memory`, `compression`,
+//! `continuous`, `cutover`, `estate`, several, or `all`), generate test images, serve as the bare
+//! QUIC, gRPC and TLS peers and the impairment relay, and run the crash loop (`chaos`).
 
 use std::path::PathBuf;
 
@@ -20,7 +21,8 @@ use blockship_bench::scenario::{self, Ctx};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Scenario to run (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate) or `all`.
+    /// Scenario to run (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate),
+    /// several separated by commas (e.g. `lan,wan`), or `all`.
     scenario: Option<String>,
     /// Small sizes and one run per tool (a smoke test, < 2 minutes).
     #[arg(long)]
@@ -221,7 +223,8 @@ fn main() -> Result<()> {
             let which = cli.scenario.context(
                 "name a scenario (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate) or `all`",
             )?;
-            let names: Vec<&str> = if which == "all" { scenario::ALL.to_vec() } else { vec![which.as_str()] };
+            let names: Vec<&str> =
+                if which == "all" { scenario::ALL.to_vec() } else { which.split(',').map(str::trim).collect() };
             let bins = Bins::prepare(!cli.no_build)?;
             let work = cli.work.clone().unwrap_or_else(|| cli.out.join("work"));
             let lab = Lab::new(&work, bins)?;

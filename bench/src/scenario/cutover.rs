@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::Ctx;
+use super::{daemon_status, Ctx};
 use crate::proc::{self, Server};
 use crate::report::{Ratio, ScenarioResult};
 use crate::vm::Vm;
@@ -22,12 +22,6 @@ const TITLE: &str = "cutover: downtime against the final delta";
 const DISKS: usize = 3;
 /// Final deltas, MiB (over the group's three disks).
 const DELTAS: [u64; 3] = [0, 64, 512];
-
-fn status(agent: &Path, socket: &Path) -> Result<Vec<serde_json::Value>> {
-    let f = proc::run_ok(Command::new(agent).args(["status", "--json", "--control-socket"]).arg(socket))?;
-    let v: serde_json::Value = serde_json::from_str(f.stdout.trim()).context("status --json")?;
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
 
 /// Write `bytes` of random data at the start of export `uri`, as a guest would.
 fn write_random(uri: &str, bytes: u64, seed: u64, dir: &Path) -> Result<()> {
@@ -93,7 +87,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         Command::new(agent).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn"),
     )?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(agent, &socket).is_err() {
+    while daemon_status(agent, &socket).is_err() {
         if Instant::now() > deadline {
             bail!("the agent daemon did not start");
         }
@@ -106,7 +100,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let groups = status(agent, &socket)?;
+        let groups = daemon_status(agent, &socket)?;
         if groups.len() == DELTAS.len()
             && groups.iter().all(|g| g["committed_epoch"].as_u64().unwrap_or(0) >= 1)
         {

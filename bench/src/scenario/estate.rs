@@ -16,7 +16,7 @@ use crate::image::Profile;
 use crate::proc::{self, Server, Usage};
 use crate::report::{Ratio, Row, Sample, ScenarioResult, Side};
 
-const TITLE: &str = "estate: 16 rate-capped disks at once, one agent";
+const TITLE: &str = "16 rate-capped disks at once, one agent";
 const DISKS: usize = 16;
 /// Per-disk cap. VMware NFC gives ~100 MB/s per disk; a quarter of that keeps the sum of the
 /// 16 caps (400 MB/s) under what this bench's smallest hosts (2 cores, TLS and checksums on
@@ -77,7 +77,7 @@ impl Disks {
             total.cpu_s += u.cpu_s;
             total.max_rss_kib = total.max_rss_kib.max(u.max_rss_kib);
         }
-        Ok(side("nbdkit (16)", &total))
+        Ok(side(&format!("nbdkit ×{DISKS}"), &total))
     }
 }
 
@@ -102,26 +102,56 @@ fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config)?;
     let agent = &ctx.lab.bins.agent;
+    let log = std::fs::File::create(dir.join("agent.log"))?;
     let started = Instant::now();
-    let daemon = Server::start_detached(
+    let daemon = Server::start_logging(
         Command::new(agent).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn"),
+        log,
     )?;
-    // The daemon spreads first cycles over one interval; ask for every group's now.
-    let up = started + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > up {
-            bail!("the agent daemon did not open its control socket in 10 s");
+    let failed = |what: &str| {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+        anyhow::anyhow!("{what}; the daemon's log ({}):\n{}", dir.join("agent.log").display(), log.trim())
+    };
+    // Ready when it answers on its control socket (a stale socket file does not count).
+    while daemon_status(agent, &socket).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(failed("the agent daemon did not answer on its control socket in 10 s"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    for i in 1..DISKS {
-        proc::run_ok(
-            Command::new(agent).args(["sync-now", &format!("vm{i}"), "--control-socket"]).arg(&socket),
-        )?;
-    }
+    // The daemon spreads first cycles over one interval; ask for every group's now, all at once.
+    std::thread::scope(|s| -> Result<()> {
+        let asks: Vec<_> = (1..DISKS)
+            .map(|i| {
+                let socket = &socket;
+                s.spawn(move || {
+                    proc::run_ok(
+                        Command::new(agent).args(["sync-now", &format!("vm{i}"), "--control-socket"]).arg(socket),
+                    )
+                })
+            })
+            .collect();
+        for a in asks {
+            a.join().map_err(|_| anyhow::anyhow!("a sync-now thread panicked"))??;
+        }
+        Ok(())
+    })?;
     let deadline = started + Duration::from_secs(600);
+    let mut errors = 0;
     loop {
-        let groups = daemon_status(agent, &socket).unwrap_or_default();
+        let groups = match daemon_status(agent, &socket) {
+            Ok(g) => {
+                errors = 0;
+                g
+            }
+            // A daemon that died does not answer: stop after ~5 s of silence, not the deadline.
+            Err(e) if errors >= 50 => return Err(failed(&format!("the agent daemon stopped answering: {e}"))),
+            Err(_) => {
+                errors += 1;
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         if let Some(g) = groups.iter().find(|g| g["failures"].as_u64().unwrap_or(0) > 0) {
             bail!("group {} failed: {}", g["name"], g["last_error"]);
         }
@@ -129,7 +159,7 @@ fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the daemon's groups did not commit their first epochs in 10 minutes: {groups:?}");
+            return Err(failed(&format!("the groups did not commit their first epochs in 10 minutes: {groups:?}")));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -193,7 +223,7 @@ fn peers(ctx: &Ctx, dir: &Path, image: &Path, size: u64, parallel: usize) -> Res
         wall_s,
         disk_bytes: size * DISKS as u64,
         wire_bytes: None,
-        sides: vec![side("nbdcopy (16)", &copies), nbdkit],
+        sides: vec![side(&format!("nbdcopy ×{DISKS}"), &copies), nbdkit],
     })
 }
 
@@ -222,7 +252,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             PEER_PARALLEL[0]
         ),
     );
-    let mut row = Row::new("blockship, one agent, 16 disks at once");
+    let mut row = Row::new(format!("blockship, one agent, {DISKS} disks at once"));
     ctx.repeat(|measured| {
         let s = blockship(ctx, &dir, &image, size)?;
         if measured {
@@ -254,7 +284,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     result.ratios.push(Ratio::at_least("blockship aggregate / sum of the caps", ours / caps, 0.9));
     result.ratios.push(Ratio::info("best peer aggregate / sum of the caps", best_peer / caps));
     result.notes.push(format!(
-        "Aggregate = {DISKS} × disk size / wall time until the last disk is done. The caps are nbdkit's token buckets (burst {BURST_S} s), so a tool that keeps every disk busy reaches the sum of the caps and no more; `nbdkit (16)` is the CPU of the 16 servers together."
+        "Aggregate = {DISKS} × disk size / wall time until the last disk is done. The caps are nbdkit's token buckets (burst {BURST_S} s), so a tool that keeps every disk busy reaches the sum of the caps and no more, and a tool copying {} disks at a time at most {} MB/s. `nbdkit ×{DISKS}` and `nbdcopy ×{DISKS}`: CPU summed over the processes, peak RSS of the largest one.",
+        PEER_PARALLEL[0],
+        PEER_PARALLEL[0] as u64 * CAP_MB_S
     ));
     Ok(result)
 }

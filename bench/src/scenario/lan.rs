@@ -1,5 +1,5 @@
 //! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target over QUIC and over
-//! gRPC, against each transport's ceiling (bare quinn and bare tonic with the same settings),
+//! gRPC (and a 1 GiB `random` one over each, the reference of `wan`'s CPU per GiB), against each transport's ceiling (bare quinn and bare tonic with the same settings),
 //! against `nbdcopy` and `qemu-img convert` copying the same image from a `qemu-nbd` TCP export
 //! into a local file, against `nbdcopy` over NBD with TLS (the same security as ours), and
 //! against the floor (see `floor`): what reading, hashing, encrypting, moving and writing each
@@ -50,6 +50,23 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         }
         Ok(())
     })?;
+
+    // Incompressible data over each transport: the reference `wan` sets its `random` rows'
+    // CPU against (a byte waiting for the link should cost little more than a fast one).
+    let random_size = size.min(1 << 30);
+    let random = ctx.lab.image(Profile::Random, random_size, 71)?.to_string_lossy().to_string();
+    let mut randoms = Vec::new();
+    for (name, extra) in [(RANDOM_QUIC, &[][..]), (RANDOM_GRPC, &["--transport", "grpc"][..])] {
+        let mut row = Row::new(name);
+        ctx.repeat(|measured| {
+            let (sample, _) = fresh_sync(ctx, &random, "file:lan-random.img", random_size, extra)?;
+            if measured {
+                row.samples.push(sample);
+            }
+            Ok(())
+        })?;
+        randoms.push(row);
+    }
 
     // Each transport's ceiling, moving as many bytes as Blockship put on the wire over it.
     let bare = bare_peer(ctx, "bare quinn", "quic-peer", ours.median_wire().unwrap_or(size as f64) as u64)?;
@@ -112,6 +129,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let floor = floor::measure(&src, &ctx.lab.dir, size.min(1 << 30))?;
 
     result.rows = vec![ours, grpc, via_nbd, bare, bare_tonic, bare_tls, nc, nc_tls, qi];
+    result.rows.extend(randoms);
     match nc_pinned {
         Some(nc_pinned) => result.rows.extend([pinned, nc_pinned]),
         None => {
@@ -162,6 +180,10 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     result.notes.push("`nbdcopy (NBD-TLS)` reads a `qemu-nbd` export with x509 TLS that requires a client certificate (`nbds://`): the same security as Blockship's mutual TLS, without end-to-end checksums. The `pinned` rows run the two processes on separate cores (agent / `nbdcopy` on the first CPU this process may use, sink / `qemu-nbd` on the second), as two hosts would. The floor ratios divide each side's CPU per wire GiB by the floor's sum for that side (agent: read + BLAKE3 + seal + send; sink: receive + open + BLAKE3 + write).".into());
     Ok(result)
 }
+
+/// The rows of `random` data over each transport (what `wan::against_lan` pairs with).
+pub const RANDOM_QUIC: &str = "blockship random";
+pub const RANDOM_GRPC: &str = "blockship grpc random";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {

