@@ -223,8 +223,11 @@ fn main() -> Result<()> {
             let which = cli.scenario.context(
                 "name a scenario (lan, wan, rbd, incremental, memory, compression, continuous, cutover, estate) or `all`",
             )?;
-            let names: Vec<&str> =
-                if which == "all" { scenario::ALL.to_vec() } else { which.split(',').map(str::trim).collect() };
+            let names: Vec<&str> = if which == "all" {
+                scenario::ALL.to_vec()
+            } else {
+                which.split(',').map(str::trim).collect()
+            };
             let bins = Bins::prepare(!cli.no_build)?;
             let work = cli.work.clone().unwrap_or_else(|| cli.out.join("work"));
             let lab = Lab::new(&work, bins)?;

@@ -17,6 +17,17 @@ pub struct Usage {
     pub max_rss_kib: u64,
 }
 
+impl Usage {
+    /// Many processes counted as one side: CPU summed, the largest RSS (each has its own).
+    pub fn together(all: impl IntoIterator<Item = Usage>) -> Usage {
+        all.into_iter().fold(Usage::default(), |t, u| Usage {
+            wall_s: t.wall_s.max(u.wall_s),
+            cpu_s: t.cpu_s + u.cpu_s,
+            max_rss_kib: t.max_rss_kib.max(u.max_rss_kib),
+        })
+    }
+}
+
 /// Reap `pid` and return its exit status and rusage.
 fn wait4(pid: u32) -> Result<(i32, libc::rusage)> {
     let mut status = 0;

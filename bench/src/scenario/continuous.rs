@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{daemon_status, Ctx};
-use crate::proc::{self, Server};
+use super::daemon::Daemon;
+use super::Ctx;
+use crate::proc;
 use crate::report::{Ratio, ScenarioResult};
 use crate::vm::Vm;
 
@@ -77,13 +78,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         (0..GROUPS).map(|g| Vm::start(&dir.join(format!("vm{g}")), DISKS, size)).collect::<Result<_>>()?;
     let sink = ctx.lab.sink(&[])?;
 
-    let socket = dir.join("agent.sock");
-    let mut config = format!(
-        "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"bench\"\n[daemon]\ncontrol_socket = \"{}\"\n",
-        sink.addr,
-        ctx.lab.dir.join("pki").display(),
-        socket.display()
-    );
+    let mut config = String::new();
     for (g, vm) in vms.iter().enumerate() {
         let disks: Vec<String> = (0..DISKS)
             .map(|d| format!("{{ disk = \"disk{d}\", target = \"file:cont-{g}-{d}.img\" }}"))
@@ -95,17 +90,12 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             disks.join(", ")
         );
     }
-    let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let agent = &ctx.lab.bins.agent;
-    let daemon = Server::start_detached(
-        Command::new(agent).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn"),
-    )?;
+    let daemon = Daemon::start(ctx, &sink.addr, &dir, "", &config)?;
 
     // Every group's first (full) epoch, then the measured phases.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let groups = daemon_status(agent, &socket).unwrap_or_default();
+        let groups = daemon.status().unwrap_or_default();
         if groups.len() == GROUPS && groups.iter().all(|g| g["committed_epoch"].as_u64().unwrap_or(0) >= 2) {
             break;
         }
@@ -136,7 +126,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
                 ]))?;
                 next_change += Duration::from_secs(INTERVAL_S);
             }
-            for g in daemon_status(agent, &socket)? {
+            for g in daemon.status()? {
                 let key = (g["name"].as_str().unwrap_or("").to_string(), g["cycles"].as_u64().unwrap_or(0));
                 let secs = g["last_cycle_seconds"].as_f64().unwrap_or(f64::NAN);
                 if g["failures"].as_u64().unwrap_or(0) > 0 {
@@ -173,9 +163,9 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     let epoch = |groups: &[serde_json::Value]| {
         groups.iter().find(|g| g["name"] == "vm0").and_then(|g| g["committed_epoch"].as_u64()).unwrap_or(0)
     };
-    let want = epoch(&daemon_status(agent, &socket)?) + 2;
+    let want = epoch(&daemon.status()?) + 2;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while epoch(&daemon_status(agent, &socket)?) < want {
+    while epoch(&daemon.status()?) < want {
         if Instant::now() > deadline {
             bail!("vm0 did not commit again after its last change");
         }

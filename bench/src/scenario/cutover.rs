@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{daemon_status, Ctx};
-use crate::proc::{self, Server};
+use super::daemon::Daemon;
+use super::Ctx;
+use crate::proc;
 use crate::report::{Ratio, ScenarioResult};
 use crate::vm::Vm;
 
@@ -61,13 +62,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         .map(|g| Vm::start(&dir.join(format!("vm{g}")), DISKS, size))
         .collect::<Result<_>>()?;
     let sink = ctx.lab.sink(&[])?;
-    let socket = dir.join("agent.sock");
-    let mut config = format!(
-        "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"bench\"\n[daemon]\ncontrol_socket = \"{}\"\n",
-        sink.addr,
-        ctx.lab.dir.join("pki").display(),
-        socket.display()
-    );
+    let mut config = String::new();
     for (g, vm) in vms.iter().enumerate() {
         let disks: Vec<String> = (0..DISKS)
             .map(|d| format!("{{ disk = \"disk{d}\", target = \"file:cut-{g}-{d}.img\" }}"))
@@ -80,27 +75,13 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             disks.join(", ")
         );
     }
-    let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let agent = &ctx.lab.bins.agent;
-    let daemon = Server::start_detached(
-        Command::new(agent).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn"),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while daemon_status(agent, &socket).is_err() {
-        if Instant::now() > deadline {
-            bail!("the agent daemon did not start");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let daemon = Daemon::start(ctx, &sink.addr, &dir, "", &config)?;
     for g in 0..DELTAS.len() {
-        proc::run_ok(
-            Command::new(agent).args(["sync-now", "--control-socket"]).arg(&socket).arg(format!("vm{g}")),
-        )?;
+        proc::run_ok(daemon.control("sync-now").arg(format!("vm{g}")))?;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let groups = daemon_status(agent, &socket)?;
+        let groups = daemon.status()?;
         if groups.len() == DELTAS.len()
             && groups.iter().all(|g| g["committed_epoch"].as_u64().unwrap_or(0) >= 1)
         {
@@ -130,12 +111,13 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
                 &dir,
             )?;
         }
-        let out = proc::run_ok(
-            Command::new(agent)
-                .args(["cutover", "--json", "--pre-freeze", "true", "--control-socket"])
-                .arg(&socket)
-                .args(["--group", &format!("vm{g}")]),
-        )?;
+        let out = proc::run_ok(daemon.control("cutover").args([
+            "--json",
+            "--pre-freeze",
+            "true",
+            "--group",
+            &format!("vm{g}"),
+        ]))?;
         let reply: serde_json::Value = serde_json::from_str(out.stdout.trim()).context("cutover --json")?;
         let downtime = reply["downtime_seconds"].as_f64().unwrap_or(f64::NAN);
         let name = format!("downtime, {mib} MiB final delta (s)");

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use super::{daemon_status, side, Ctx};
+use super::daemon::Daemon;
+use super::{side, Ctx};
 use crate::image::Profile;
 use crate::proc::{self, Server, Usage};
 use crate::report::{Ratio, Row, Sample, ScenarioResult, Side};
@@ -71,12 +72,7 @@ impl Disks {
 
     /// Stop every nbdkit; their CPU summed as one side.
     fn stop(self) -> Result<Side> {
-        let mut total = Usage::default();
-        for s in self.servers {
-            let u = s.stop()?;
-            total.cpu_s += u.cpu_s;
-            total.max_rss_kib = total.max_rss_kib.max(u.max_rss_kib);
-        }
+        let total = Usage::together(self.servers.into_iter().map(Server::stop).collect::<Result<Vec<_>>>()?);
         Ok(side(&format!("nbdkit ×{DISKS}"), &total))
     }
 }
@@ -86,49 +82,21 @@ impl Disks {
 fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
     let disks = Disks::start(dir, image)?;
     let sink = ctx.lab.sink(&[])?;
-    let socket = dir.join("agent.sock");
-    let mut config = format!(
-        "[agent]\nsink = \"{}\"\npki = \"{}\"\nname = \"bench\"\n[daemon]\ncontrol_socket = \"{}\"\nmax_parallel_disks = {DISKS}\n",
-        sink.addr,
-        ctx.lab.dir.join("pki").display(),
-        socket.display()
-    );
+    let mut groups = String::new();
     for i in 0..DISKS {
-        config += &format!(
+        groups += &format!(
             "[[group]]\nname = \"vm{i}\"\nkind = \"file\"\ninterval = \"1h\"\ndisks = [{{ source = \"{}\", target = \"file:estate-{i}.img\" }}]\n",
             disks.uri(i)
         );
     }
-    let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let agent = &ctx.lab.bins.agent;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
     let started = Instant::now();
-    let daemon = Server::start_logging(
-        Command::new(agent).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn"),
-        log,
-    )?;
-    let failed = |what: &str| {
-        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-        anyhow::anyhow!("{what}; the daemon's log ({}):\n{}", dir.join("agent.log").display(), log.trim())
-    };
-    // Ready when it answers on its control socket (a stale socket file does not count).
-    while daemon_status(agent, &socket).is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(failed("the agent daemon did not answer on its control socket in 10 s"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = Daemon::start(ctx, &sink.addr, dir, &format!("max_parallel_disks = {DISKS}\n"), &groups)?;
     // The daemon spreads first cycles over one interval; ask for every group's now, all at once.
     std::thread::scope(|s| -> Result<()> {
         let asks: Vec<_> = (1..DISKS)
             .map(|i| {
-                let socket = &socket;
-                s.spawn(move || {
-                    proc::run_ok(
-                        Command::new(agent).args(["sync-now", &format!("vm{i}"), "--control-socket"]).arg(socket),
-                    )
-                })
+                let daemon = &daemon;
+                s.spawn(move || proc::run_ok(daemon.control("sync-now").arg(format!("vm{i}"))))
             })
             .collect();
         for a in asks {
@@ -139,13 +107,15 @@ fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
     let deadline = started + Duration::from_secs(600);
     let mut errors = 0;
     loop {
-        let groups = match daemon_status(agent, &socket) {
+        let groups = match daemon.status() {
             Ok(g) => {
                 errors = 0;
                 g
             }
             // A daemon that died does not answer: stop after ~5 s of silence, not the deadline.
-            Err(e) if errors >= 50 => return Err(failed(&format!("the agent daemon stopped answering: {e}"))),
+            Err(e) if errors >= 50 => {
+                return Err(daemon.failed(&format!("the agent daemon stopped answering: {e}")))
+            }
             Err(_) => {
                 errors += 1;
                 std::thread::sleep(Duration::from_millis(100));
@@ -159,7 +129,8 @@ fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(failed(&format!("the groups did not commit their first epochs in 10 minutes: {groups:?}")));
+            return Err(daemon
+                .failed(&format!("the groups did not commit their first epochs in 10 minutes: {groups:?}")));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -207,13 +178,7 @@ fn peers(ctx: &Ctx, dir: &Path, image: &Path, size: u64, parallel: usize) -> Res
         workers.into_iter().map(|w| w.join().unwrap_or_else(|_| bail!("a peer thread panicked"))).collect()
     });
     let wall_s = started.elapsed().as_secs_f64();
-    let mut copies = Usage::default();
-    for u in usages {
-        for u in u? {
-            copies.cpu_s += u.cpu_s;
-            copies.max_rss_kib = copies.max_rss_kib.max(u.max_rss_kib);
-        }
-    }
+    let copies = Usage::together(usages.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten());
     let nbdkit = disks.stop()?;
     for o in &outs {
         crate::lab::check_copy(o, image)?;

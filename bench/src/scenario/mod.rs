@@ -3,6 +3,7 @@
 pub mod compression;
 pub mod continuous;
 pub mod cutover;
+pub mod daemon;
 pub mod estate;
 pub mod incremental;
 pub mod lan;
@@ -104,16 +105,6 @@ pub fn fresh_sync_on(
         }
     }
     Ok((blockship_sample(&run, &usage, disk_bytes), run))
-}
-
-/// Every group's status from an agent daemon's control socket (`status --json`).
-pub fn daemon_status(agent: &std::path::Path, socket: &std::path::Path) -> Result<Vec<serde_json::Value>> {
-    let f = crate::proc::run_ok(
-        std::process::Command::new(agent).args(["status", "--json", "--control-socket"]).arg(socket),
-    )?;
-    let v: serde_json::Value =
-        serde_json::from_str(f.stdout.trim()).map_err(|e| anyhow::anyhow!("status --json: {e}"))?;
-    Ok(v.as_array().cloned().unwrap_or_default())
 }
 
 /// Ratios between scenarios of one run, added once both are there (`wan` against `lan`).
