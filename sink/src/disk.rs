@@ -54,11 +54,19 @@ impl Disk {
 
     /// Update the in-memory state with `f` and persist it durably.
     pub async fn update_state(&self, f: impl FnOnce(&mut ReplicationState)) -> Result<(), Refusal> {
-        let snapshot = {
-            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut s);
-            s.clone()
-        };
+        self.set_state(f);
+        self.persist_state().await
+    }
+
+    /// Update the in-memory state only; the next `persist_state` (or `update_state`) makes it
+    /// durable.
+    pub fn set_state(&self, f: impl FnOnce(&mut ReplicationState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Persist the in-memory state durably.
+    pub async fn persist_state(&self) -> Result<(), Refusal> {
+        let snapshot = self.state();
         self.target.store_state(&self.state_dir, &snapshot).await?;
         Ok(())
     }

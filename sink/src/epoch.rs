@@ -1,7 +1,7 @@
 //! Beginning an epoch on a disk: check that it follows the target's committed epoch (a group's
 //! new member may join at the group's next epoch), that a resume keeps only data of the same
 //! plan read from the same frozen view, open the undo journal (file targets), record the epoch
-//! as in progress, and start its writer. Problems of the disk are reported with its handle, so
+//! as in progress (durably before its first write), and start its writer. Problems of the disk are reported with its handle, so
 //! the other disks of the connection go on.
 
 use std::sync::Arc;
@@ -85,7 +85,18 @@ pub async fn begin(
         prepared: None,
         group: req.group.clone(),
     };
-    disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
+    // An epoch read from a frozen view records it durably now: after a crash the agent finds the
+    // view in every member's record and retries from that same view, keeping what was written.
+    // Without a view (an idle cycle of a continuous group, which freezes nothing; a source that
+    // cannot name one) there is nothing a retry could take up, so the record stays in memory
+    // until the writer's first write to the target (the only moment a crash could leave a
+    // partial delta behind); an epoch without data then writes only its prepare and commit.
+    let durable_now = !req.view.is_empty();
+    if durable_now {
+        disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
+    } else {
+        disk.set_state(|s| s.in_progress = Some(in_progress));
+    }
 
     let (tx, rx) = mpsc::channel(crate::writer::BATCH);
     *disk.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk::ActiveEpoch { epoch: req.epoch, tx });
@@ -97,7 +108,8 @@ pub async fn begin(
         ctx.checkpoint,
         undo,
         liveness.clone(),
-    );
+    )
+    .recorded(durable_now);
     let d = disk.clone();
     tokio::spawn(async move {
         let mut rx = rx;

@@ -127,6 +127,8 @@ pub struct EpochWriter {
     undo: Option<Undo>,
     /// The session's progress: every write and acknowledgement counts.
     liveness: Arc<Liveness>,
+    /// The epoch's in-progress record is durable (done before the first write, see `apply`).
+    recorded: bool,
 }
 
 impl EpochWriter {
@@ -151,7 +153,14 @@ impl EpochWriter {
             last_checkpoint: Instant::now(),
             undo,
             liveness,
+            recorded: false,
         }
+    }
+
+    /// Whether the epoch's in-progress record is durable already (else the first write makes it).
+    pub fn recorded(mut self, durable: bool) -> Self {
+        self.recorded = durable;
+        self
     }
 
     /// Apply items until the epoch is prepared (and committed, if on its own) or the session
@@ -226,7 +235,13 @@ impl EpochWriter {
     async fn apply(&mut self, items: Vec<Item>) -> Result<(), Refusal> {
         let disk = &self.disk;
         let cs = disk.chunk_size;
-        // 0. Save the committed data these items overwrite (file targets), durably.
+        // 0. The epoch is durably in progress before anything of it reaches the target: after a
+        //    crash the state then tells that the target may hold a partial delta.
+        if !self.recorded {
+            disk.persist_state().await?;
+            self.recorded = true;
+        }
+        // 0b. Save the committed data these items overwrite (file targets), durably.
         if let (Some(mut undo), Target::File(t)) = (self.undo.take(), &disk.target) {
             let ranges: Vec<(u64, u64)> = items.iter().map(|i| (i.offset, i.length())).collect();
             let file = t.file();
