@@ -37,6 +37,11 @@ pub async fn begin(
     if disk.writer().is_ok() {
         return Err(Refusal::bad_request("an epoch is already open on this disk"));
     }
+    // A disk fails once: an epoch begun before its failed writer's report arrived is refused
+    // with that cause.
+    if let Some(r) = disk.writer_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Err(r);
+    }
     let state = disk.state();
     let joins_group = state.committed_epoch == 0 && group_committed.is_some_and(|g| req.epoch == g + 1);
     if req.epoch != state.committed_epoch + 1 && !joins_group {
@@ -91,7 +96,9 @@ pub async fn begin(
     // cannot name one) there is nothing a retry could take up, so the record stays in memory
     // until the writer's first write to the target (the only moment a crash could leave a
     // partial delta behind); an epoch without data then writes only its prepare and commit.
-    let durable_now = !req.view.is_empty();
+    // A target grown at open also records now, so that `rollback` after a crash before the
+    // commit truncates it back to the committed size, as before.
+    let durable_now = !req.view.is_empty() || disk.target.size() != state.committed_size;
     if durable_now {
         disk.update_state(|s| s.in_progress = Some(in_progress)).await?;
     } else {

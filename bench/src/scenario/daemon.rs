@@ -44,7 +44,8 @@ impl Daemon {
             if started.elapsed() > Duration::from_secs(30) {
                 return Err(daemon.failed("the agent daemon did not answer on its control socket in 30 s"));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Each poll is a process; inside estate's timed window, not more often than this.
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(daemon)
     }

@@ -123,7 +123,7 @@ fn blockship(ctx: &Ctx, dir: &Path, image: &Path, size: u64) -> Result<Sample> {
             }
         };
         if let Some(g) = groups.iter().find(|g| g["failures"].as_u64().unwrap_or(0) > 0) {
-            bail!("group {} failed: {}", g["name"], g["last_error"]);
+            return Err(daemon.failed(&format!("group {} failed: {}", g["name"], g["last_error"])));
         }
         if groups.len() == DISKS && groups.iter().all(|g| g["committed_epoch"].as_u64().unwrap_or(0) >= 1) {
             break;
