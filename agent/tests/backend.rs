@@ -60,26 +60,17 @@ fn committed_epoch(lab: &Lab, rel: &str) -> u64 {
 
 /// The sink's delay point that holds a failed epoch writer's own report back, so that data still
 /// arriving finds the epoch gone first (the race CI once lost over gRPC: the agent was told "data
-/// received outside an epoch" instead of the cause). Without failpoints the race is left to
-/// timing — never a skip, and never under CI, which builds them and sets the switch.
+/// received outside an epoch" instead of the cause). Without failpoints (never under CI) the
+/// race is left to timing.
 fn writer_failure_race(lab: &Lab) -> Vec<(&'static str, &'static str)> {
-    const ARM: (&str, &str) = ("FAILPOINTS", "sink::writer-failure-report=return(500)");
-    let probe = Command::new(bin("blockship-sink"))
-        .args(["status", "--json", "--state-dir"])
-        .arg(lab.path("state"))
-        .env(ARM.0, ARM.1)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&probe.stderr);
-    if !stderr.contains("built without failpoints") {
-        return vec![ARM];
+    const ARM: &str = "sink::writer-failure-report=return(500)";
+    let state = lab.path("state");
+    let probe = ["status", "--json", "--state-dir", state.to_str().unwrap()];
+    if failpoints_built("blockship-sink", &probe, ARM) {
+        vec![("FAILPOINTS", ARM)]
+    } else {
+        vec![]
     }
-    assert!(
-        std::env::var_os("BLOCKSHIP_REQUIRE_FAILPOINTS").is_none(),
-        "BLOCKSHIP_REQUIRE_FAILPOINTS is set but the sink was built without failpoints: {stderr}"
-    );
-    eprintln!("the writer-failure race is left to timing: build with --features blockship-sink/failpoints");
-    vec![]
 }
 
 fn a_full_filesystem_is_a_clear_error_and_the_sync_resumes_once_there_is_room(transport: &str) {

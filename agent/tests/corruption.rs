@@ -19,22 +19,7 @@ const DISK: u64 = 32 * MIB;
 
 /// The agent's FAILPOINTS when the build has them; a build without them cannot run these tests.
 fn armed() -> bool {
-    let probe = std::process::Command::new(bin("blockship-agent"))
-        .arg("--version")
-        .env("FAILPOINTS", "agent::corrupt-after-hash=off")
-        .output()
-        .unwrap();
-    if probe.status.success() {
-        return true;
-    }
-    // Never a silent skip: CI builds the tests with the feature and sets this switch.
-    assert!(
-        std::env::var_os("BLOCKSHIP_REQUIRE_FAILPOINTS").is_none(),
-        "BLOCKSHIP_REQUIRE_FAILPOINTS is set but the agent was built without failpoints: {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    eprintln!("skipped: build with --features blockship-agent/failpoints,blockship-sink/failpoints");
-    false
+    failpoints_built("blockship-agent", &["--version"], "agent::corrupt-after-hash=off")
 }
 
 /// Chunks of the target (1 MiB each) that are neither the source's nor still unwritten zeros.

@@ -98,18 +98,19 @@ impl Disk {
             return Ok((e.epoch, e.tx.clone()));
         }
         drop(epoch);
-        Err(self.writer_failure.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| {
+        Err(self.failure().unwrap_or_else(|| {
             Refusal::bad_request(format!("disk {}: data received outside an epoch", self.handle))
         }))
     }
 
     /// The refusal for finding this disk's epoch writer gone: its own error when it failed.
     pub fn writer_stopped(&self) -> Refusal {
-        self.writer_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(|| Refusal::internal("epoch writer stopped"))
+        self.failure().unwrap_or_else(|| Refusal::internal("epoch writer stopped"))
+    }
+
+    /// Why this disk's last epoch writer failed, if it did (a disk fails once).
+    pub fn failure(&self) -> Option<Refusal> {
+        self.writer_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Recompute stale index entries from the target (after making the target durable, so the

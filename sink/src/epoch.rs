@@ -1,8 +1,8 @@
 //! Beginning an epoch on a disk: check that it follows the target's committed epoch (a group's
 //! new member may join at the group's next epoch), that a resume keeps only data of the same
 //! plan read from the same frozen view, open the undo journal (file targets), record the epoch
-//! as in progress (durably before its first write), and start its writer. Problems of the disk are reported with its handle, so
-//! the other disks of the connection go on.
+//! as in progress (durably before its first write), and start its writer. Problems of the disk
+//! are reported with its handle, so the other disks of the connection go on.
 
 use std::sync::Arc;
 
@@ -39,7 +39,7 @@ pub async fn begin(
     }
     // A disk fails once: an epoch begun before its failed writer's report arrived is refused
     // with that cause.
-    if let Some(r) = disk.writer_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    if let Some(r) = disk.failure() {
         return Err(r);
     }
     let state = disk.state();

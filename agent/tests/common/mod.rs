@@ -326,6 +326,24 @@ pub fn scribble(path: &Path, offset: u64, len: usize, seed: u64) {
 
 /// Whether the tests run as root (`why`: what needs it). Without root the test is skipped with a
 /// message, unless BLOCKSHIP_REQUIRE_ROOT is set (CI): then it fails.
+/// Whether `binary` was built with failpoints: it is run as `args` with `FAILPOINTS=arm` and must
+/// not answer that it was built without them. A build without them fails the caller under
+/// `BLOCKSHIP_REQUIRE_FAILPOINTS` (CI builds the tests with the features and sets the switch),
+/// so the answer `false` is never a silent skip there.
+pub fn failpoints_built(binary: &str, args: &[&str], arm: &str) -> bool {
+    let probe = Command::new(bin(binary)).args(args).env("FAILPOINTS", arm).output().unwrap();
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    if !stderr.contains("built without failpoints") {
+        return true;
+    }
+    assert!(
+        std::env::var_os("BLOCKSHIP_REQUIRE_FAILPOINTS").is_none(),
+        "BLOCKSHIP_REQUIRE_FAILPOINTS is set but {binary} was built without failpoints: {stderr}"
+    );
+    eprintln!("{binary} has no failpoints: build with --features blockship-agent/failpoints,blockship-sink/failpoints");
+    false
+}
+
 pub fn root_or_skip(why: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {

@@ -1,5 +1,6 @@
 //! `lan`: a 4 GiB `mixed` image agent → sink on loopback into a file target over QUIC and over
-//! gRPC (and a 1 GiB `random` one over each, the reference of `wan`'s CPU per GiB), against each transport's ceiling (bare quinn and bare tonic with the same settings),
+//! gRPC (and a 1 GiB `random` one over each, the reference of `wan`'s CPU per GiB), against
+//! each transport's ceiling (bare quinn and bare tonic with the same settings),
 //! against `nbdcopy` and `qemu-img convert` copying the same image from a `qemu-nbd` TCP export
 //! into a local file, against `nbdcopy` over NBD with TLS (the same security as ours), and
 //! against the floor (see `floor`): what reading, hashing, encrypting, moving and writing each
