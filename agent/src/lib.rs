@@ -3,6 +3,7 @@
 //! the epoch durable.
 
 pub mod adaptive;
+pub mod bench;
 pub mod changes;
 pub mod chunker;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod source;
+pub mod stages;
 pub mod streams;
 pub mod sync;
 pub mod verify;

@@ -70,6 +70,35 @@ enum Cmd {
         #[arg(long)]
         force_resume: bool,
     },
+    /// Measure a link and both sides' CPU with generated data (like iperf3): the sink verifies
+    /// every chunk and discards it (`null:` targets, where an --allow rule names them) or writes
+    /// it into the --target given; reports throughput, RTT, loss, CPU per stage and the bottleneck.
+    Bench {
+        /// TOML file with the same settings as the flags (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: AgentSettings,
+        /// Size of the generated disk; one epoch sends all of it (default 2GiB, or 1GiB per
+        /// epoch with --duration).
+        #[arg(long)]
+        size: Option<String>,
+        /// Repeat epochs until this long has passed (e.g. 30s).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Generated data: zero, text (compresses ~3:1), random or mixed.
+        #[arg(long, default_value = "mixed")]
+        profile: String,
+        /// Target on the sink: null:NAME (verified, discarded) or a real one, e.g. rbd:POOL/IMAGE.
+        #[arg(long, default_value = "null:bench")]
+        target: String,
+        /// Print one JSON object instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// Never show a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Compare source and target chunk by chunk (the sink hashes the target's data). Exit 0 iff equal.
     Verify {
         #[command(flatten)]
@@ -285,6 +314,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", blockship_agent::daemon::cutover::table(&reply));
             }
             Ok(if reply.post_cutover_failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Cmd::Bench { config, settings, size, duration, profile, target, json, no_progress } => {
+            let file = match &config {
+                Some(p) => AgentSettings::from_file(p)?,
+                None => AgentSettings::default(),
+            };
+            let cfg = settings.over(file).resolve()?;
+            let duration = duration
+                .map(|d| humantime::parse_duration(&d).map_err(|e| anyhow::anyhow!("--duration {d:?}: {e}")))
+                .transpose()?;
+            let default_size = if duration.is_some() { "1GiB" } else { "2GiB" };
+            let size = blockship_agent::config::parse_bytes(size.as_deref().unwrap_or(default_size))
+                .map_err(|e| anyhow::anyhow!("--size {e}"))?;
+            let req = blockship_agent::bench::BenchRequest {
+                profile: profile.parse().map_err(|e: String| anyhow::anyhow!("--profile: {e}"))?,
+                profile_name: profile,
+                size,
+                duration,
+                target,
+                progress: !no_progress && !json,
+            };
+            let report = runtime.block_on(blockship_agent::bench::bench(&cfg, &req))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.human());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify { common } => {
             let cfg = settings(&common)?;

@@ -17,6 +17,7 @@ use crate::adaptive::Adaptive;
 use crate::chunker::Work;
 use crate::failpoint::{self, Once};
 use crate::source::Source;
+use crate::stages;
 use crate::AgentError;
 
 /// Longest zero extent sent as one item (adjacent zero pieces are merged up to this).
@@ -78,9 +79,10 @@ thread_local! {
 }
 
 fn encode(compression: Compression, raw: Bytes, hash: Option<[u8; HASH_LEN]>) -> Result<Encoded, AgentError> {
+    // Hash first, on its own clock, so `bench` can tell hashing from compression.
+    let hash = hash.unwrap_or_else(|| stages::HASH.time(|| *blake3::hash(&raw).as_bytes()));
     if compression == Compression::None {
         // No zstd context needed (auto mode switches per chunk; keep the thread's encoder).
-        let hash = hash.unwrap_or_else(|| *blake3::hash(&raw).as_bytes());
         return Ok(Encoded { hash, codec: blockship_proto::pb::Codec::None, payload: raw });
     }
     ENCODER.with(|cell| {
@@ -90,11 +92,7 @@ fn encode(compression: Compression, raw: Bytes, hash: Option<[u8; HASH_LEN]>) ->
                 Some((compression, Encoder::new(compression).map_err(|e| AgentError::Codec(e.to_string()))?));
         }
         let (_, enc) = cell.as_mut().expect("encoder initialised above");
-        match hash {
-            Some(h) => enc.encode_hashed(raw, h),
-            None => enc.encode(raw),
-        }
-        .map_err(|e| AgentError::Codec(e.to_string()))
+        stages::COMPRESS.time(|| enc.encode_hashed(raw, hash)).map_err(|e| AgentError::Codec(e.to_string()))
     })
 }
 
@@ -126,7 +124,7 @@ fn decide(
     };
     match mode {
         Mode::Compare(_) => {
-            let digest = chunk_digest(&data);
+            let digest = stages::HASH.time(|| chunk_digest(&data));
             if entry(p.chunk) == Some(digest) {
                 Stats::add(&stats.bytes_equal, p.len);
                 return Ok(Decision::Skip);

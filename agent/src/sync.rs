@@ -17,6 +17,7 @@ use crate::source::group::GroupOrigin;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
 use blockship_proto::pb::ErrorCode;
+use blockship_transport::conn::PathStats;
 
 pub struct SyncRequest {
     pub source: String,
@@ -83,10 +84,12 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest) -> Result<SyncSummary, Agen
         }
     };
     origin.close().await;
-    let report = result?.members.into_iter().next();
+    let (cycle, path) = result?;
+    let report = cycle.members.into_iter().next();
     let report = report.ok_or_else(|| AgentError::Internal("a cycle without its disk".into()))?;
     let mut summary = SyncSummary::new(&req.target, report, started.elapsed().as_secs_f64());
     summary.checksum_retries = retries;
+    summary.path = path;
     Ok(summary)
 }
 
@@ -94,7 +97,7 @@ async fn run(
     cfg: &Resolved,
     req: &SyncRequest,
     origin: &GroupOrigin,
-) -> Result<cycle::CycleReport, AgentError> {
+) -> Result<(cycle::CycleReport, Option<PathStats>), AgentError> {
     let source = &origin.members()[0];
     check_changes(&req.changes, source)?;
     // A bad change list is refused before anything is sent.
@@ -114,8 +117,9 @@ async fn run(
     let cycle =
         cycle::run(&link, None, origin, &[member], &mut open, &cfg.transfer(), &parallel, &bars, how).await;
     drop(open);
+    let path = link.path();
     link.close().await;
-    cycle
+    Ok((cycle?, path))
 }
 
 /// `--changed-areas FILE` is `--changes cbt-file:FILE`.

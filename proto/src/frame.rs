@@ -258,6 +258,7 @@ mod tests {
                 durable_bytes: 123,
                 committed: true,
                 prepared: false,
+                usage: Some(SinkUsage { wall_ns: 9, cpu_ns: 8, cores: 2, ..Default::default() }),
             }),
             Body::IndexRequest(IndexRequest { disk: 1 }),
             Body::VerifyRequest(VerifyRequest { disk: 1 }),

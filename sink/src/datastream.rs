@@ -118,7 +118,7 @@ pub async fn data_stream<R: AsyncRead + Unpin>(recv: R, ctx: StreamCtx) -> Resul
                 let (payload, errors, disk) = (frame.payload, ctx.errors.clone(), disk.clone());
                 tokio::spawn(async move {
                     let verified = tokio::task::spawn_blocking(move || {
-                        let data = decode(&h, payload)?;
+                        let data = crate::usage::VERIFY.time(|| decode(&h, payload))?;
                         let mut hash = [0u8; HASH_LEN];
                         hash.copy_from_slice(&h.blake3);
                         Ok::<_, Refusal>(Item {

@@ -25,5 +25,6 @@ pub mod session;
 pub mod state;
 pub mod targets;
 pub mod undo;
+pub mod usage;
 pub mod watermark;
 pub mod writer;

@@ -24,6 +24,7 @@ pub async fn rollback(roots: &TargetRoots, state_root: Option<&Path>, target: &s
     let name = TargetName::parse(target)?;
     match &name {
         TargetName::Rbd(_) => rollback_rbd(roots, state_root, &name).await,
+        TargetName::Null(_) => bail!("{name} keeps no data (a bench target); there is nothing to roll back"),
         TargetName::File(rel) => {
             let root = roots.file_root.clone().context("a file target needs the sink's --file-root")?;
             let state_root = state_root
@@ -147,7 +148,7 @@ async fn rollback_rbd(roots: &TargetRoots, state_root: Option<&Path>, name: &Tar
 async fn member_state(roots: &TargetRoots, state_root: &Path, target: &str) -> Result<ReplicationState> {
     let name = TargetName::parse(target)?;
     match &name {
-        TargetName::File(_) => StateDir::for_target(state_root, target)?
+        TargetName::File(_) | TargetName::Null(_) => StateDir::for_target(state_root, target)?
             .load()?
             .with_context(|| format!("{name} has no replication state in this --state-dir")),
         TargetName::Rbd(spec) => {
@@ -170,7 +171,7 @@ async fn store_member_state(
 ) -> Result<()> {
     let name = TargetName::parse(target)?;
     match &name {
-        TargetName::File(_) => {
+        TargetName::File(_) | TargetName::Null(_) => {
             let dir = StateDir::for_target(state_root, target)?;
             let _lock = dir.lock(target)?;
             dir.store(state)?;

@@ -129,6 +129,8 @@ pub struct EpochWriter {
     liveness: Arc<Liveness>,
     /// The epoch's in-progress record is durable (done before the first write, see `apply`).
     recorded: bool,
+    /// The sink's CPU clocks at the epoch's begin, for the usage sent with its end.
+    started: crate::usage::Start,
 }
 
 impl EpochWriter {
@@ -154,6 +156,7 @@ impl EpochWriter {
             undo,
             liveness,
             recorded: false,
+            started: crate::usage::Start::now(),
         }
     }
 
@@ -374,6 +377,7 @@ impl EpochWriter {
             durable_bytes: self.durable_bytes,
             committed: ended == Some(Ended::Committed),
             prepared: ended == Some(Ended::Prepared),
+            usage: ended.is_some().then(|| self.started.usage()),
         };
         crash_point("sink::before-ack");
         self.liveness.touch();

@@ -110,6 +110,20 @@ pub trait Conn: Send + Sync {
     fn sent_bytes(&self) -> u64;
     /// Give a close a moment to reach the peer.
     fn wait_idle(&self) -> BoxFuture<'_, ()>;
+    /// Round-trip time and packet loss as the transport sees them (None where it cannot tell:
+    /// gRPC's TCP keeps them in the kernel, out of tonic's reach).
+    fn path(&self) -> Option<PathStats> {
+        None
+    }
+}
+
+/// What the transport knows of the network path.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PathStats {
+    /// Smoothed round-trip time, in milliseconds.
+    pub rtt_ms: f64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
 }
 
 /// A connection of either transport (cheap to clone).

@@ -5,6 +5,7 @@
 //! moves its frames.
 
 pub mod conn;
+pub mod cpu;
 pub mod framed;
 pub mod grpc;
 pub mod handshakes;

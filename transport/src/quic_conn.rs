@@ -133,6 +133,15 @@ impl Conn for QuicConn {
         self.conn.stats().udp_tx.bytes
     }
 
+    fn path(&self) -> Option<crate::conn::PathStats> {
+        let s = self.conn.stats();
+        Some(crate::conn::PathStats {
+            rtt_ms: s.path.rtt.as_secs_f64() * 1e3,
+            sent_packets: s.path.sent_packets,
+            lost_packets: s.path.lost_packets,
+        })
+    }
+
     fn wait_idle(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Some(e) = &self.endpoint {

@@ -57,6 +57,9 @@ pub struct EpochReport {
     pub seconds: f64,
     /// Identity of the frozen view that was read.
     pub view: String,
+    /// The sink's CPU over the epoch, as it reported with its acknowledgement.
+    #[serde(skip)]
+    pub sink_usage: Option<pb::SinkUsage>,
 }
 
 /// What this epoch sends.
@@ -302,5 +305,6 @@ pub async fn run(
         zero_extents: g(&stats.zero_extents),
         seconds: started.elapsed().as_secs_f64(),
         view: point.view.clone(),
+        sink_usage: ack.usage,
     })
 }

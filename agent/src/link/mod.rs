@@ -260,6 +260,11 @@ impl Link {
         &self.inner.sink
     }
 
+    /// Round-trip time and loss as the transport sees them (QUIC only).
+    pub fn path(&self) -> Option<blockship_transport::conn::PathStats> {
+        self.inner.conn.path()
+    }
+
     pub fn hello(&self) -> &HelloReply {
         &self.inner.hello
     }

@@ -11,6 +11,7 @@ pub mod group;
 pub mod nbd;
 pub mod qemu;
 pub mod rbd;
+pub mod synthetic;
 pub mod uring;
 pub mod vmware;
 
@@ -43,6 +44,8 @@ pub enum Source {
     File(file::FileSource),
     Nbd(Arc<nbd::NbdSource>),
     Rbd(rbd::RbdView),
+    /// Generated data (`synthetic:PROFILE:SIZE`, for `bench`).
+    Synthetic(synthetic::SyntheticSource),
     /// A point in time at which nothing changed since the last committed one (of this size):
     /// its epoch sends nothing, so it is never read.
     Unchanged(u64),
@@ -54,6 +57,7 @@ impl Source {
             Source::File(f) => f.size(),
             Source::Nbd(n) => n.size(),
             Source::Rbd(r) => r.size(),
+            Source::Synthetic(s) => s.size(),
             Source::Unchanged(size) => *size,
         }
     }
@@ -63,6 +67,7 @@ impl Source {
             Source::File(f) => f.read(offset, len).await?,
             Source::Nbd(n) => n.read(offset, len).await?,
             Source::Rbd(r) => r.read(offset, len).await?,
+            Source::Synthetic(s) => s.read(offset, len).await?,
             Source::Unchanged(_) => return Err(SourceError::NothingToRead),
         })
     }
@@ -73,6 +78,7 @@ impl Source {
             Source::File(f) => f.allocated().await?,
             Source::Nbd(n) => n.allocated().await?,
             Source::Rbd(r) => r.allocated().await?,
+            Source::Synthetic(s) => s.allocated(),
             Source::Unchanged(_) => return Err(SourceError::NothingToRead),
         })
     }
@@ -83,6 +89,7 @@ impl Source {
             Source::File(f) => f.reader(),
             Source::Nbd(_) => "nbd",
             Source::Rbd(_) => "librbd",
+            Source::Synthetic(_) => "generated",
             Source::Unchanged(_) => "none",
         }
     }
@@ -178,6 +185,10 @@ impl Origin {
                 .await?,
             ));
         }
+        if let Some(rest) = spec.strip_prefix("synthetic:") {
+            let s = synthetic::SyntheticSource::parse(rest)?;
+            return Ok(Origin::Plain { spec: spec.into(), source: Arc::new(Source::Synthetic(s)) });
+        }
         if spec == "vmware" || spec.starts_with("vmware://") {
             let v = opts.vmware.clone().ok_or_else(|| {
                 vmware::VmwareError::Config("a vmware source needs --vcenter, --vm and credentials".into())
@@ -204,7 +215,7 @@ impl Origin {
             Origin::Plain { source, spec } => match source.as_ref() {
                 Source::File(f) => f.disk_id(),
                 Source::Nbd(n) => n.disk_id(),
-                Source::Rbd(_) | Source::Unchanged(_) => spec.clone(),
+                Source::Rbd(_) | Source::Synthetic(_) | Source::Unchanged(_) => spec.clone(),
             },
             Origin::Rbd(r) => r.disk_id(),
             Origin::Vmware(v, i) => v.disk_id(*i),
@@ -223,6 +234,7 @@ impl Origin {
                     // that started at the freeze names it.
                     Source::Nbd(_) => f.declared_point.map(|p| format!("{spec}@{p}")).unwrap_or_default(),
                     Source::Rbd(r) => r.id.clone(),
+                    Source::Synthetic(s) => s.view_id(),
                     Source::Unchanged(_) => String::new(),
                 };
                 PointInTime { source: source.clone(), change_point: None, hold: Hold::Nothing, view }

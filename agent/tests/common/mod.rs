@@ -88,7 +88,24 @@ impl Lab {
 
     /// `sink_on` with extra environment (e.g. `FAILPOINTS`).
     pub fn sink_with(&self, listen: &str, allow: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Sink {
-        let mut cmd = Command::new(bin("blockship-sink"));
+        self.start_sink(Command::new(bin("blockship-sink")), listen, allow, extra, env)
+    }
+
+    /// A sink run inside network namespace `ns` (root), listening on `listen` there.
+    pub fn sink_inside(&self, ns: &str, listen: &str, allow: &[&str]) -> Sink {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(bin("blockship-sink"));
+        self.start_sink(cmd, listen, allow, &[], &[])
+    }
+
+    fn start_sink(
+        &self,
+        mut cmd: Command,
+        listen: &str,
+        allow: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sink {
         cmd.envs(env.iter().copied());
         cmd.args(["serve", "--listen", listen, "--pki"])
             .arg(self.pki())

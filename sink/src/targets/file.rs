@@ -18,6 +18,7 @@ use rustix::io::Errno;
 
 use super::direct;
 use super::{Access, Opened, TargetError, TargetName};
+use crate::usage::WRITE;
 
 /// The O_DIRECT descriptor and what it needs.
 struct Direct {
@@ -179,10 +180,10 @@ impl FileTarget {
             .as_ref()
             .filter(|d| direct::aligned(offset, data.len()) && d.usable.load(Ordering::Relaxed));
         let Some(d) = direct else {
-            return self.blocking("write", move |f| f.write_all_at(&data, offset)).await;
+            return self.blocking("write", move |f| WRITE.time(|| f.write_all_at(&data, offset))).await;
         };
         let (dfile, usable) = (d.file.clone(), d.usable.clone());
-        self.blocking("write", move |f| match direct::write_at(&dfile, &data, offset) {
+        self.blocking("write", move |f| match WRITE.time(|| direct::write_at(&dfile, &data, offset)) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Stricter alignment than ours (or no direct I/O after all): stay buffered.
                 tracing::info!("direct I/O refused ({e}); writing through the page cache");

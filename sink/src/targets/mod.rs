@@ -1,9 +1,11 @@
-//! Targets: where replicated disks land. A target name (`file:REL/NAME`, `rbd:POOL/IMAGE`) is
+//! Targets: where replicated disks land. A target name (`file:REL/NAME`, `rbd:POOL/IMAGE`,
+//! `null:NAME` for link benchmarks) is
 //! parsed and checked here; the `Target` enum dispatches positioned writes, zeroing, reads,
 //! flushes, replication state and per-epoch snapshots to the backend.
 
 pub mod direct;
 pub mod file;
+pub mod null;
 pub mod ownership;
 pub mod rbd;
 
@@ -58,6 +60,8 @@ pub enum TargetName {
     File(PathBuf),
     /// A Ceph RBD image.
     Rbd(rbd::RbdSpec),
+    /// Verified and discarded (`blockship-agent bench`).
+    Null(String),
 }
 
 impl TargetName {
@@ -106,7 +110,14 @@ impl TargetName {
                 Ok(TargetName::File(clean))
             }
             "rbd" => Ok(TargetName::Rbd(rbd::RbdSpec::parse(rest).map_err(|r| bad(&r.to_string()))?)),
-            other => Err(bad(&format!("unknown target type {other:?} (supported: file, rbd)"))),
+            "null" => {
+                // `null:` alone is fine; a name lets several benches run at once.
+                if !rest.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    return Err(bad("a null target's name is letters, digits, '-', '_' and '.'"));
+                }
+                Ok(TargetName::Null(rest.to_string()))
+            }
+            other => Err(bad(&format!("unknown target type {other:?} (supported: file, rbd, null)"))),
         }
     }
 
@@ -115,6 +126,7 @@ impl TargetName {
         match self {
             TargetName::File(_) => "file",
             TargetName::Rbd(_) => "rbd",
+            TargetName::Null(_) => "null",
         }
     }
 }
@@ -124,6 +136,7 @@ impl fmt::Display for TargetName {
         match self {
             TargetName::File(p) => write!(f, "file:{}", p.display()),
             TargetName::Rbd(spec) => write!(f, "rbd:{spec}"),
+            TargetName::Null(n) => write!(f, "null:{n}"),
         }
     }
 }
@@ -139,6 +152,7 @@ pub struct TargetRoots {
 pub enum Target {
     File(file::FileTarget),
     Rbd(rbd::RbdTarget),
+    Null(null::NullTarget),
 }
 
 /// How a target is opened.
@@ -192,6 +206,10 @@ impl Target {
                 let (t, opened) = rbd::RbdTarget::open(ceph, spec, name, size, access).await?;
                 Ok((Target::Rbd(t), opened))
             }
+            TargetName::Null(_) => {
+                let (t, opened) = null::NullTarget::open(name, size, access)?;
+                Ok((Target::Null(t), opened))
+            }
         }
     }
 
@@ -199,6 +217,7 @@ impl Target {
         match self {
             Target::File(t) => t.size(),
             Target::Rbd(t) => t.size(),
+            Target::Null(t) => t.size(),
         }
     }
 
@@ -207,6 +226,7 @@ impl Target {
         match self {
             Target::File(t) => t.write(offset, data).await,
             Target::Rbd(t) => t.write(offset, data).await,
+            Target::Null(_) => Ok(()),
         }
     }
 
@@ -215,6 +235,7 @@ impl Target {
         match self {
             Target::File(t) => t.write_zeroes(offset, len).await,
             Target::Rbd(t) => t.write_zeroes(offset, len).await,
+            Target::Null(_) => Ok(()),
         }
     }
 
@@ -222,6 +243,7 @@ impl Target {
         match self {
             Target::File(t) => t.read(offset, len).await,
             Target::Rbd(t) => t.read(offset, len).await,
+            Target::Null(t) => Ok(t.read(len)),
         }
     }
 
@@ -230,6 +252,7 @@ impl Target {
         match self {
             Target::File(t) => t.flush().await,
             Target::Rbd(t) => t.flush().await,
+            Target::Null(_) => Ok(()),
         }
     }
 
@@ -244,13 +267,14 @@ impl Target {
         match self {
             Target::File(t) => t.allocated().await,
             Target::Rbd(t) => t.allocated().await,
+            Target::Null(_) => Ok(Vec::new()),
         }
     }
 
     /// The replication state kept with the data (RBD: image metadata; files: the state dir).
     pub async fn load_state(&self, dir: &StateDir) -> Result<Option<ReplicationState>, TargetError> {
         match self {
-            Target::File(_) => {
+            Target::File(_) | Target::Null(_) => {
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || d.load())
                     .await
@@ -268,7 +292,7 @@ impl Target {
     /// Persist the replication state durably.
     pub async fn store_state(&self, dir: &StateDir, state: &ReplicationState) -> Result<(), TargetError> {
         match self {
-            Target::File(_) => {
+            Target::File(_) | Target::Null(_) => {
                 let (d, s) = (dir.clone(), state.clone());
                 tokio::task::spawn_blocking(move || d.store(&s))
                     .await
@@ -300,7 +324,7 @@ impl Target {
     /// was recorded). Files: nothing (their undo journal holds the previous point in time).
     pub async fn mark_epoch(&self, epoch: u64) -> Result<(), TargetError> {
         match self {
-            Target::File(_) => Ok(()),
+            Target::File(_) | Target::Null(_) => Ok(()),
             Target::Rbd(t) => t.snapshot_epoch(epoch).await,
         }
     }
@@ -309,7 +333,7 @@ impl Target {
     /// committed head, replacing an older one). Files: nothing (the state records the epoch).
     pub async fn mark_final(&self) -> Result<(), TargetError> {
         match self {
-            Target::File(_) => Ok(()),
+            Target::File(_) | Target::Null(_) => Ok(()),
             Target::Rbd(t) => t.snapshot_final().await,
         }
     }
@@ -318,7 +342,7 @@ impl Target {
     /// `RbdTarget::adopt`). Files cannot: they keep no source snapshots.
     pub async fn adopt(&self, name: &str, epoch: u64) -> Result<(), TargetError> {
         match self {
-            Target::File(_) => Err(TargetError::BadName {
+            Target::File(_) | Target::Null(_) => Err(TargetError::BadName {
                 name: name.to_string(),
                 reason: "failback needs an RBD image with its blockship-src-<N> snapshot".into(),
             }),
@@ -330,7 +354,7 @@ impl Target {
     /// all but the newest N epoch snapshots up to `committed`).
     pub async fn release_older(&self, committed: u64) -> Result<(), TargetError> {
         match self {
-            Target::File(_) => Ok(()),
+            Target::File(_) | Target::Null(_) => Ok(()),
             Target::Rbd(t) => t.prune(committed).await,
         }
     }
