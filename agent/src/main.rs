@@ -239,6 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 progress: !no_progress && !common.json,
                 source_opts: cfg.source_options(&common.source)?,
                 force_resume,
+                bench: false,
             };
             let summary = runtime.block_on(sync(&cfg, &req))?;
             if common.json {

@@ -31,6 +31,8 @@ pub struct SyncRequest {
     pub source_opts: SourceOptions,
     /// Replicate into a target that was cut over (`--force-resume`).
     pub force_resume: bool,
+    /// A benchmark (see `cycle::Opening::bench`).
+    pub bench: bool,
 }
 
 fn usage(msg: impl Into<String>) -> AgentError {
@@ -113,7 +115,7 @@ async fn run(
     let mut open = [None];
     let bars = Bars::new(req.progress);
     let parallel = Arc::new(tokio::sync::Semaphore::new(1));
-    let how = cycle::Opening { force_resume: req.force_resume, ..Default::default() };
+    let how = cycle::Opening { force_resume: req.force_resume, bench: req.bench, ..Default::default() };
     let cycle =
         cycle::run(&link, None, origin, &[member], &mut open, &cfg.transfer(), &parallel, &bars, how).await;
     drop(open);

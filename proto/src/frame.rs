@@ -211,6 +211,7 @@ mod tests {
                 force_resume: true,
                 cutover: true,
                 failback_epoch: 41,
+                bench: true,
             }),
             Body::DiskOpened(DiskOpened {
                 disk: 1,
@@ -238,6 +239,7 @@ mod tests {
                 resume_offset: 4096,
                 view: "rbd:p/i@blockship-src-5#12".into(),
                 group: "vm42".into(),
+                measure: true,
             }),
             Body::Progress(Progress { disk: 1, bytes_done: 5 << 30 }),
             Body::CloseDisk(CloseDisk { disk: 3 }),

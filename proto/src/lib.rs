@@ -20,6 +20,9 @@ pub use pb::frame::Body;
 
 /// Length of a BLAKE3 digest on the wire.
 pub const HASH_LEN: usize = 32;
+
+/// Disk id prefix of the generated disks `blockship-agent bench` replicates (see `OpenDisk.bench`).
+pub const BENCH_DISK_ID: &str = "blockship-bench:";
 /// In a target's hash index, this value marks a chunk known to be all zeros.
 pub const ZERO_HASH: [u8; HASH_LEN] = [0; HASH_LEN];
 

@@ -210,6 +210,9 @@ pub async fn open(
         _ if req.failback_epoch > 0 => Access::Existing,
         _ => Access::Create,
     };
+    if req.bench {
+        bench_may_write(&name, &ctx.roots, &state_dir, req.size).await?;
+    }
     let (target, opened) = match Target::open(&name, &ctx.roots, req.size, access).await {
         Err(TargetError::NotFound { name }) if mode == SyncMode::Incremental => {
             return Err(Refusal::new(
@@ -267,6 +270,37 @@ pub async fn open(
         _lock: lock,
     };
     Ok((Arc::new(disk), reply))
+}
+
+/// A bench writes generated data only where no replica lives: a null target, a new one, or one
+/// an earlier bench wrote. Checked before the target is opened for writing (which may grow it).
+async fn bench_may_write(
+    name: &TargetName,
+    roots: &crate::targets::TargetRoots,
+    state_dir: &StateDir,
+    size: u64,
+) -> Result<(), Refusal> {
+    if matches!(name, TargetName::Null(_)) {
+        return Ok(());
+    }
+    let target = match Target::open(name, roots, size, Access::ReadOnly).await {
+        Err(TargetError::NotFound { .. }) => return Ok(()),
+        r => r?.0,
+    };
+    let state = target.load_state(state_dir).await?;
+    match state {
+        Some(s) if s.source_disk_id.starts_with(blockship_proto::BENCH_DISK_ID) => Ok(()),
+        other => Err(Refusal::new(
+            ErrorCode::BadTarget,
+            format!(
+                "{name} {}: a bench writes only into null: targets, new targets or earlier benches' targets; name another --target",
+                match other {
+                    Some(s) => format!("holds the replica of {:?} (epoch {})", s.source_disk_id, s.committed_epoch),
+                    None => "exists and holds data Blockship did not write".to_string(),
+                }
+            ),
+        )),
+    }
 }
 
 /// What an agent asked to open, and by whom.

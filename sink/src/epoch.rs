@@ -116,7 +116,8 @@ pub async fn begin(
         undo,
         liveness.clone(),
     )
-    .recorded(durable_now);
+    .recorded(durable_now)
+    .measured(req.measure);
     let d = disk.clone();
     tokio::spawn(async move {
         let mut rx = rx;

@@ -24,7 +24,8 @@ pub async fn rollback(roots: &TargetRoots, state_root: Option<&Path>, target: &s
     let name = TargetName::parse(target)?;
     match &name {
         TargetName::Rbd(_) => rollback_rbd(roots, state_root, &name).await,
-        TargetName::Null(_) => bail!("{name} keeps no data (a bench target); there is nothing to roll back"),
+        // Nothing to return to: a group with a null member still rolls back its other members.
+        TargetName::Null(_) => Ok(format!("{name}: keeps no data (a bench target); nothing to roll back")),
         TargetName::File(rel) => {
             let root = roots.file_root.clone().context("a file target needs the sink's --file-root")?;
             let state_root = state_root

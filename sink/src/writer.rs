@@ -129,8 +129,9 @@ pub struct EpochWriter {
     liveness: Arc<Liveness>,
     /// The epoch's in-progress record is durable (done before the first write, see `apply`).
     recorded: bool,
-    /// The sink's CPU clocks at the epoch's begin, for the usage sent with its end.
-    started: crate::usage::Start,
+    /// The sink's CPU clocks at the epoch's begin, for the usage sent with its end (only when
+    /// the agent asked: `bench`).
+    started: Option<crate::usage::Start>,
 }
 
 impl EpochWriter {
@@ -156,13 +157,19 @@ impl EpochWriter {
             undo,
             liveness,
             recorded: false,
-            started: crate::usage::Start::now(),
+            started: None,
         }
     }
 
     /// Whether the epoch's in-progress record is durable already (else the first write makes it).
     pub fn recorded(mut self, durable: bool) -> Self {
         self.recorded = durable;
+        self
+    }
+
+    /// Measure the sink's CPU from now to the epoch's end (`EpochBegin.measure`).
+    pub fn measured(mut self, measure: bool) -> Self {
+        self.started = measure.then(crate::usage::Start::now);
         self
     }
 
@@ -377,7 +384,7 @@ impl EpochWriter {
             durable_bytes: self.durable_bytes,
             committed: ended == Some(Ended::Committed),
             prepared: ended == Some(Ended::Prepared),
-            usage: ended.is_some().then(|| self.started.usage()),
+            usage: self.started.as_ref().filter(|_| ended.is_some()).map(|s| s.usage()),
         };
         crash_point("sink::before-ack");
         self.liveness.touch();

@@ -132,7 +132,7 @@ impl Load {
     pub fn saturated(&self) -> Option<String> {
         let wall = self.wall_ns.max(1) as f64;
         let busiest = self.busiest_ns as f64 / wall;
-        let wanted = (self.cpu_ns + self.wait_ns) as f64 / wall;
+        let wanted = self.cpu_ns.saturating_add(self.wait_ns) as f64 / wall;
         if wanted >= SATURATED * self.cores.max(1) as f64 {
             return Some(format!(
                 "{:.2} of {} usable cores used, threads waiting for a core {:.0} % of the time",

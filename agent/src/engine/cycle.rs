@@ -50,6 +50,9 @@ pub struct Opening {
     /// Failback: the targets are the original images of a failover, replicated into again
     /// from the last epoch both sides share (RBD sources: their newest `blockship-<N>`).
     pub failback: bool,
+    /// `bench`: the sink measures its CPU per epoch, and refuses a target holding a replica
+    /// (see `OpenDisk.bench`).
+    pub bench: bool,
 }
 
 /// What a cycle did.
@@ -109,6 +112,7 @@ async fn open_member(
             force_resume: how.force_resume,
             cutover: how.cutover,
             failback_epoch,
+            bench: how.bench,
         })
         .await?;
     if !blockship_proto::valid_chunk_size(opened.chunk_size) {
@@ -243,6 +247,7 @@ async fn cycle(
                 declared_point: spec.change_point.as_deref(),
                 file_extents: spec.file_extents.as_deref(),
                 group,
+                measure: how.bench,
             };
             epoch::run(&m.disk, &m.opened, source, point, req, transfer, observer).await
         }

@@ -32,6 +32,8 @@ pub struct EpochRequest<'a> {
     pub file_extents: Option<&'a [Extent]>,
     /// The group the epoch belongs to: then it ends prepared, not committed.
     pub group: Option<&'a str>,
+    /// Ask the sink for its CPU over the epoch (`bench`).
+    pub measure: bool,
 }
 
 /// What an epoch did.
@@ -210,6 +212,7 @@ pub async fn run(
         resume_offset: resumed_from,
         view: point.view.clone(),
         group: req.group.unwrap_or_default().to_string(),
+        measure: req.measure,
     })
     .await?;
     tracing::info!(target = req.target, epoch, mode = ?sync_mode, planned, resumed_from, "epoch begun");

@@ -120,9 +120,9 @@ fn kind_at(profile: Profile, pos: u64) -> Profile {
 
 /// The bytes of `profile` at `[pos, pos + out.len())`.
 pub fn generate(profile: Profile, pos: u64, out: &mut [u8]) {
-    let (mut at, end) = (pos, pos + out.len() as u64);
+    let (mut at, end) = (pos, pos.saturating_add(out.len() as u64));
     while at < end {
-        let stop = end.min((at / BLOCK + 1) * BLOCK);
+        let stop = end.min((at | (BLOCK - 1)).saturating_add(1));
         let dst = &mut out[(at - pos) as usize..(stop - pos) as usize];
         dst.copy_from_slice(block_slice(profile, at, dst.len()));
         at = stop;

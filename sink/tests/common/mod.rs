@@ -239,6 +239,7 @@ impl Fake {
             resume_offset,
             view: view.into(),
             group: String::new(),
+            measure: false,
         };
         self.w.send(&Body::EpochBegin(req)).await?;
         match self.r.next_body("EpochStarted").await? {
