@@ -137,7 +137,7 @@ pub struct CpuMeter {
 
 impl Default for CpuMeter {
     fn default() -> Self {
-        CpuMeter { cpus: allowed_cpus(), last: None }
+        CpuMeter { cpus: blockship_transport::cpu::allowed_cpus(), last: None }
     }
 }
 
@@ -149,19 +149,6 @@ impl CpuMeter {
         let (idle, total) = (now.0.saturating_sub(prev.0), now.1.saturating_sub(prev.1));
         (total > 0).then(|| idle as f64 / total as f64)
     }
-}
-
-/// The CPUs this process may run on (None if the kernel does not say).
-fn allowed_cpus() -> Option<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data, zero is a valid (empty) set; the kernel fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        return None;
-    }
-    // SAFETY: CPU_ISSET reads the set filled above, for indexes below CPU_SETSIZE.
-    let cpus: Vec<usize> =
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
-    (!cpus.is_empty()).then_some(cpus)
 }
 
 /// (idle + iowait, total) jiffies of /proc/stat: the aggregate `cpu` line, or with `cpus` the sum

@@ -83,14 +83,8 @@ pub fn pin(cmd: &mut Command, cpu: usize) -> &mut Command {
 /// The first two CPUs this process may run on (None with fewer): where the pinned rows put
 /// their two sides.
 pub fn two_cpus() -> Option<(usize, usize)> {
-    // SAFETY: cpu_set_t is plain data, zero is a valid (empty) set; the kernel fills it and
-    // CPU_ISSET reads it for indexes below CPU_SETSIZE.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-        return None;
-    }
-    let mut cpus = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
-    Some((cpus.next()?, cpus.next()?))
+    let cpus = blockship_transport::cpu::allowed_cpus()?;
+    Some((*cpus.first()?, *cpus.get(1)?))
 }
 
 /// Output and usage of a one-shot command.
