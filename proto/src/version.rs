@@ -11,11 +11,15 @@ pub const MAX_VERSION: u32 = 4;
 pub const CUTOVER_VERSION: u32 = 4;
 
 /// Capabilities this build understands; unknown ones offered by a peer are ignored.
-pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS];
+pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS, CAP_BENCH];
 /// Chunks may be zstd-compressed.
 pub const CAP_ZSTD: &str = "zstd";
 /// Zero extents are written as zeroes (holes or explicit zeros), never skipped.
 pub const CAP_ZERO_EXTENTS: &str = "zero-extents";
+/// The sink honours `OpenDisk.bench` (refuses a replica), `EpochBegin.measure` (sends
+/// `Ack.usage`) and `null:` targets. A sink without it would ignore those fields and let a
+/// bench overwrite a replica, so `blockship-agent bench` refuses to run against it.
+pub const CAP_BENCH: &str = "bench";
 
 /// Why a `Hello` cannot be answered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,6 +98,11 @@ mod tests {
         h.capabilities.push("teleport".into());
         let reply = negotiate(&h, "sink", "x", 30_000).unwrap();
         assert!(reply.capabilities.iter().any(|c| c == CAP_ZSTD));
+        assert!(reply.capabilities.iter().any(|c| c == CAP_BENCH));
         assert!(!reply.capabilities.iter().any(|c| c == "teleport"));
+        // A peer that does not offer it (an older agent or sink) does not get it.
+        h.capabilities.retain(|c| c != CAP_BENCH);
+        let reply = negotiate(&h, "sink", "x", 30_000).unwrap();
+        assert!(!reply.capabilities.iter().any(|c| c == CAP_BENCH));
     }
 }

@@ -82,6 +82,14 @@ async fn open_member(
     transfer: &Transfer,
     how: Opening,
 ) -> Result<OpenMember, AgentError> {
+    if how.bench && !link.hello().capabilities.iter().any(|c| c == blockship_proto::version::CAP_BENCH) {
+        // An older sink would ignore OpenDisk.bench and overwrite whatever the target holds.
+        return Err(AgentError::Usage(format!(
+            "sink {} ({}) does not support bench: upgrade it to this version",
+            link.sink(),
+            link.hello().software
+        )));
+    }
     let source = &origin.members()[i];
     let size = source.size();
     let mode = if m.changes.needs_existing_target() { SyncMode::Incremental } else { SyncMode::Compare };
