@@ -83,6 +83,8 @@ pub struct Bottleneck {
 pub struct BenchReport {
     pub sink: String,
     pub transport: String,
+    /// Connections the data crossed on (`--connections`).
+    pub connections: usize,
     pub target: String,
     pub profile: String,
     pub epochs: u32,
@@ -180,9 +182,11 @@ pub async fn bench(cfg: &Resolved, req: &BenchRequest) -> Result<BenchReport, Ag
     let mut sink = SinkUsage::default();
     let mut sink_seen = false;
     let (mut rtt_ms, mut sent_packets, mut lost_packets) = (None, 0u64, 0u64);
+    let mut connections;
     loop {
         let s = sync(cfg, &sync_req).await?;
         epochs += 1;
+        connections = s.connections;
         bytes += s.epoch.bytes_scanned;
         wire += s.epoch.bytes_sent;
         if let Some(u) = &s.epoch.sink_usage {
@@ -222,6 +226,7 @@ pub async fn bench(cfg: &Resolved, req: &BenchRequest) -> Result<BenchReport, Ag
     Ok(BenchReport {
         sink: cfg.link().sink.clone(),
         transport: cfg.link().transport.to_string(),
+        connections,
         target: req.target.clone(),
         profile: req.profile_name.clone(),
         epochs,
@@ -254,9 +259,10 @@ impl BenchReport {
             )
         };
         let mut out = format!(
-            "{} → {} over {} ({} data, {} epoch(s)): {:.1} MB/s, {:.1} MB/s on the wire, {:.1} s\n",
+            "{} → {} over {} × {} ({} data, {} epoch(s)): {:.1} MB/s, {:.1} MB/s on the wire, {:.1} s\n",
             self.profile,
             self.target,
+            self.connections,
             self.transport,
             indicatif::BinaryBytes(self.bytes),
             self.epochs,

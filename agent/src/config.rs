@@ -50,6 +50,11 @@ pub struct AgentSettings {
     /// Parallel data streams (default 4; over grpc at most the sink's limit, 8).
     #[arg(long)]
     pub streams: Option<usize>,
+    /// Connections to spread the data streams over: auto (one per two cores, at most 8) or
+    /// 1..=16. One connection moves data on about one core per side; more need a sink that
+    /// offers joined connections (else one is used).
+    #[arg(long)]
+    pub connections: Option<crate::link::Connections>,
     /// auto (zstd where it saves >= 1/8), zstd, or none (default auto).
     #[arg(long)]
     pub compression: Option<String>,
@@ -123,6 +128,8 @@ pub struct Resolved {
     pub transport: blockship_transport::Transport,
     pub chunk_size: u32,
     pub streams: usize,
+    /// Connections per link (`auto` resolved for this host).
+    pub connections: usize,
     pub compression: Compression,
     pub bwlimit: Option<u64>,
     pub depth: usize,
@@ -157,6 +164,7 @@ impl AgentSettings {
             transport: self.transport.or(file.transport),
             chunk_size: self.chunk_size.or(file.chunk_size),
             streams: self.streams.or(file.streams),
+            connections: self.connections.or(file.connections),
             compression: self.compression.or(file.compression),
             zstd_level: self.zstd_level.or(file.zstd_level),
             bwlimit: self.bwlimit.or(file.bwlimit),
@@ -246,6 +254,7 @@ impl AgentSettings {
             server_name: self.server_name,
             chunk_size,
             streams,
+            connections: self.connections.unwrap_or_default().count(cpus),
             compression,
             bwlimit,
             depth,
@@ -266,6 +275,7 @@ impl Resolved {
             tuning: self.tuning.clone(),
             transport: self.transport,
             streams: self.streams,
+            connections: self.connections,
             pacer: self.bwlimit.map(|b| Pacer::new(Schedule::constant(Some(b)))),
             adaptive: matches!(self.compression, Compression::Auto { .. }),
             hold: false,

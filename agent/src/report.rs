@@ -14,6 +14,8 @@ pub struct SyncSummary {
     pub mb_per_s: f64,
     /// Attempts the sink refused because a chunk failed its checksum (each retried).
     pub checksum_retries: u32,
+    /// Connections the data crossed on (`--connections`; 1 if the sink cannot take more).
+    pub connections: usize,
     /// The network path as the transport saw it at the end (QUIC only).
     #[serde(skip)]
     pub path: Option<blockship_transport::conn::PathStats>,
@@ -24,7 +26,14 @@ impl SyncSummary {
     pub fn new(target: &str, mut epoch: EpochReport, seconds: f64) -> Self {
         epoch.seconds = seconds;
         let mb_per_s = epoch.bytes_scanned as f64 / seconds.max(1e-9) / 1e6;
-        SyncSummary { target: target.to_string(), epoch, mb_per_s, checksum_retries: 0, path: None }
+        SyncSummary {
+            target: target.to_string(),
+            epoch,
+            mb_per_s,
+            checksum_retries: 0,
+            connections: 1,
+            path: None,
+        }
     }
 }
 

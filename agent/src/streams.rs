@@ -23,8 +23,9 @@ pub struct Streams {
 
 impl Streams {
     /// Start the streams; `queued` counts the payload bytes handed to QUIC.
+    /// Stream `i` runs on connection `i % conns.len()` (the first is the session's own).
     pub async fn start(
-        conn: &Connection,
+        conns: &[Connection],
         n: usize,
         rx: async_channel::Receiver<Out>,
         pacer: Option<Arc<Pacer>>,
@@ -32,9 +33,10 @@ impl Streams {
     ) -> Result<Self, AgentError> {
         let (done, _) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::with_capacity(n);
-        let mut first = Some(conn.open_uni().await.map_err(transport)?);
-        for _ in 0..n.max(1) {
-            let (rx, pacer, conn, queued) = (rx.clone(), pacer.clone(), conn.clone(), queued.clone());
+        let conn_of = |i: usize| conns[i % conns.len()].clone();
+        let mut first = Some(conn_of(0).open_uni().await.map_err(transport)?);
+        for i in 0..n.max(1) {
+            let (rx, pacer, conn, queued) = (rx.clone(), pacer.clone(), conn_of(i), queued.clone());
             let mut finished = done.subscribe();
             let first = first.take();
             tasks.push(tokio::spawn(async move {

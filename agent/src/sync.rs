@@ -86,12 +86,13 @@ pub async fn sync(cfg: &Resolved, req: &SyncRequest) -> Result<SyncSummary, Agen
         }
     };
     origin.close().await;
-    let (cycle, path) = result?;
+    let (cycle, path, connections) = result?;
     let report = cycle.members.into_iter().next();
     let report = report.ok_or_else(|| AgentError::Internal("a cycle without its disk".into()))?;
     let mut summary = SyncSummary::new(&req.target, report, started.elapsed().as_secs_f64());
     summary.checksum_retries = retries;
     summary.path = path;
+    summary.connections = connections;
     Ok(summary)
 }
 
@@ -99,7 +100,7 @@ async fn run(
     cfg: &Resolved,
     req: &SyncRequest,
     origin: &GroupOrigin,
-) -> Result<(cycle::CycleReport, Option<PathStats>), AgentError> {
+) -> Result<(cycle::CycleReport, Option<PathStats>, usize), AgentError> {
     let source = &origin.members()[0];
     check_changes(&req.changes, source)?;
     // A bad change list is refused before anything is sent.
@@ -119,9 +120,9 @@ async fn run(
     let cycle =
         cycle::run(&link, None, origin, &[member], &mut open, &cfg.transfer(), &parallel, &bars, how).await;
     drop(open);
-    let path = link.path();
+    let (path, connections) = (link.path(), link.connections());
     link.close().await;
-    Ok((cycle?, path))
+    Ok((cycle?, path, connections))
 }
 
 /// `--changed-areas FILE` is `--changes cbt-file:FILE`.

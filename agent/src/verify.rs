@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
-use crate::link::Link;
+use crate::link::{Link, LinkConfig};
 use crate::report::VerifySummary;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
@@ -39,7 +39,8 @@ async fn compare(
     started: Instant,
 ) -> Result<VerifySummary, AgentError> {
     let size = origin.size();
-    let link = Link::connect(&cfg.link()).await?;
+    // Verification moves digests on the control stream only: one connection.
+    let link = Link::connect(&LinkConfig { connections: 1, ..cfg.link() }).await?;
     let (disk, opened) = link
         .open_disk(OpenDisk {
             disk: 0,

@@ -78,8 +78,10 @@ fn both_daemons_serve_every_documented_metric_and_only_admins_reach_the_control_
         sources[0].display(),
         sources[1].display()
     );
-    let daemon =
-        Daemon::start(&lab, &sink, "esx01", &format!("metrics_listen = \"{agent_metrics}\""), &group, &[]);
+    // Two connections (the config key of `--connections`): the group's data also crosses on a
+    // connection that joined the session.
+    let metrics_listen = format!("metrics_listen = \"{agent_metrics}\"");
+    let daemon = Daemon::start_with(&lab, &sink, "esx01", "connections = 2", &metrics_listen, &group, &[]);
     daemon.wait_epoch("vm", 2, Duration::from_secs(60));
     // Data turned to zeroes travels as zero extents (a new target's zeroes are never sent).
     for s in &sources {
@@ -105,6 +107,7 @@ fn both_daemons_serve_every_documented_metric_and_only_admins_reach_the_control_
     assert_eq!(st["groups"][0]["group"], "esx01/vm", "{st}");
     let sessions = st["sessions"].as_array().unwrap();
     assert!(sessions.iter().any(|s| s["agent"] == "esx01" && s["transport"] == "grpc"), "{st}");
+    assert!(sessions.iter().any(|s| s["agent"] == "esx01" && s["connections"] == 2), "{st}");
     std::thread::sleep(Duration::from_millis(1500));
 
     let a = scrape(&agent_metrics);

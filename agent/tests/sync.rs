@@ -146,4 +146,38 @@ fn sparse_source_reads_only_its_data(transport: &str) {
     assert_eq!(again["reader"], "pread", "{again}");
 }
 
-each_transport!(full_incremental_compare_and_verify, sparse_source_reads_only_its_data);
+/// `--connections 3`: the disk's data crosses on three connections (two joined the first one's
+/// session) and the target equals the source, after a full and after a compare epoch; a sink
+/// refusing the extra connections (its per-agent cap) fails the sync with its reason.
+fn a_disk_over_several_connections(transport: &str) {
+    let lab = Lab::over(&["esx01"], transport);
+    let sink = lab.sink(&["esx01=file:esx01/*"], &[]);
+    let src = lab.path("src.img");
+    image::generate(&src, DISK / 4, Profile::Mixed, 5).unwrap();
+    let args = ["--connections", "3", "--streams", "2", "--compression", "zstd"];
+    let full = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &args);
+    assert_eq!(u(&full, "connections"), 3, "{full}");
+    assert_eq!(full["mode"], "full");
+    assert!(same_file(&src, &lab.target("esx01/vm1")), "target differs after the full sync");
+    for (i, off) in [3 * MIB + 17, 100 * MIB, 200 * MIB + 4096].into_iter().enumerate() {
+        scribble(&src, off, 2 * MIB as usize, i as u64);
+    }
+    let cmp = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &args);
+    assert_eq!((cmp["mode"].as_str(), u(&cmp, "connections")), (Some("compare"), 3), "{cmp}");
+    assert!(same_file(&src, &lab.target("esx01/vm1")), "target differs after the compare sync");
+    // One connection unless asked (auto: one per two cores, and CI has two).
+    let one = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &["--connections", "1"]);
+    assert_eq!(u(&one, "connections"), 1, "{one}");
+
+    drop(sink);
+    let capped = lab.sink(&["esx01=file:esx01/*"], &["--max-agent-connections", "2"]);
+    let out = lab.try_sync(&capped, "esx01", &src, "file:esx01/vm2", &["--connections", "3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--max-agent-connections"), "{err}");
+}
+
+each_transport!(
+    full_incremental_compare_and_verify,
+    sparse_source_reads_only_its_data,
+    a_disk_over_several_connections
+);

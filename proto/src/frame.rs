@@ -193,13 +193,14 @@ mod tests {
     fn every_message() -> Vec<Body> {
         let digest = Bytes::from_static(&[1, 2, 3]);
         vec![
-            Body::Hello(crate::version::hello("agent 1")),
+            Body::Hello(Hello { join: Bytes::from_static(&[9; 16]), ..crate::version::hello("agent 1") }),
             Body::HelloReply(HelloReply {
                 version: 1,
                 capabilities: vec!["zstd".into()],
                 software: "sink".into(),
                 identity: "esx01".into(),
                 idle_timeout_ms: 30_000,
+                session_token: Bytes::from_static(&[8; 16]),
             }),
             Body::OpenDisk(OpenDisk {
                 disk: 1,

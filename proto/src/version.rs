@@ -11,7 +11,7 @@ pub const MAX_VERSION: u32 = 4;
 pub const CUTOVER_VERSION: u32 = 4;
 
 /// Capabilities this build understands; unknown ones offered by a peer are ignored.
-pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS, CAP_BENCH];
+pub const CAPABILITIES: &[&str] = &[CAP_ZSTD, CAP_ZERO_EXTENTS, CAP_BENCH, CAP_JOIN];
 /// Chunks may be zstd-compressed.
 pub const CAP_ZSTD: &str = "zstd";
 /// Zero extents are written as zeroes (holes or explicit zeros), never skipped.
@@ -20,6 +20,11 @@ pub const CAP_ZERO_EXTENTS: &str = "zero-extents";
 /// `Ack.usage`) and `null:` targets. A sink without it would ignore those fields and let a
 /// bench overwrite a replica, so `blockship-agent bench` refuses to run against it.
 pub const CAP_BENCH: &str = "bench";
+
+/// The sink hands out a session token (`HelloReply.session_token`) and accepts further
+/// connections of the same agent that join the session with it (`Hello.join`) as data-only
+/// connections: `--connections N`. Without it the agent uses one connection.
+pub const CAP_JOIN: &str = "join";
 
 /// Why a `Hello` cannot be answered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,6 +43,7 @@ pub fn hello(software: &str) -> Hello {
         max_version: MAX_VERSION,
         capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
         software: software.to_string(),
+        join: Default::default(),
     }
 }
 
@@ -64,6 +70,7 @@ pub fn negotiate(
         software: software.to_string(),
         identity: identity.to_string(),
         idle_timeout_ms,
+        session_token: Default::default(),
     })
 }
 

@@ -74,6 +74,7 @@ pub fn status(state_root: &Path, roster: Option<&Roster>) -> pb::StatusReply {
                     throughput: e.throughput(),
                     in_flight_bytes: e.budget.in_flight(),
                     targets: e.targets(),
+                    connections: e.connections.load(std::sync::atomic::Ordering::Relaxed),
                 })
                 .collect()
         })
@@ -146,14 +147,15 @@ pub fn table(s: &pb::StatusReply) -> String {
         }
     }
     if !s.sessions.is_empty() {
-        let _ = writeln!(out, "\nSESSION  AGENT        TRANSPORT  REMOTE                 UP      RECEIVED    RATE/s      IN-FLIGHT  TARGETS");
+        let _ = writeln!(out, "\nSESSION  AGENT        TRANSPORT  CONNS  REMOTE                 UP      RECEIVED    RATE/s      IN-FLIGHT  TARGETS");
         for x in &s.sessions {
             let _ = writeln!(
                 out,
-                "{:<8} {:<12} {:<10} {:<22} {:>5.0}s  {:>10}  {:>10}  {:>9}  {}",
+                "{:<8} {:<12} {:<10} {:>5}  {:<22} {:>5.0}s  {:>10}  {:>10}  {:>9}  {}",
                 x.id % 100_000_000,
                 x.agent,
                 x.transport,
+                x.connections,
                 x.remote,
                 x.connected_seconds,
                 bytes(x.bytes_received as f64),

@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod group;
 pub mod hashes;
 pub mod index;
+pub mod joins;
 pub mod lease;
 pub mod limits;
 pub mod liveness;

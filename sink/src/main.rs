@@ -313,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
                 admission: Admission::new(r.limits.clone()),
                 file_rollback: r.file_rollback,
                 roster: Default::default(),
+                joins: Default::default(),
             });
             // Every connection, target and Ceph socket costs a descriptor; the usual soft limit
             // (1024) is below what the sink's own caps allow together.

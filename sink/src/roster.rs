@@ -3,7 +3,7 @@
 //! is seated and leaves when its entry is dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,6 +19,8 @@ pub struct Entry {
     pub since: Instant,
     /// Chunk payload bytes received.
     pub received: Arc<AtomicU64>,
+    /// Connections carrying the session: its own and those that joined it (`joins`).
+    pub connections: Arc<AtomicU32>,
     pub budget: Arc<Budget>,
     pub disks: Disks,
     /// The last throughput sample: when, bytes then, and the rate measured up to it.
@@ -41,6 +43,7 @@ impl Entry {
             remote: remote.to_string(),
             since: Instant::now(),
             received: Arc::default(),
+            connections: Arc::new(AtomicU32::new(1)),
             budget,
             disks,
             sample: Mutex::new((Instant::now(), 0, 0.0)),

@@ -39,6 +39,8 @@ pub struct SinkContext {
     pub file_rollback: bool,
     /// The sessions served now (the control API lists them).
     pub roster: crate::roster::Roster,
+    /// Sessions that further connections of their agent may join (`--connections`).
+    pub joins: crate::joins::Joins,
 }
 
 pub struct Server {

@@ -8,7 +8,7 @@
 //! I/O); this module carries out the step it names against targets, leases and writers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,9 +57,7 @@ pub async fn handle(ctx: Arc<SinkContext>, windows: Arc<Windows>, incoming: Inco
     tracing::info!(%remote, agent = %identity, %transport, "agent connected");
     let window = windows.join(&conn);
     let disks: Disks = Arc::default();
-    metrics::gauge!("blockship_sink_sessions").increment(1.0);
     let result = session(&ctx, &conn, &identity, &disks, &window.open).await;
-    metrics::gauge!("blockship_sink_sessions").decrement(1.0);
     // Ending the epochs lets each writer make what it has durable and release its target.
     for disk in disks.lock().unwrap_or_else(|p| p.into_inner()).values() {
         disk.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -158,6 +156,10 @@ async fn session(
         let reply = version::negotiate(&hello, &software(), identity, idle_ms)
             .map_err(|e| Refusal::new(ErrorCode::Version, e.to_string()))?;
         ctx.auth.knows(identity)?;
+        if !hello.join.is_empty() {
+            return joined(ctx, conn, identity, &hello.join, reply, &mut reader, &control, open_streams)
+                .await;
+        }
         let seat = ctx.admission.seat(identity)?;
         let entry = Entry::new(
             conn.id(),
@@ -168,9 +170,9 @@ async fn session(
             disks.clone(),
         );
         let listed = ctx.roster.add(entry);
-        control.send(Body::HelloReply(reply)).await;
-        let received = listed.1.received.clone();
-        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams, received, machine).await
+        let entry = listed.1.clone();
+        run(ctx, conn, identity, disks, &mut reader, &control, seat, open_streams, &entry, machine, reply)
+            .await
     }
     .await;
     match result {
@@ -206,9 +208,11 @@ async fn run(
     control: &Control,
     seat: Seat,
     open_streams: &Arc<AtomicUsize>,
-    received: Arc<AtomicU64>,
+    entry: &Arc<Entry>,
     machine: SinkSession,
+    mut reply: pb::HelloReply,
 ) -> Result<(), Refusal> {
+    let _counted = Counted::session();
     let limits = &ctx.admission.limits;
     let liveness = Liveness::new();
     liveness.touch();
@@ -220,9 +224,16 @@ async fn run(
         liveness: liveness.clone(),
         errors: errors_tx.clone(),
         fatal: fatal_tx.clone(),
-        received,
+        received: entry.received.clone(),
         received_metric: metrics::counter!("blockship_sink_received_bytes_total", "agent" => identity.to_string()),
     };
+    // Registered before the reply that names the token, so a joining connection finds it.
+    let _joinable = reply.capabilities.iter().any(|c| c == version::CAP_JOIN).then(|| {
+        let open = ctx.joins.open(identity, streams.clone(), entry.connections.clone());
+        reply.session_token = bytes::Bytes::copy_from_slice(&open.token);
+        open
+    });
+    control.send(Body::HelloReply(reply)).await;
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
     let _abort = AbortOnDrop(acceptor);
     let holder = Holder {
@@ -451,6 +462,56 @@ impl Session<'_> {
 
 fn closed_cleanly(conn: &Connection) -> bool {
     matches!(conn.close_reason(), Some(Closed::Application { code: 0, .. }))
+}
+
+/// A connection that joined a session (`Hello.join`, see `joins`): its data streams feed that
+/// session's disks; its control stream must stay silent until the connection ends.
+#[allow(clippy::too_many_arguments)]
+async fn joined(
+    ctx: &Arc<SinkContext>,
+    conn: &Connection,
+    identity: &str,
+    token: &[u8],
+    reply: pb::HelloReply,
+    reader: &mut FrameReader<RecvStream>,
+    control: &Control,
+    open_streams: &Arc<AtomicUsize>,
+) -> Result<(), Refusal> {
+    let _seat = ctx.admission.seat(identity)?;
+    let (streams, _joined) = ctx.joins.join(token, identity, conn)?;
+    control.send(Body::HelloReply(reply)).await;
+    tracing::info!(remote = %conn.remote(), agent = %identity, "connection joined a session");
+    metrics::counter!("blockship_sink_joined_connections_total", "agent" => identity.to_string())
+        .increment(1);
+    let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
+    let _abort = AbortOnDrop(acceptor);
+    match reader.next().await {
+        Ok(Some(frame)) => Err(Refusal::bad_request(format!(
+            "{} on a joined connection: it carries only data streams; send control messages on \
+             the session's first connection",
+            blockship_proto::session::name(&frame.body)
+        ))),
+        Ok(None) => Ok(()),
+        Err(_) if closed_cleanly(conn) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A session counted in `blockship_sink_sessions` while it runs (joined connections are not
+/// sessions).
+struct Counted;
+
+impl Counted {
+    fn session() -> Self {
+        metrics::gauge!("blockship_sink_sessions").increment(1.0);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        metrics::gauge!("blockship_sink_sessions").decrement(1.0);
+    }
 }
 
 struct AbortOnDrop(JoinHandle<()>);

@@ -16,8 +16,7 @@ use blockship_proto::{version, Body};
 use blockship_transport::conn::RecvStream;
 use blockship_transport::framed::unexpected;
 use blockship_transport::{
-    tls, ClientOptions, Closed, Connection, FrameReader, FrameWriter, QuicTuning, TlsFiles, Transport,
-    TransportError,
+    tls, Closed, Connection, FrameReader, FrameWriter, QuicTuning, TlsFiles, Transport, TransportError,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,10 +28,10 @@ use crate::streams::Streams;
 use crate::AgentError;
 
 mod disk;
+mod join;
 
 pub use disk::DiskHandle;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use join::{Connections, MAX_CONNECTIONS};
 /// Replies buffered per disk or group before the reader waits for its consumer.
 const ROUTE_DEPTH: usize = 64;
 
@@ -114,8 +113,11 @@ pub struct LinkConfig {
     pub tuning: QuicTuning,
     /// QUIC (UDP) or gRPC (TCP).
     pub transport: Transport,
-    /// Data streams wanted (the sink may allow fewer).
+    /// Data streams wanted (the sink may allow fewer); at least one per connection.
     pub streams: usize,
+    /// Connections to spread the data streams over (the first one carries the control stream;
+    /// the others join its session). One when the sink cannot take joined connections.
+    pub connections: usize,
     /// Bandwidth limit of the payload, if any.
     pub pacer: Option<Arc<Pacer>>,
     /// Decide compression from the link's backlog (`--compression auto`).
@@ -135,6 +137,8 @@ enum Route {
 struct Inner {
     sink: String,
     conn: Connection,
+    /// Connections that joined `conn`'s session (data streams only).
+    joined: Vec<Connection>,
     writer: tokio::sync::Mutex<FrameWriter>,
     hello: HelloReply,
     routes: Mutex<HashMap<Route, mpsc::Sender<Body>>>,
@@ -190,22 +194,7 @@ impl Link {
     pub async fn connect(cfg: &LinkConfig) -> Result<Link, AgentError> {
         let sink = cfg.sink.as_str();
         let tls = tls::client_config(&cfg.tls).map_err(|e| AgentError::Tls(e.to_string()))?;
-        let opts = ClientOptions {
-            transport: cfg.transport,
-            tuning: cfg.tuning.clone(),
-            server_name: cfg.server_name.clone(),
-        };
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, blockship_transport::conn::connect(tls, sink, &opts))
-        .await
-        .map_err(|_| AgentError::Connect {
-            sink: sink.to_string(),
-            reason: format!(
-                "no answer within {CONNECT_TIMEOUT:?} over {} (is the sink running and its {} port reachable?)",
-                cfg.transport,
-                if cfg.transport == Transport::Quic { "UDP" } else { "TCP" }
-            ),
-        })?
-        .map_err(|e| explain(sink, e))?;
+        let conn = join::dial(cfg, tls.clone()).await?;
         // With TLS 1.3 the sink judges our certificate after our side of the handshake is done,
         // so a refusal shows up as a closed connection: report the close reason, not the pipe.
         let why = |e: TransportError| match conn.close_reason() {
@@ -222,11 +211,25 @@ impl Link {
             other => return Err(transport(unexpected("HelloReply", &other))),
         };
         tracing::info!(sink, transport = %cfg.transport, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
-        let (data, queue) = async_channel::bounded(cfg.streams.max(1) * 2);
+        let can_join =
+            hello.capabilities.iter().any(|c| c == version::CAP_JOIN) && !hello.session_token.is_empty();
+        let (joined, join_tasks) = match cfg.connections {
+            n if n > 1 && can_join => join::join(cfg, &tls, &hello.session_token, n - 1)
+                .await
+                .map_err(|e| Link::reason_of(&conn, e))?,
+            n if n > 1 => {
+                tracing::warn!(sink, "the sink cannot take joined connections (an older version): using one connection instead of {n}");
+                (Vec::new(), Vec::new())
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        let streams = cfg.streams.max(1 + joined.len());
+        let (data, queue) = async_channel::bounded(streams * 2);
         let adaptive = cfg.adaptive.then(|| Arc::new(Adaptive::new(cfg.pacer.is_some())));
         let inner = Arc::new(Inner {
             sink: sink.to_string(),
             conn: conn.clone(),
+            joined: joined.clone(),
             writer: tokio::sync::Mutex::new(writer),
             hello,
             routes: Mutex::default(),
@@ -243,15 +246,16 @@ impl Link {
             next_sending: AtomicU64::new(0),
             tasks: Mutex::default(),
         });
-        let streams =
-            Streams::start(&conn, cfg.streams, queue.clone(), cfg.pacer.clone(), inner.queued.clone())
-                .await
-                .map_err(|e| Link::reason_of(&conn, e))?;
+        let conns: Vec<Connection> = std::iter::once(conn.clone()).chain(joined).collect();
+        let streams = Streams::start(&conns, streams, queue.clone(), cfg.pacer.clone(), inner.queued.clone())
+            .await
+            .map_err(|e| Link::reason_of(&conn, e))?;
         *inner.streams.lock().await = Some(streams);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(read_replies(Arc::downgrade(&inner), reader)),
             tokio::spawn(heartbeat(Arc::downgrade(&inner), cfg.hold)),
         ];
+        tasks.extend(join_tasks);
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(Link { inner })
     }
@@ -260,9 +264,22 @@ impl Link {
         &self.inner.sink
     }
 
-    /// Round-trip time and loss as the transport sees them (QUIC only).
+    /// Round-trip time and loss as the transport sees them (QUIC only): the first connection's
+    /// round-trip time, packets over all connections.
     pub fn path(&self) -> Option<blockship_transport::conn::PathStats> {
-        self.inner.conn.path()
+        let mut p = self.inner.conn.path()?;
+        for c in &self.inner.joined {
+            if let Some(j) = c.path() {
+                p.sent_packets += j.sent_packets;
+                p.lost_packets += j.lost_packets;
+            }
+        }
+        Some(p)
+    }
+
+    /// Connections carrying this link's data (1 + those that joined the session).
+    pub fn connections(&self) -> usize {
+        1 + self.inner.joined.len()
     }
 
     pub fn hello(&self) -> &HelloReply {
@@ -287,12 +304,8 @@ impl Link {
         a.0.push((id, stats));
         if a.1.is_none() {
             if let Some(adaptive) = &self.inner.adaptive {
-                a.1 = Some(monitor(
-                    adaptive,
-                    self.inner.queue.clone(),
-                    self.inner.queued.clone(),
-                    self.inner.conn.clone(),
-                ));
+                let conns = std::iter::once(&self.inner.conn).chain(&self.inner.joined).cloned().collect();
+                a.1 = Some(monitor(adaptive, self.inner.queue.clone(), self.inner.queued.clone(), conns));
             }
         }
         Sending(self.clone(), id)
@@ -302,6 +315,7 @@ impl Link {
     pub fn is_broken(&self) -> bool {
         self.inner.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some()
             || self.inner.conn.close_reason().is_some()
+            || self.inner.joined.iter().any(|c| c.close_reason().is_some())
     }
 
     /// The sink's reason when it closed the connection: it says more than the broken stream
@@ -436,6 +450,9 @@ impl Link {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
         }
         self.inner.writer.lock().await.close();
+        for c in &self.inner.joined {
+            c.close(0, b"done");
+        }
         self.inner.conn.close(0, b"done");
         let _ = tokio::time::timeout(Duration::from_millis(20), self.inner.conn.wait_idle()).await;
     }
@@ -561,12 +578,13 @@ fn monitor(
     a: &Arc<Adaptive>,
     queue: async_channel::Receiver<Out>,
     queued: Arc<AtomicU64>,
-    conn: Connection,
+    conns: Vec<Connection>,
 ) -> MonitorGuard {
     let mut cpu = CpuMeter::default();
     let capacity = queue.capacity().unwrap_or(1).max(1) as f64;
     let backlog = move || {
-        let buffered = queued.load(Ordering::Relaxed).saturating_sub(conn.sent_bytes());
+        let sent: u64 = conns.iter().map(|c| c.sent_bytes()).sum();
+        let buffered = queued.load(Ordering::Relaxed).saturating_sub(sent);
         (queue.len() as f64 / capacity).max(buffered as f64 / SEND_BACKLOG)
     };
     a.monitor(backlog, move || cpu.sample())

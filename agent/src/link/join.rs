@@ -1,0 +1,173 @@
+//! Further connections of a link (`--connections N`). One connection is driven by one task on
+//! each side (quinn's connection driver, or one HTTP/2 connection), so a disk's data crosses on
+//! about one core per side however many streams it has. A link therefore dials N-1 more
+//! connections that join the first one's session with its token (`Hello.join`): they carry
+//! data streams only, from the same queue, and the sink treats their items as the session's.
+//! `auto` opens one connection per two usable cores (at most 8): one for the connection's own
+//! driver, one for the hashing and compression it feeds.
+
+use std::time::Duration;
+
+use blockship_proto::{version, Body};
+use blockship_transport::framed::unexpected;
+use blockship_transport::{ClientOptions, Connection, FrameReader, FrameWriter, Transport, TransportError};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+use super::{explain, transport, LinkConfig};
+use crate::AgentError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most connections a link opens (the sink lets a session have 16).
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How many connections a link opens: `auto` or a number (1..=16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "Raw")]
+pub enum Connections {
+    #[default]
+    Auto,
+    Fixed(usize),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Raw {
+    Number(usize),
+    Text(String),
+}
+
+impl TryFrom<Raw> for Connections {
+    type Error = String;
+    fn try_from(r: Raw) -> Result<Self, String> {
+        match r {
+            Raw::Number(n) => Connections::checked(n),
+            Raw::Text(t) => t.parse(),
+        }
+    }
+}
+
+impl std::str::FromStr for Connections {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Connections::Auto),
+            n => Connections::checked(
+                n.parse().map_err(|_| format!("--connections {n:?}: use auto or a number"))?,
+            ),
+        }
+    }
+}
+
+impl Connections {
+    fn checked(n: usize) -> Result<Self, String> {
+        if (1..=MAX_CONNECTIONS).contains(&n) {
+            Ok(Connections::Fixed(n))
+        } else {
+            Err(format!("--connections {n}: must be auto or between 1 and {MAX_CONNECTIONS}"))
+        }
+    }
+
+    /// The number to open on a host with `cores` usable cores.
+    pub fn count(self, cores: usize) -> usize {
+        match self {
+            Connections::Auto => (cores / 2).clamp(1, 8),
+            Connections::Fixed(n) => n,
+        }
+    }
+}
+
+/// Dial the sink (mutual TLS) within the connect timeout, explaining a failure.
+pub(super) async fn dial(
+    cfg: &LinkConfig,
+    tls: blockship_transport::tls::ClientConfig,
+) -> Result<Connection, AgentError> {
+    let opts = ClientOptions {
+        transport: cfg.transport,
+        tuning: cfg.tuning.clone(),
+        server_name: cfg.server_name.clone(),
+    };
+    let sink = cfg.sink.as_str();
+    tokio::time::timeout(CONNECT_TIMEOUT, blockship_transport::conn::connect(tls, sink, &opts))
+        .await
+        .map_err(|_| AgentError::Connect {
+            sink: sink.to_string(),
+            reason: format!(
+                "no answer within {CONNECT_TIMEOUT:?} over {} (is the sink running and its {} port reachable?)",
+                cfg.transport,
+                if cfg.transport == Transport::Quic { "UDP" } else { "TCP" }
+            ),
+        })?
+        .map_err(|e| explain(sink, e))
+}
+
+/// Open `n` connections that join the session of `token`. Each keeps its control stream open
+/// in a task (returned) that logs the sink's reason if it refuses the connection later.
+pub(super) async fn join(
+    cfg: &LinkConfig,
+    tls: &blockship_transport::tls::ClientConfig,
+    token: &Bytes,
+    n: usize,
+) -> Result<(Vec<Connection>, Vec<JoinHandle<()>>), AgentError> {
+    let (mut conns, mut tasks) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let conn = dial(cfg, tls.clone()).await?;
+        let why = |e: TransportError| super::Link::reason_of(&conn, transport(e));
+        let (send, recv) = conn.open_bi().await.map_err(why)?;
+        let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+        let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
+        let hello = pb_hello(&software, token);
+        w.send(&Body::Hello(hello)).await.map_err(why)?;
+        match r.next_body("HelloReply").await.map_err(why)? {
+            Body::HelloReply(_) => {}
+            Body::Error(e) => return Err(super::refused(&e)),
+            other => return Err(transport(unexpected("HelloReply", &other))),
+        }
+        let sink = cfg.sink.clone();
+        tasks.push(tokio::spawn(async move {
+            // The writer lives as long as the task: finishing the control stream would end
+            // the joined connection.
+            let _w = w;
+            if let Ok(Some(frame)) = r.next().await {
+                if let Body::Error(e) = frame.body {
+                    tracing::warn!(%sink, "the sink refused a joined connection: {}", e.message);
+                }
+            }
+        }));
+        conns.push(conn);
+    }
+    Ok((conns, tasks))
+}
+
+fn pb_hello(software: &str, token: &Bytes) -> blockship_proto::pb::Hello {
+    blockship_proto::pb::Hello { join: token.clone(), ..version::hello(software) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_parse_and_resolve() {
+        assert_eq!("auto".parse::<Connections>(), Ok(Connections::Auto));
+        assert_eq!("3".parse::<Connections>(), Ok(Connections::Fixed(3)));
+        assert!("0".parse::<Connections>().unwrap_err().contains("between 1 and 16"));
+        assert!("17".parse::<Connections>().is_err());
+        assert!("many".parse::<Connections>().unwrap_err().contains("auto or a number"));
+        // One per two cores, at least one, at most eight.
+        assert_eq!(Connections::Auto.count(1), 1);
+        assert_eq!(Connections::Auto.count(2), 1);
+        assert_eq!(Connections::Auto.count(8), 4);
+        assert_eq!(Connections::Auto.count(64), 8);
+        assert_eq!(Connections::Fixed(5).count(2), 5);
+        #[derive(Deserialize)]
+        struct T {
+            c: Connections,
+        }
+        assert_eq!(toml::from_str::<T>("c = 4").unwrap().c, Connections::Fixed(4));
+        assert_eq!(toml::from_str::<T>("c = \"auto\"").unwrap().c, Connections::Auto);
+        assert!(toml::from_str::<T>("c = 40").is_err());
+    }
+}

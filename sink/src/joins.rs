@@ -1,0 +1,105 @@
+//! Joined connections (`--connections N` on the agent): one connection is driven by one task on
+//! each side, so a disk's data can use more than a core per side only over several connections.
+//! A session's first connection gets a random token in its `HelloReply`; further connections of
+//! the same agent identity send it in `Hello.join` and then carry data streams into that
+//! session's disks, under its in-flight budget, liveness and error handling, while their own
+//! control stream stays silent. Each joined connection takes a connection seat like any other
+//! (so `--max-agent-connections` bounds them) and a session takes at most `MAX_JOINED`. When the
+//! session ends its joined connections are closed; when a joined connection's data stream is
+//! malformed, the whole session ends, as for its own streams.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blockship_proto::pb::ErrorCode;
+use blockship_transport::Connection;
+
+use crate::datastream::StreamCtx;
+use crate::refusal::Refusal;
+
+/// Connections that may join one session (besides its first).
+pub const MAX_JOINED: usize = 15;
+
+/// A session's random token (16 bytes from the OS generator).
+pub type Token = [u8; 16];
+
+struct Joinable {
+    agent: String,
+    streams: StreamCtx,
+    joined: Vec<Connection>,
+    /// Connections carrying the session now (the roster shows it).
+    count: Arc<AtomicU32>,
+}
+
+/// The sessions that connections may join, by token.
+#[derive(Default)]
+pub struct Joins {
+    map: Mutex<HashMap<Token, Joinable>>,
+}
+
+/// A session open to joining; dropping it (the session ended) closes what joined it.
+pub struct Open<'a> {
+    joins: &'a Joins,
+    pub token: Token,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        let gone = self.joins.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.token);
+        for conn in gone.into_iter().flat_map(|j| j.joined) {
+            conn.close(0, b"the session this connection joined has ended");
+        }
+    }
+}
+
+impl Joins {
+    /// Let other connections of `agent` join the session whose data streams use `streams`;
+    /// `count` (1 for the session's own connection) counts those carrying it.
+    pub fn open(&self, agent: &str, streams: StreamCtx, count: Arc<AtomicU32>) -> Open<'_> {
+        let token = *uuid::Uuid::new_v4().as_bytes();
+        let entry = Joinable { agent: agent.to_string(), streams, joined: Vec::new(), count };
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(token, entry);
+        Open { joins: self, token }
+    }
+
+    /// Join `conn` of `agent` to the session named by `token`: what its data streams feed, and
+    /// a guard that counts the connection while it lives.
+    pub fn join(&self, token: &[u8], agent: &str, conn: &Connection) -> Result<(StreamCtx, Joined), Refusal> {
+        let unknown = || {
+            Refusal::new(
+                ErrorCode::Unauthorized,
+                "no session to join with this token (it has ended, or the token is wrong): \
+                 open a new session",
+            )
+        };
+        let token: Token = token.try_into().map_err(|_| unknown())?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.get_mut(&token).ok_or_else(unknown)?;
+        if entry.agent != agent {
+            return Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!("agent {agent:?} may not join a session of another agent"),
+            ));
+        }
+        entry.joined.retain(|c| c.close_reason().is_none());
+        if entry.joined.len() >= MAX_JOINED {
+            return Err(Refusal::new(
+                ErrorCode::Busy,
+                format!("the session already has {MAX_JOINED} joined connections (at most {MAX_JOINED}): use fewer --connections"),
+            ));
+        }
+        entry.joined.push(conn.clone());
+        entry.count.fetch_add(1, Ordering::Relaxed);
+        Ok((entry.streams.clone(), Joined(entry.count.clone())))
+    }
+}
+
+/// A joined connection, counted in its session's connections until dropped.
+pub struct Joined(Arc<AtomicU32>);
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
