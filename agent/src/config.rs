@@ -50,8 +50,7 @@ pub struct AgentSettings {
     /// Parallel data streams (default 4; over grpc at most the sink's limit, 8).
     #[arg(long)]
     pub streams: Option<usize>,
-    /// Connections to spread the data streams over: auto (one per two cores, at most 8) or
-    /// 1..=16. One connection moves data on about one core per side; more need a sink that
+    /// Connections to spread the data streams over: auto (one per two cores, 2..=8) or 1..=16. One connection moves data on about one core per side; more need a sink that
     /// offers joined connections (else one is used).
     #[arg(long)]
     pub connections: Option<crate::link::Connections>,
@@ -128,8 +127,8 @@ pub struct Resolved {
     pub transport: blockship_transport::Transport,
     pub chunk_size: u32,
     pub streams: usize,
-    /// Connections per link (`auto` resolved for this host).
-    pub connections: usize,
+    /// Connections per link.
+    pub connections: crate::link::Connections,
     pub compression: Compression,
     pub bwlimit: Option<u64>,
     pub depth: usize,
@@ -254,7 +253,7 @@ impl AgentSettings {
             server_name: self.server_name,
             chunk_size,
             streams,
-            connections: self.connections.unwrap_or_default().count(cpus),
+            connections: self.connections.unwrap_or_default(),
             compression,
             bwlimit,
             depth,

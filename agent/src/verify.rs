@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use crate::chunker::{self, Work};
 use crate::config::Resolved;
-use crate::link::{Link, LinkConfig};
+use crate::link::{Connections, Link, LinkConfig};
 use crate::report::VerifySummary;
 use crate::source::{Origin, Source, SourceOptions};
 use crate::AgentError;
@@ -40,7 +40,7 @@ async fn compare(
 ) -> Result<VerifySummary, AgentError> {
     let size = origin.size();
     // Verification moves digests on the control stream only: one connection.
-    let link = Link::connect(&LinkConfig { connections: 1, ..cfg.link() }).await?;
+    let link = Link::connect(&LinkConfig { connections: Connections::Fixed(1), ..cfg.link() }).await?;
     let (disk, opened) = link
         .open_disk(OpenDisk {
             disk: 0,

@@ -165,15 +165,28 @@ fn a_disk_over_several_connections(transport: &str) {
     let cmp = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &args);
     assert_eq!((cmp["mode"].as_str(), u(&cmp, "connections")), (Some("compare"), 3), "{cmp}");
     assert!(same_file(&src, &lab.target("esx01/vm1")), "target differs after the compare sync");
-    // One connection unless asked (auto: one per two cores, and CI has two).
     let one = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &["--connections", "1"]);
     assert_eq!(u(&one, "connections"), 1, "{one}");
+    // auto: one per two cores, at least two, at most eight.
+    let auto = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &[]);
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(u(&auto, "connections"), (cores / 2).clamp(2, 8), "{auto}");
+    // The sink saw the joins (the data each carried is checked by sink/tests/joins.rs).
+    let joined = lab.sink_log().matches("connection joined a session").count();
+    // Two for each three-connection sync, at least one for the auto one.
+    assert!(joined > 2 + 2, "the sink logged {joined} joined connections");
 
     drop(sink);
     let capped = lab.sink(&["esx01=file:esx01/*"], &["--max-agent-connections", "2"]);
     let out = lab.try_sync(&capped, "esx01", &src, "file:esx01/vm2", &["--connections", "3"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--max-agent-connections"), "{err}");
+    // auto takes what the sink allows (the cap is per agent: one connection for one seat).
+    drop(capped);
+    let single = lab.sink(&["esx01=file:esx01/*"], &["--max-agent-connections", "1"]);
+    let s = lab.sync(&single, "esx01", &src, "file:esx01/vm2", &[]);
+    assert_eq!(u(&s, "connections"), 1, "{s}");
+    assert!(same_file(&src, &lab.target("esx01/vm2")));
 }
 
 each_transport!(

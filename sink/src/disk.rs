@@ -104,6 +104,11 @@ impl Disk {
     }
 
     /// The refusal for finding this disk's epoch writer gone: its own error when it failed.
+    /// Whether an epoch is open on this disk (begun, its writer not finished).
+    pub fn epoch_running(&self) -> bool {
+        self.epoch.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     pub fn writer_stopped(&self) -> Refusal {
         self.failure().unwrap_or_else(|| Refusal::internal("epoch writer stopped"))
     }

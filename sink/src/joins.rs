@@ -4,9 +4,11 @@
 //! the same agent identity send it in `Hello.join` and then carry data streams into that
 //! session's disks, under its in-flight budget, liveness and error handling, while their own
 //! control stream stays silent. Each joined connection takes a connection seat like any other
-//! (so `--max-agent-connections` bounds them) and a session takes at most `MAX_JOINED`. When the
-//! session ends its joined connections are closed; when a joined connection's data stream is
-//! malformed, the whole session ends, as for its own streams.
+//! (so `--max-agent-connections` bounds them), but only while a quarter of `--max-connections`
+//! stays free for first connections (a join only speeds a session up; it must not lock other
+//! agents out), and a session takes at most `MAX_JOINED`. When the session ends its joined
+//! connections are closed; when a joined connection is lost or one of its data streams is
+//! malformed, the whole session ends (its epoch could not complete without that data).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,10 +26,12 @@ pub const MAX_JOINED: usize = 15;
 /// A session's random token (16 bytes from the OS generator).
 pub type Token = [u8; 16];
 
+type Members = Arc<Mutex<Vec<Connection>>>;
+
 struct Joinable {
     agent: String,
     streams: StreamCtx,
-    joined: Vec<Connection>,
+    joined: Members,
     /// Connections carrying the session now (the roster shows it).
     count: Arc<AtomicU32>,
 }
@@ -47,8 +51,10 @@ pub struct Open<'a> {
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         let gone = self.joins.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.token);
-        for conn in gone.into_iter().flat_map(|j| j.joined) {
-            conn.close(0, b"the session this connection joined has ended");
+        if let Some(j) = gone {
+            for conn in j.joined.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                conn.close(0, b"the session this connection joined has ended");
+            }
         }
     }
 }
@@ -58,7 +64,7 @@ impl Joins {
     /// `count` (1 for the session's own connection) counts those carrying it.
     pub fn open(&self, agent: &str, streams: StreamCtx, count: Arc<AtomicU32>) -> Open<'_> {
         let token = *uuid::Uuid::new_v4().as_bytes();
-        let entry = Joinable { agent: agent.to_string(), streams, joined: Vec::new(), count };
+        let entry = Joinable { agent: agent.to_string(), streams, joined: Members::default(), count };
         self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(token, entry);
         Open { joins: self, token }
     }
@@ -66,40 +72,44 @@ impl Joins {
     /// Join `conn` of `agent` to the session named by `token`: what its data streams feed, and
     /// a guard that counts the connection while it lives.
     pub fn join(&self, token: &[u8], agent: &str, conn: &Connection) -> Result<(StreamCtx, Joined), Refusal> {
+        // One message for a wrong token and another agent's token: it tells nothing of
+        // which sessions exist.
         let unknown = || {
             Refusal::new(
                 ErrorCode::Unauthorized,
-                "no session to join with this token (it has ended, or the token is wrong): \
-                 open a new session",
+                format!(
+                    "agent {agent:?} has no session to join with this token (it has ended, or the \
+                     token is wrong): open a new session"
+                ),
             )
         };
         let token: Token = token.try_into().map_err(|_| unknown())?;
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.get_mut(&token).ok_or_else(unknown)?;
-        if entry.agent != agent {
-            return Err(Refusal::new(
-                ErrorCode::Unauthorized,
-                format!("agent {agent:?} may not join a session of another agent"),
-            ));
-        }
-        entry.joined.retain(|c| c.close_reason().is_none());
-        if entry.joined.len() >= MAX_JOINED {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.get(&token).filter(|e| e.agent == agent).ok_or_else(unknown)?;
+        let mut joined = entry.joined.lock().unwrap_or_else(|p| p.into_inner());
+        if joined.len() >= MAX_JOINED {
             return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!("the session already has {MAX_JOINED} joined connections (at most {MAX_JOINED}): use fewer --connections"),
             ));
         }
-        entry.joined.push(conn.clone());
+        joined.push(conn.clone());
         entry.count.fetch_add(1, Ordering::Relaxed);
-        Ok((entry.streams.clone(), Joined(entry.count.clone())))
+        let guard = Joined { id: conn.id(), members: entry.joined.clone(), count: entry.count.clone() };
+        Ok((entry.streams.clone(), guard))
     }
 }
 
 /// A joined connection, counted in its session's connections until dropped.
-pub struct Joined(Arc<AtomicU32>);
+pub struct Joined {
+    id: u64,
+    members: Members,
+    count: Arc<AtomicU32>,
+}
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.members.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| c.id() != self.id);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }

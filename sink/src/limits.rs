@@ -123,9 +123,33 @@ impl Admission {
 
     /// Seat a new session of `agent`, or refuse with BUSY when a connection limit is reached.
     pub fn seat(self: &Arc<Self>, agent: &str) -> Result<Seat, Refusal> {
+        self.seat_within(agent, self.limits.max_connections)
+    }
+
+    /// A seat for a connection joining a session: only while a quarter of `--max-connections`
+    /// stays free, so that joins never lock another agent's first connection out.
+    pub fn joining_seat(self: &Arc<Self>, agent: &str) -> Result<Seat, Refusal> {
+        let l = &self.limits;
+        let room = l.max_connections - l.max_connections / 4;
+        self.seat_within(agent, room).map_err(|r| {
+            if r.message.contains("--max-agent-connections") {
+                r
+            } else {
+                Refusal::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "the sink keeps a quarter of its {} connections (--max-connections) for new sessions: no room for a joined connection now; use fewer --connections",
+                        l.max_connections
+                    ),
+                )
+            }
+        })
+    }
+
+    fn seat_within(self: &Arc<Self>, agent: &str, max_connections: usize) -> Result<Seat, Refusal> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let l = &self.limits;
-        if c.total >= l.max_connections {
+        if c.total >= max_connections {
             return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!(

@@ -477,24 +477,44 @@ async fn joined(
     control: &Control,
     open_streams: &Arc<AtomicUsize>,
 ) -> Result<(), Refusal> {
-    let _seat = ctx.admission.seat(identity)?;
+    let _seat = ctx.admission.joining_seat(identity)?;
     let (streams, _joined) = ctx.joins.join(token, identity, conn)?;
     control.send(Body::HelloReply(reply)).await;
     tracing::info!(remote = %conn.remote(), agent = %identity, "connection joined a session");
     metrics::counter!("blockship_sink_joined_connections_total", "agent" => identity.to_string())
         .increment(1);
+    let (fatal, disks) = (streams.fatal.clone(), streams.disks.clone());
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), streams, open_streams.clone()));
     let _abort = AbortOnDrop(acceptor);
-    match reader.next().await {
-        Ok(Some(frame)) => Err(Refusal::bad_request(format!(
-            "{} on a joined connection: it carries only data streams; send control messages on \
-             the session's first connection",
-            blockship_proto::session::name(&frame.body)
-        ))),
-        Ok(None) => Ok(()),
-        Err(_) if closed_cleanly(conn) => Ok(()),
-        Err(e) => Err(e.into()),
+    let (result, lost) = match reader.next().await {
+        Ok(Some(frame)) => {
+            let r = Refusal::bad_request(format!(
+                "{} on a joined connection: it carries only data streams; send control messages \
+                 on the session's first connection",
+                blockship_proto::session::name(&frame.body)
+            ));
+            (Err(r), None)
+        }
+        Ok(None) => (Ok(()), None),
+        Err(_) if closed_cleanly(conn) => (Ok(()), None),
+        Err(e) => {
+            let why = e.to_string();
+            (Err(Refusal::from(e)), Some(why))
+        }
+    };
+    // Its data streams may have held items of a running epoch, which can then never commit:
+    // the session ends (the agent retries) rather than wait for them. An agent ends its joined
+    // connections only after its epochs, so one ending while an epoch runs counts as lost.
+    let running = || disks.lock().unwrap_or_else(|p| p.into_inner()).values().any(|d| d.epoch_running());
+    if let Some(why) = lost.or_else(|| running().then(|| "it ended while an epoch ran".to_string())) {
+        let message = format!("a connection that joined this session was lost ({why}): ending the session");
+        let _ = fatal.try_send(Refusal::new(ErrorCode::Unspecified, message));
     }
+    // Every way out closes the connection: none outlives its seat and window.
+    if result.is_ok() {
+        conn.close(0, b"joined connection done");
+    }
+    result
 }
 
 /// A session counted in `blockship_sink_sessions` while it runs (joined connections are not
@@ -523,14 +543,20 @@ impl Drop for AbortOnDrop {
 
 async fn accept_data_streams(conn: Connection, ctx: StreamCtx, open: Arc<AtomicUsize>) {
     while let Ok(recv) = conn.accept_uni().await {
-        let (ctx, open) = (ctx.clone(), open.clone());
+        let (ctx, open, conn) = (ctx.clone(), open.clone(), conn.clone());
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let fatal = ctx.fatal.clone();
             let result = data_stream(recv, ctx).await;
             open.fetch_sub(1, Ordering::Relaxed);
-            if let Err(r) = result {
-                let _ = fatal.send(r).await;
+            // A stream cut because its connection ended is reported by the connection's own
+            // handler (the session's reader, or `joined`), which knows whether that was
+            // deliberate (the agent's "done", the session's end) or a loss.
+            match result {
+                Err(r) if conn.close_reason().is_none() => {
+                    let _ = fatal.send(r).await;
+                }
+                _ => {}
             }
         });
     }

@@ -104,9 +104,10 @@ async fn joining_needs_the_sessions_token_and_agent() {
         let msg = x.refused(ErrorCode::Unauthorized).await;
         assert!(msg.contains("no session to join"), "{msg}");
     }
+    // Another agent's token is refused with the same words as a wrong one.
     let mut other = joining(&lab, "esx02", Transport::Quic, &token).await;
     let msg = other.refused(ErrorCode::Unauthorized).await;
-    assert!(msg.contains("another agent"), "{msg}");
+    assert!(msg.contains("no session to join"), "{msg}");
 
     // At most 15 joined connections per session (16 with its own); the 16th is refused.
     let mut kept = Vec::new();
@@ -134,4 +135,58 @@ async fn joining_needs_the_sessions_token_and_agent() {
     .unwrap();
     assert_eq!(gone.0, ErrorCode::Unauthorized, "{}", gone.1);
     assert!(gone.1.contains("no session to join"), "{}", gone.1);
+}
+
+/// A joined connection lost mid-epoch ends the session at once (its items can never arrive, so
+/// the agent must not wait for the commit); one that ends its control stream is closed, not
+/// left holding a window without a seat.
+async fn lost_joined_connection(transport: Transport) {
+    let lab = Lab::start();
+    let mut a = lab.agent_over("esx01", transport).await;
+    let token = a.try_hello().await.unwrap().session_token;
+    let mut quiet = joined(&lab, transport, &token).await;
+    quiet.w.close();
+    let ended = tokio::time::timeout(Duration::from_secs(10), quiet.r.next()).await;
+    assert!(
+        matches!(ended, Ok(Err(_)) | Ok(Ok(None))),
+        "a joined connection without control stream stayed: {ended:?}"
+    );
+
+    let b = joined(&lab, transport, &token).await;
+    a.open(4 << 20).await;
+    a.begin(1).await;
+    let mut s = FrameWriter::new(b.conn.open_uni().await.unwrap());
+    let (mut h, p) = chunk(0, 0, &pattern(3, 1 << 20));
+    h.disk = a.disk;
+    s.send_with_payload(&Body::Chunk(h), p).await.unwrap();
+    match transport {
+        // An error close; over gRPC, a TCP connection that goes away without a gRPC status.
+        Transport::Quic => b.conn.close(9, b"the host crashed"),
+        Transport::Grpc => drop((s, b)),
+    }
+    let commit = pb::EpochCommit { disk: a.disk, epoch: 1, items: 2, change_point: "cp-1".into() };
+    let _ = a.w.send(&Body::EpochCommit(commit)).await;
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match a.r.next_body("Ack").await {
+                Ok(Body::Ack(ack)) => assert!(!ack.committed, "committed without the lost data"),
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the session waited for data of a lost joined connection");
+    let msg = format!("{end:?}");
+    assert!(msg.contains("joined this session was lost"), "{msg}");
+    assert_eq!(lab.state()["committed_epoch"], 0);
+}
+
+#[tokio::test]
+async fn a_lost_joined_connection_ends_its_session_quic() {
+    lost_joined_connection(Transport::Quic).await;
+}
+
+#[tokio::test]
+async fn a_lost_joined_connection_ends_its_session_grpc() {
+    lost_joined_connection(Transport::Grpc).await;
 }

@@ -101,10 +101,10 @@ pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError>
     Ok(config)
 }
 
-/// Client side: trust only the CA, present the agent certificate.
 /// The client side of mutual TLS, as `client_config` builds it (callers pass it to `connect`).
 pub use rustls::ClientConfig;
 
+/// Client side: trust only the CA, present the agent certificate.
 pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
     let (chain, key) = files.chain_and_key()?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())

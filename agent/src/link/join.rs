@@ -3,14 +3,22 @@
 //! about one core per side however many streams it has. A link therefore dials N-1 more
 //! connections that join the first one's session with its token (`Hello.join`): they carry
 //! data streams only, from the same queue, and the sink treats their items as the session's.
-//! `auto` opens one connection per two usable cores (at most 8): one for the connection's own
-//! driver, one for the hashing and compression it feeds.
+//! `auto` opens one connection per two usable cores (one for the connection's driver, one for
+//! the hashing and compression it feeds), at least 2 and at most 8: even where both sides share
+//! two cores, a second connection made gRPC 13–31 % faster and QUIC no slower (measured with
+//! `blockship-agent bench`, docs/performance.md). With `auto` a sink that refuses a joined
+//! connection (its connection caps) leaves the link with those it has, with a warning; a number
+//! asked for explicitly fails the link instead. A joined connection that is lost ends the
+//! session: the items it carried can never arrive, so nobody may wait for them.
 
 use std::time::Duration;
 
-use blockship_proto::{version, Body};
+use blockship_proto::pb::ErrorCode;
+use blockship_proto::{version, Body, Frame};
 use blockship_transport::framed::unexpected;
-use blockship_transport::{ClientOptions, Connection, FrameReader, FrameWriter, Transport, TransportError};
+use blockship_transport::{
+    ClientOptions, Closed, Connection, FrameReader, FrameWriter, Transport, TransportError,
+};
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
@@ -73,7 +81,7 @@ impl Connections {
     /// The number to open on a host with `cores` usable cores.
     pub fn count(self, cores: usize) -> usize {
         match self {
-            Connections::Auto => (cores / 2).clamp(1, 8),
+            Connections::Auto => (cores / 2).clamp(2, 8),
             Connections::Fixed(n) => n,
         }
     }
@@ -103,46 +111,83 @@ pub(super) async fn dial(
         .map_err(|e| explain(sink, e))
 }
 
-/// Open `n` connections that join the session of `token`. Each keeps its control stream open
-/// in a task (returned) that logs the sink's reason if it refuses the connection later.
+/// Open `n` connections that join the session of `token` on `first` (with `best_effort`, as
+/// many as the sink takes). Each keeps its control stream open in a task (returned) that ends
+/// the session if the connection is lost.
 pub(super) async fn join(
     cfg: &LinkConfig,
     tls: &blockship_transport::tls::ClientConfig,
+    first: &Connection,
     token: &Bytes,
     n: usize,
+    best_effort: bool,
 ) -> Result<(Vec<Connection>, Vec<JoinHandle<()>>), AgentError> {
     let (mut conns, mut tasks) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n {
-        let conn = dial(cfg, tls.clone()).await?;
-        let why = |e: TransportError| super::Link::reason_of(&conn, transport(e));
-        let (send, recv) = conn.open_bi().await.map_err(why)?;
-        let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
-        let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
-        let hello = pb_hello(&software, token);
-        w.send(&Body::Hello(hello)).await.map_err(why)?;
-        match r.next_body("HelloReply").await.map_err(why)? {
-            Body::HelloReply(_) => {}
-            Body::Error(e) => return Err(super::refused(&e)),
-            other => return Err(transport(unexpected("HelloReply", &other))),
-        }
-        let sink = cfg.sink.clone();
-        tasks.push(tokio::spawn(async move {
-            // The writer lives as long as the task: finishing the control stream would end
-            // the joined connection.
-            let _w = w;
-            if let Ok(Some(frame)) = r.next().await {
-                if let Body::Error(e) = frame.body {
-                    tracing::warn!(%sink, "the sink refused a joined connection: {}", e.message);
-                }
+    for k in 0..n {
+        match join_one(cfg, tls, first, token).await {
+            Ok((conn, task)) => {
+                conns.push(conn);
+                tasks.push(task);
             }
-        }));
-        conns.push(conn);
+            Err(e) if best_effort => {
+                let using = conns.len() + 1;
+                tracing::warn!(sink = %cfg.sink, "using {using} connection(s): the sink refused another one: {e}");
+                break;
+            }
+            Err(e) => {
+                for (c, t) in conns.iter().zip(&tasks) {
+                    t.abort();
+                    c.close(0, b"done");
+                }
+                return Err(AgentError::Connect {
+                    sink: cfg.sink.clone(),
+                    reason: format!("joining connection {} of {}: {e} (lower --connections)", k + 2, n + 1),
+                });
+            }
+        }
     }
     Ok((conns, tasks))
 }
 
-fn pb_hello(software: &str, token: &Bytes) -> blockship_proto::pb::Hello {
-    blockship_proto::pb::Hello { join: token.clone(), ..version::hello(software) }
+async fn join_one(
+    cfg: &LinkConfig,
+    tls: &blockship_transport::tls::ClientConfig,
+    first: &Connection,
+    token: &Bytes,
+) -> Result<(Connection, JoinHandle<()>), AgentError> {
+    let conn = dial(cfg, tls.clone()).await?;
+    let why = |e: TransportError| super::Link::reason_of(&conn, transport(e));
+    let (send, recv) = conn.open_bi().await.map_err(why)?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+    let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
+    let hello = blockship_proto::pb::Hello { join: token.clone(), ..version::hello(&software) };
+    w.send(&Body::Hello(hello)).await.map_err(why)?;
+    match r.next_body("HelloReply").await.map_err(why)? {
+        Body::HelloReply(_) => {}
+        Body::Error(e) => return Err(super::refused(&e)),
+        other => return Err(transport(unexpected("HelloReply", &other))),
+    }
+    let (sink, first, this) = (cfg.sink.clone(), first.clone(), conn.clone());
+    let task = tokio::spawn(async move {
+        // The writer lives as long as the task: finishing the control stream would end the
+        // joined connection.
+        let _w = w;
+        let why = match r.next().await {
+            Ok(Some(Frame { body: Body::Error(e), .. })) => e.message,
+            Ok(_) => "its control stream ended".to_string(),
+            Err(e) => e.to_string(),
+        };
+        // Closed on purpose (our close, or the sink ending the session): nothing to do.
+        if matches!(this.close_reason(), Some(Closed::Application { code: 0, .. })) {
+            return;
+        }
+        // Items it carried can never reach the sink: end the session, so that every waiter
+        // learns it now instead of waiting for an ack that cannot come.
+        tracing::warn!(%sink, "a joined connection was lost ({why}): ending the session");
+        let reason = format!("a joined connection was lost: {why}");
+        first.close(ErrorCode::Unspecified as i32 as u32, reason.as_bytes());
+    });
+    Ok((conn, task))
 }
 
 #[cfg(test)]
@@ -156,9 +201,9 @@ mod tests {
         assert!("0".parse::<Connections>().unwrap_err().contains("between 1 and 16"));
         assert!("17".parse::<Connections>().is_err());
         assert!("many".parse::<Connections>().unwrap_err().contains("auto or a number"));
-        // One per two cores, at least one, at most eight.
-        assert_eq!(Connections::Auto.count(1), 1);
-        assert_eq!(Connections::Auto.count(2), 1);
+        // One per two cores, at least two, at most eight.
+        assert_eq!(Connections::Auto.count(1), 2);
+        assert_eq!(Connections::Auto.count(2), 2);
         assert_eq!(Connections::Auto.count(8), 4);
         assert_eq!(Connections::Auto.count(64), 8);
         assert_eq!(Connections::Fixed(5).count(2), 5);

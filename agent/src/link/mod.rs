@@ -117,7 +117,7 @@ pub struct LinkConfig {
     pub streams: usize,
     /// Connections to spread the data streams over (the first one carries the control stream;
     /// the others join its session). One when the sink cannot take joined connections.
-    pub connections: usize,
+    pub connections: Connections,
     /// Bandwidth limit of the payload, if any.
     pub pacer: Option<Arc<Pacer>>,
     /// Decide compression from the link's backlog (`--compression auto`).
@@ -213,11 +213,13 @@ impl Link {
         tracing::info!(sink, transport = %cfg.transport, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
         let can_join =
             hello.capabilities.iter().any(|c| c == version::CAP_JOIN) && !hello.session_token.is_empty();
-        let (joined, join_tasks) = match cfg.connections {
-            n if n > 1 && can_join => join::join(cfg, &tls, &hello.session_token, n - 1)
+        let cores = blockship_transport::cpu::usable_cores() as usize;
+        let best_effort = cfg.connections == Connections::Auto;
+        let (joined, join_tasks) = match cfg.connections.count(cores) {
+            n if n > 1 && can_join => join::join(cfg, &tls, &conn, &hello.session_token, n - 1, best_effort)
                 .await
                 .map_err(|e| Link::reason_of(&conn, e))?,
-            n if n > 1 => {
+            n if n > 1 && !best_effort => {
                 tracing::warn!(sink, "the sink cannot take joined connections (an older version): using one connection instead of {n}");
                 (Vec::new(), Vec::new())
             }
@@ -450,10 +452,12 @@ impl Link {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.finish()).await;
         }
         self.inner.writer.lock().await.close();
+        // The session's own connection first: the sink then ends the session cleanly and
+        // closes what joined it, instead of seeing joined streams cut while it still runs.
+        self.inner.conn.close(0, b"done");
         for c in &self.inner.joined {
             c.close(0, b"done");
         }
-        self.inner.conn.close(0, b"done");
         let _ = tokio::time::timeout(Duration::from_millis(20), self.inner.conn.wait_idle()).await;
     }
 }
