@@ -23,7 +23,8 @@ use crate::refusal::Refusal;
 /// Connections that may join one session (besides its first).
 pub const MAX_JOINED: usize = 15;
 
-/// A session's random token (16 bytes from the OS generator).
+/// A session's token: a UUIDv4 from the OS generator (122 random bits), which only the agent
+/// whose certificate opened the session may present.
 pub type Token = [u8; 16];
 
 type Members = Arc<Mutex<Vec<Connection>>>;

@@ -11,6 +11,7 @@
 //! asked for explicitly fails the link instead. A joined connection that is lost ends the
 //! session: the items it carried can never arrive, so nobody may wait for them.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use blockship_proto::pb::ErrorCode;
@@ -87,18 +88,24 @@ impl Connections {
     }
 }
 
-/// Dial the sink (mutual TLS) within the connect timeout, explaining a failure.
+/// Dial the sink (mutual TLS) within the connect timeout, explaining a failure. Joined
+/// connections dial `at`, the first one's address, so that a name resolving to several sinks
+/// (round-robin DNS, a load balancer) cannot send them to another sink; the certificate is
+/// still checked against the name the operator gave.
 pub(super) async fn dial(
     cfg: &LinkConfig,
     tls: blockship_transport::tls::ClientConfig,
+    at: Option<SocketAddr>,
 ) -> Result<Connection, AgentError> {
+    let named = blockship_transport::quic::split_host_port(&cfg.sink).ok().map(|(host, _)| host);
     let opts = ClientOptions {
         transport: cfg.transport,
         tuning: cfg.tuning.clone(),
-        server_name: cfg.server_name.clone(),
+        server_name: cfg.server_name.clone().or_else(|| at.and(named)),
     };
     let sink = cfg.sink.as_str();
-    tokio::time::timeout(CONNECT_TIMEOUT, blockship_transport::conn::connect(tls, sink, &opts))
+    let target = at.map_or_else(|| sink.to_string(), |a| a.to_string());
+    tokio::time::timeout(CONNECT_TIMEOUT, blockship_transport::conn::connect(tls, &target, &opts))
         .await
         .map_err(|_| AgentError::Connect {
             sink: sink.to_string(),
@@ -155,7 +162,7 @@ async fn join_one(
     first: &Connection,
     token: &Bytes,
 ) -> Result<(Connection, JoinHandle<()>), AgentError> {
-    let conn = dial(cfg, tls.clone()).await?;
+    let conn = dial(cfg, tls.clone(), Some(first.remote())).await?;
     let why = |e: TransportError| super::Link::reason_of(&conn, transport(e));
     let (send, recv) = conn.open_bi().await.map_err(why)?;
     let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));

@@ -194,7 +194,7 @@ impl Link {
     pub async fn connect(cfg: &LinkConfig) -> Result<Link, AgentError> {
         let sink = cfg.sink.as_str();
         let tls = tls::client_config(&cfg.tls).map_err(|e| AgentError::Tls(e.to_string()))?;
-        let conn = join::dial(cfg, tls.clone()).await?;
+        let conn = join::dial(cfg, tls.clone(), None).await?;
         // With TLS 1.3 the sink judges our certificate after our side of the handshake is done,
         // so a refusal shows up as a closed connection: report the close reason, not the pipe.
         let why = |e: TransportError| match conn.close_reason() {

@@ -52,6 +52,18 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
         Ok(())
     })?;
 
+    // gRPC on one connection, as the bare tonic peer sends: the default (`--connections auto`)
+    // opens at least two, so this row shows what the second one adds.
+    let mut grpc_one = Row::new(GRPC_ONE);
+    ctx.repeat(|measured| {
+        let extra = ["--transport", "grpc", "--connections", "1"];
+        let (sample, _) = fresh_sync(ctx, &src_s, "file:lan-grpc.img", size, &extra)?;
+        if measured {
+            grpc_one.samples.push(sample);
+        }
+        Ok(())
+    })?;
+
     // Incompressible data over each transport: the reference `wan` sets its `random` rows'
     // CPU against (a byte waiting for the link should cost little more than a fast one).
     let random_size = size.min(1 << 30);
@@ -129,7 +141,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     // Measured after the runs, so the image is in the page cache as it was for them.
     let floor = floor::measure(&src, &ctx.lab.dir, size.min(1 << 30))?;
 
-    result.rows = vec![ours, grpc, via_nbd, bare, bare_tonic, bare_tls, nc, nc_tls, qi];
+    result.rows = vec![ours, grpc, grpc_one, via_nbd, bare, bare_tonic, bare_tls, nc, nc_tls, qi];
     result.rows.extend(randoms);
     match nc_pinned {
         Some(nc_pinned) => result.rows.extend([pinned, nc_pinned]),
@@ -143,6 +155,10 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
             let r = b.median_wall() / o.median_wall();
             result.ratios.push(Ratio::at_least(format!("{ours} / {bare} (same wire bytes, time)"), r, min));
         }
+    }
+    if let (Some(o), Some(b)) = (result.row(GRPC_ONE), result.row("bare tonic")) {
+        let r = b.median_wall() / o.median_wall();
+        result.ratios.push(Ratio::info(format!("{GRPC_ONE} / bare tonic (one connection each)"), r));
     }
     if let Some(r) = result.speed_ratio("blockship grpc", "blockship") {
         result.ratios.push(Ratio::info("blockship grpc / blockship quic", r));
@@ -177,7 +193,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     if let Some(r) = result.speed_ratio("blockship (nbd source)", "nbdcopy") {
         result.ratios.push(Ratio::info("blockship reading the qemu-nbd export / nbdcopy", r));
     }
-    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes. `bare TLS over TCP` moves gRPC's wire bytes through one rustls TLS 1.3 connection with the same certificates: the floor of any secure TCP tool.".into());
+    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes. `bare TLS over TCP` moves gRPC's wire bytes through one rustls TLS 1.3 connection with the same certificates: the floor of any secure TCP tool. Blockship's rows use its default `--connections auto` (one per two cores, at least 2) while the bare peers use one connection; `blockship grpc, 1 connection` is the like-for-like gRPC row.".into());
     result.notes.push("`nbdcopy (NBD-TLS)` reads a `qemu-nbd` export with x509 TLS that requires a client certificate (`nbds://`): the same security as Blockship's mutual TLS, without end-to-end checksums. The `pinned` rows run the two processes on separate cores (agent / `nbdcopy` on the first CPU this process may use, sink / `qemu-nbd` on the second), as two hosts would. The floor ratios divide each side's CPU per wire GiB by the floor's sum for that side (agent: read + BLAKE3 + seal + send; sink: receive + open + BLAKE3 + write).".into());
     Ok(result)
 }
@@ -185,6 +201,8 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
 /// The rows of `random` data over each transport (what `wan::against_lan` pairs with).
 pub const RANDOM_QUIC: &str = "blockship random";
 pub const RANDOM_GRPC: &str = "blockship grpc random";
+/// gRPC with `--connections 1` (the bare tonic peer's one connection).
+pub const GRPC_ONE: &str = "blockship grpc, 1 connection";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
