@@ -50,7 +50,7 @@ pub struct AgentSettings {
     /// Parallel data streams (default 4; over grpc at most the sink's limit, 8).
     #[arg(long)]
     pub streams: Option<usize>,
-    /// Connections to spread the data streams over: auto (one per two cores, 2..=8) or 1..=16. One connection moves data on about one core per side; more need a sink that
+    /// Connections to spread the data streams over: auto (one per two cores, at most 8; over grpc at least 2) or 1..=16. One connection moves data on about one core per side; more need a sink that
     /// offers joined connections (else one is used).
     #[arg(long)]
     pub connections: Option<crate::link::Connections>,

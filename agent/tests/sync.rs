@@ -167,14 +167,15 @@ fn a_disk_over_several_connections(transport: &str) {
     assert!(same_file(&src, &lab.target("esx01/vm1")), "target differs after the compare sync");
     let one = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &["--connections", "1"]);
     assert_eq!(u(&one, "connections"), 1, "{one}");
-    // auto: one per two cores, at least two, at most eight.
+    // auto: one per two cores, at most eight, over gRPC at least two.
     let auto = lab.sync(&sink, "esx01", &src, "file:esx01/vm1", &[]);
     let cores = std::thread::available_parallelism().unwrap().get() as u64;
-    assert_eq!(u(&auto, "connections"), (cores / 2).clamp(2, 8), "{auto}");
+    let least = if transport == "grpc" { 2 } else { 1 };
+    assert_eq!(u(&auto, "connections"), (cores / 2).clamp(least, 8), "{auto}");
     // The sink saw the joins (the data each carried is checked by sink/tests/joins.rs).
     let joined = lab.sink_log().matches("connection joined a session").count();
-    // Two for each three-connection sync, at least one for the auto one.
-    assert!(joined > 2 + 2, "the sink logged {joined} joined connections");
+    // Two for each three-connection sync.
+    assert!(joined >= 2 + 2, "the sink logged {joined} joined connections");
 
     drop(sink);
     let capped = lab.sink(&["esx01=file:esx01/*"], &["--max-agent-connections", "2"]);

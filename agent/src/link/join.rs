@@ -4,9 +4,10 @@
 //! connections that join the first one's session with its token (`Hello.join`): they carry
 //! data streams only, from the same queue, and the sink treats their items as the session's.
 //! `auto` opens one connection per two usable cores (one for the connection's driver, one for
-//! the hashing and compression it feeds), at least 2 and at most 8: even where both sides share
-//! two cores, a second connection made gRPC 13–31 % faster and QUIC no slower (measured with
-//! `blockship-agent bench`, docs/performance.md). With `auto` a sink that refuses a joined
+//! the hashing and compression it feeds), at most 8, and over gRPC at least 2: even where both
+//! sides share two cores a second connection made gRPC 13–31 % faster, while QUIC gained
+//! nothing on loopback and lost link utilisation on a 500 Mbit/s link (two congestion
+//! controllers competing; measured, docs/performance.md). With `auto` a sink that refuses a joined
 //! connection (its connection caps) leaves the link with those it has, with a warning; a number
 //! asked for explicitly fails the link instead. A joined connection that is lost ends the
 //! session: the items it carried can never arrive, so nobody may wait for them.
@@ -79,10 +80,13 @@ impl Connections {
         }
     }
 
-    /// The number to open on a host with `cores` usable cores.
-    pub fn count(self, cores: usize) -> usize {
+    /// The number to open over `transport` on a host with `cores` usable cores.
+    pub fn count(self, cores: usize, transport: Transport) -> usize {
+        // gRPC gains from a second connection even on one or two cores; QUIC does not, and on
+        // a paced link two QUIC connections compete (each with its own congestion control).
+        let least = if transport == Transport::Grpc { 2 } else { 1 };
         match self {
-            Connections::Auto => (cores / 2).clamp(2, 8),
+            Connections::Auto => (cores / 2).clamp(least, 8),
             Connections::Fixed(n) => n,
         }
     }
@@ -208,12 +212,13 @@ mod tests {
         assert!("0".parse::<Connections>().unwrap_err().contains("between 1 and 16"));
         assert!("17".parse::<Connections>().is_err());
         assert!("many".parse::<Connections>().unwrap_err().contains("auto or a number"));
-        // One per two cores, at least two, at most eight.
-        assert_eq!(Connections::Auto.count(1), 2);
-        assert_eq!(Connections::Auto.count(2), 2);
-        assert_eq!(Connections::Auto.count(8), 4);
-        assert_eq!(Connections::Auto.count(64), 8);
-        assert_eq!(Connections::Fixed(5).count(2), 5);
+        // One per two cores, at most eight; at least two over gRPC, one over QUIC.
+        let (q, g) = (Transport::Quic, Transport::Grpc);
+        assert_eq!((Connections::Auto.count(1, q), Connections::Auto.count(1, g)), (1, 2));
+        assert_eq!((Connections::Auto.count(2, q), Connections::Auto.count(2, g)), (1, 2));
+        assert_eq!((Connections::Auto.count(8, q), Connections::Auto.count(8, g)), (4, 4));
+        assert_eq!(Connections::Auto.count(64, q), 8);
+        assert_eq!(Connections::Fixed(5).count(2, q), 5);
         #[derive(Deserialize)]
         struct T {
             c: Connections,

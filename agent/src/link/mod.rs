@@ -215,7 +215,7 @@ impl Link {
             hello.capabilities.iter().any(|c| c == version::CAP_JOIN) && !hello.session_token.is_empty();
         let cores = blockship_transport::cpu::usable_cores() as usize;
         let best_effort = cfg.connections == Connections::Auto;
-        let (joined, join_tasks) = match cfg.connections.count(cores) {
+        let (joined, join_tasks) = match cfg.connections.count(cores, cfg.transport) {
             n if n > 1 && can_join => join::join(cfg, &tls, &conn, &hello.session_token, n - 1, best_effort)
                 .await
                 .map_err(|e| Link::reason_of(&conn, e))?,

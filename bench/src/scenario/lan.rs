@@ -53,7 +53,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     })?;
 
     // gRPC on one connection, as the bare tonic peer sends: the default (`--connections auto`)
-    // opens at least two, so this row shows what the second one adds.
+    // opens at least two over gRPC, so this row shows what the second one adds.
     let mut grpc_one = Row::new(GRPC_ONE);
     ctx.repeat(|measured| {
         let extra = ["--transport", "grpc", "--connections", "1"];
@@ -193,7 +193,7 @@ pub fn run(ctx: &Ctx) -> Result<ScenarioResult> {
     if let Some(r) = result.speed_ratio("blockship (nbd source)", "nbdcopy") {
         result.ratios.push(Ratio::info("blockship reading the qemu-nbd export / nbdcopy", r));
     }
-    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes. `bare TLS over TCP` moves gRPC's wire bytes through one rustls TLS 1.3 connection with the same certificates: the floor of any secure TCP tool. Blockship's rows use its default `--connections auto` (one per two cores, at least 2) while the bare peers use one connection; `blockship grpc, 1 connection` is the like-for-like gRPC row.".into());
+    result.notes.push("`bare quinn` and `bare tonic` move as many bytes as Blockship put on the wire over QUIC and over gRPC (after zero skipping and compression) with the same transport settings (TLS, windows, message limits; `bare tonic` sends the same `WireFrame` messages through tonic's `Data` call); their ratios compare times for the same wire bytes. `bare TLS over TCP` moves gRPC's wire bytes through one rustls TLS 1.3 connection with the same certificates: the floor of any secure TCP tool. Blockship's rows use its default `--connections auto` (one per two cores; over gRPC at least 2) while the bare peers use one connection; `blockship grpc, 1 connection` is the like-for-like gRPC row.".into());
     result.notes.push("`nbdcopy (NBD-TLS)` reads a `qemu-nbd` export with x509 TLS that requires a client certificate (`nbds://`): the same security as Blockship's mutual TLS, without end-to-end checksums. The `pinned` rows run the two processes on separate cores (agent / `nbdcopy` on the first CPU this process may use, sink / `qemu-nbd` on the second), as two hosts would. The floor ratios divide each side's CPU per wire GiB by the floor's sum for that side (agent: read + BLAKE3 + seal + send; sink: receive + open + BLAKE3 + write).".into());
     Ok(result)
 }
