@@ -15,8 +15,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use blockship_proto::pb::ErrorCode;
+use blockship_proto::pb::{ErrorCode, Hello, HelloReply};
 use blockship_proto::{version, Body, Frame};
+use blockship_transport::conn::RecvStream;
 use blockship_transport::framed::unexpected;
 use blockship_transport::{
     ClientOptions, Closed, Connection, FrameReader, FrameWriter, Transport, TransportError,
@@ -122,6 +123,29 @@ pub(super) async fn dial(
         .map_err(|e| explain(sink, e))
 }
 
+/// Say Hello on a new connection's control stream (joining the session of `join` if it is not
+/// empty) and read the sink's answer: the control stream and the reply.
+pub(super) async fn hello(
+    sink: &str,
+    conn: &Connection,
+    join: Bytes,
+) -> Result<(FrameWriter, FrameReader<RecvStream>, HelloReply), AgentError> {
+    // With TLS 1.3 the sink judges our certificate after our side of the handshake is done, so
+    // a refusal shows up as a closed connection: report the close reason, not the pipe.
+    let why = |e: TransportError| match conn.close_reason() {
+        Some(reason) => explain(sink, TransportError::Closed(reason)),
+        None => explain(sink, e),
+    };
+    let (send, recv) = conn.open_bi().await.map_err(why)?;
+    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
+    let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
+    w.send(&Body::Hello(Hello { join, ..version::hello(&software) })).await.map_err(why)?;
+    match r.next_body("HelloReply").await.map_err(why)? {
+        Body::HelloReply(reply) => Ok((w, r, reply)),
+        other => Err(transport(unexpected("HelloReply", &other))),
+    }
+}
+
 /// Open `n` connections that join the session of `token` on `first` (with `best_effort`, as
 /// many as the sink takes). Each keeps its control stream open in a task (returned) that ends
 /// the session if the connection is lost.
@@ -167,17 +191,7 @@ async fn join_one(
     token: &Bytes,
 ) -> Result<(Connection, JoinHandle<()>), AgentError> {
     let conn = dial(cfg, tls.clone(), Some(first.remote())).await?;
-    let why = |e: TransportError| super::Link::reason_of(&conn, transport(e));
-    let (send, recv) = conn.open_bi().await.map_err(why)?;
-    let (mut w, mut r) = (FrameWriter::new(send), FrameReader::new(recv));
-    let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
-    let hello = blockship_proto::pb::Hello { join: token.clone(), ..version::hello(&software) };
-    w.send(&Body::Hello(hello)).await.map_err(why)?;
-    match r.next_body("HelloReply").await.map_err(why)? {
-        Body::HelloReply(_) => {}
-        Body::Error(e) => return Err(super::refused(&e)),
-        other => return Err(transport(unexpected("HelloReply", &other))),
-    }
+    let (w, mut r, _) = hello(&cfg.sink, &conn, token.clone()).await?;
     let (sink, first, this) = (cfg.sink.clone(), first.clone(), conn.clone());
     let task = tokio::spawn(async move {
         // The writer lives as long as the task: finishing the control stream would end the

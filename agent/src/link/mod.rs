@@ -195,21 +195,7 @@ impl Link {
         let sink = cfg.sink.as_str();
         let tls = tls::client_config(&cfg.tls).map_err(|e| AgentError::Tls(e.to_string()))?;
         let conn = join::dial(cfg, tls.clone(), None).await?;
-        // With TLS 1.3 the sink judges our certificate after our side of the handshake is done,
-        // so a refusal shows up as a closed connection: report the close reason, not the pipe.
-        let why = |e: TransportError| match conn.close_reason() {
-            Some(reason) => explain(sink, TransportError::Closed(reason)),
-            None => explain(sink, e),
-        };
-        let (send, recv) = conn.open_bi().await.map_err(&why)?;
-        let mut writer = FrameWriter::new(send);
-        let mut reader = FrameReader::new(recv);
-        let software = format!("blockship-agent {}", env!("CARGO_PKG_VERSION"));
-        writer.send(&Body::Hello(version::hello(&software))).await.map_err(why)?;
-        let hello = match reader.next_body("HelloReply").await.map_err(why)? {
-            Body::HelloReply(r) => r,
-            other => return Err(transport(unexpected("HelloReply", &other))),
-        };
+        let (writer, reader, hello) = join::hello(sink, &conn, bytes::Bytes::new()).await?;
         tracing::info!(sink, transport = %cfg.transport, version = hello.version, identity = %hello.identity, peer = %hello.software, "connected");
         let can_join =
             hello.capabilities.iter().any(|c| c == version::CAP_JOIN) && !hello.session_token.is_empty();
