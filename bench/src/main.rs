@@ -140,6 +140,9 @@ enum PeerSide {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The bare peers run as subcommands of this binary: they get the daemons' heap thresholds so
+    // that the comparison measures protocol overhead, not allocator settings.
+    blockship_transport::heap::keep_chunk_buffers();
     match cli.cmd {
         Some(Cmd::GenImage { profile, size, seed, out }) => {
             let size = parse_size::Config::new()

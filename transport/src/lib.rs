@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod framed;
 pub mod grpc;
 pub mod handshakes;
+pub mod heap;
 pub mod logs;
 pub mod metrics;
 pub mod quic;
