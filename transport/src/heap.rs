@@ -4,11 +4,11 @@
 //! passes its trim threshold, so every chunk's first touch pays page faults and page clearing:
 //! profiled on the sink (QUIC, 1 GiB random), 99 % of its page faults were in the copy into fresh
 //! payload buffers, ~150k faults per 2 GiB. Fixing the mmap threshold at 4 MiB and the trim
-//! threshold at 8 MiB keeps freed chunk buffers in the process for reuse: 3-21k faults and 10-20 %
-//! less sink CPU per 2 GiB on the same run (figures in `docs/performance.md`), at the price of up
-//! to 8 MiB of free heap held per arena. Chunks above 4 MiB (`--chunk-size` up to 16 MiB) still go
-//! to `mmap`, as before. An operator who tunes glibc's malloc through its environment variables
-//! keeps their settings: we then change nothing.
+//! threshold at 8 MiB keeps freed chunk buffers in the process for reuse: 3-21k faults and 7-20 %
+//! less sink CPU per 2 GiB, ~20 % less CPU per side over gRPC (figures in `docs/performance.md`),
+//! at the price of up to 8 MiB of free heap held per arena. Chunks above 4 MiB (`--chunk-size` up
+//! to 16 MiB) still go to `mmap`, as before. An operator who tunes glibc's malloc through its
+//! environment variables keeps their settings: we then change nothing.
 
 /// What [`keep_chunk_buffers`] did, for the daemon to log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
