@@ -74,7 +74,7 @@ pub fn status(state_root: &Path, roster: Option<&Roster>) -> pb::StatusReply {
                     throughput: e.throughput(),
                     in_flight_bytes: e.budget.in_flight(),
                     targets: e.targets(),
-                    connections: e.connections.load(std::sync::atomic::Ordering::Relaxed),
+                    connections: e.connections(),
                 })
                 .collect()
         })

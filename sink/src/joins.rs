@@ -11,7 +11,6 @@
 //! malformed, the whole session ends (its epoch could not complete without that data).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockship_proto::pb::ErrorCode;
@@ -27,14 +26,13 @@ pub const MAX_JOINED: usize = 15;
 /// whose certificate opened the session may present.
 pub type Token = [u8; 16];
 
-type Members = Arc<Mutex<Vec<Connection>>>;
+/// The connections that joined a session, shared with its roster entry (which counts them).
+pub type Members = Arc<Mutex<Vec<Connection>>>;
 
 struct Joinable {
     agent: String,
     streams: StreamCtx,
     joined: Members,
-    /// Connections carrying the session now (the roster shows it).
-    count: Arc<AtomicU32>,
 }
 
 /// The sessions that connections may join, by token.
@@ -62,10 +60,10 @@ impl Drop for Open<'_> {
 
 impl Joins {
     /// Let other connections of `agent` join the session whose data streams use `streams`;
-    /// `count` (1 for the session's own connection) counts those carrying it.
-    pub fn open(&self, agent: &str, streams: StreamCtx, count: Arc<AtomicU32>) -> Open<'_> {
+    /// those that join are listed in `joined`.
+    pub fn open(&self, agent: &str, streams: StreamCtx, joined: Members) -> Open<'_> {
         let token = *uuid::Uuid::new_v4().as_bytes();
-        let entry = Joinable { agent: agent.to_string(), streams, joined: Members::default(), count };
+        let entry = Joinable { agent: agent.to_string(), streams, joined };
         self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(token, entry);
         Open { joins: self, token }
     }
@@ -95,22 +93,19 @@ impl Joins {
             ));
         }
         joined.push(conn.clone());
-        entry.count.fetch_add(1, Ordering::Relaxed);
-        let guard = Joined { id: conn.id(), members: entry.joined.clone(), count: entry.count.clone() };
+        let guard = Joined { id: conn.id(), members: entry.joined.clone() };
         Ok((entry.streams.clone(), guard))
     }
 }
 
-/// A joined connection, counted in its session's connections until dropped.
+/// A joined connection, listed in its session's members until dropped.
 pub struct Joined {
     id: u64,
     members: Members,
-    count: Arc<AtomicU32>,
 }
 
 impl Drop for Joined {
     fn drop(&mut self) {
         self.members.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| c.id() != self.id);
-        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }

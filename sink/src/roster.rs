@@ -3,11 +3,12 @@
 //! is seated and leaves when its entry is dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::datastream::Disks;
+use crate::joins::Members;
 use crate::limits::Budget;
 
 /// One live session.
@@ -19,8 +20,8 @@ pub struct Entry {
     pub since: Instant,
     /// Chunk payload bytes received.
     pub received: Arc<AtomicU64>,
-    /// Connections carrying the session: its own and those that joined it (`joins`).
-    pub connections: Arc<AtomicU32>,
+    /// The connections that joined the session (`joins`), besides its own.
+    pub joined: Members,
     pub budget: Arc<Budget>,
     pub disks: Disks,
     /// The last throughput sample: when, bytes then, and the rate measured up to it.
@@ -43,7 +44,7 @@ impl Entry {
             remote: remote.to_string(),
             since: Instant::now(),
             received: Arc::default(),
-            connections: Arc::new(AtomicU32::new(1)),
+            joined: Members::default(),
             budget,
             disks,
             sample: Mutex::new((Instant::now(), 0, 0.0)),
@@ -60,6 +61,11 @@ impl Entry {
             *s = (now, bytes, bytes.saturating_sub(s.1) as f64 / dt);
         }
         s.2
+    }
+
+    /// Connections carrying the session: its own and those that joined it.
+    pub fn connections(&self) -> u32 {
+        1 + self.joined.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
     }
 
     /// Names of the targets the session has open.

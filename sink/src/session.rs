@@ -229,7 +229,7 @@ async fn run(
     };
     // Registered before the reply that names the token, so a joining connection finds it.
     let _joinable = reply.capabilities.iter().any(|c| c == version::CAP_JOIN).then(|| {
-        let open = ctx.joins.open(identity, streams.clone(), entry.connections.clone());
+        let open = ctx.joins.open(identity, streams.clone(), entry.joined.clone());
         reply.session_token = bytes::Bytes::copy_from_slice(&open.token);
         open
     });

@@ -391,11 +391,4 @@ async fn oversized_frames(transport: Transport) {
     b.hello().await;
 }
 
-macro_rules! both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(blockship_transport::Transport::Quic).await })* }
-        mod grpc { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(blockship_transport::Transport::Grpc).await })* }
-    };
-}
-
 both_transports!(slow_handshakes, stream_flood, oversized_frames);

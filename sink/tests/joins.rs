@@ -82,39 +82,29 @@ async fn data_on_joined_connections(transport: Transport) {
     );
 }
 
-#[tokio::test]
-async fn data_on_joined_connections_is_committed_with_the_session_quic() {
-    data_on_joined_connections(Transport::Quic).await;
-}
-
-#[tokio::test]
-async fn data_on_joined_connections_is_committed_with_the_session_grpc() {
-    data_on_joined_connections(Transport::Grpc).await;
-}
-
-#[tokio::test]
-async fn joining_needs_the_sessions_token_and_agent() {
+/// Joining needs the session's token and agent, at most `MAX_JOINED` times, while it lasts.
+async fn joining_needs_the_sessions_token_and_agent(transport: Transport) {
     let args = ["--allow", "esx01=file:*", "--allow", "esx02=file:*", "--max-agent-connections", "32"];
     let lab = Lab::with(&args, &[]);
-    let mut a = lab.agent().await;
+    let mut a = lab.agent_over("esx01", transport).await;
     let token = a.try_hello().await.unwrap().session_token;
 
     for wrong in [vec![0u8; 16], vec![1, 2, 3], token[..15].to_vec()] {
-        let mut x = joining(&lab, "esx01", Transport::Quic, &wrong).await;
+        let mut x = joining(&lab, "esx01", transport, &wrong).await;
         let msg = x.refused(ErrorCode::Unauthorized).await;
         assert!(msg.contains("no session to join"), "{msg}");
     }
     // Another agent's token is refused with the same words as a wrong one.
-    let mut other = joining(&lab, "esx02", Transport::Quic, &token).await;
+    let mut other = joining(&lab, "esx02", transport, &token).await;
     let msg = other.refused(ErrorCode::Unauthorized).await;
     assert!(msg.contains("no session to join"), "{msg}");
 
     // At most 15 joined connections per session (16 with its own); the 16th is refused.
     let mut kept = Vec::new();
     for _ in 0..15 {
-        kept.push(joined(&lab, Transport::Quic, &token).await);
+        kept.push(joined(&lab, transport, &token).await);
     }
-    let mut over = joining(&lab, "esx01", Transport::Quic, &token).await;
+    let mut over = joining(&lab, "esx01", transport, &token).await;
     let msg = over.refused(ErrorCode::Busy).await;
     assert!(msg.contains("joined connections"), "{msg}");
     drop(kept);
@@ -124,7 +114,7 @@ async fn joining_needs_the_sessions_token_and_agent() {
     a.conn.close(0, b"done");
     let gone = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let mut x = joining(&lab, "esx01", Transport::Quic, &token).await;
+            let mut x = joining(&lab, "esx01", transport, &token).await;
             match x.r.next_body("HelloReply").await {
                 Err(blockship_transport::TransportError::Remote { code, message }) => break (code, message),
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -181,12 +171,8 @@ async fn lost_joined_connection(transport: Transport) {
     assert_eq!(lab.state()["committed_epoch"], 0);
 }
 
-#[tokio::test]
-async fn a_lost_joined_connection_ends_its_session_quic() {
-    lost_joined_connection(Transport::Quic).await;
-}
-
-#[tokio::test]
-async fn a_lost_joined_connection_ends_its_session_grpc() {
-    lost_joined_connection(Transport::Grpc).await;
-}
+both_transports!(
+    data_on_joined_connections,
+    joining_needs_the_sessions_token_and_agent,
+    lost_joined_connection
+);

@@ -20,6 +20,17 @@ use bytes::Bytes;
 
 pub const MIB: u64 = 1 << 20;
 
+/// One test per transport for each `async fn NAME(Transport)` named: `quic::NAME`, `grpc::NAME`.
+#[allow(unused_macros)]
+macro_rules! both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(blockship_transport::Transport::Quic).await })* }
+        mod grpc { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(blockship_transport::Transport::Grpc).await })* }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_transports;
+
 pub struct Lab {
     pub dir: tempfile::TempDir,
     sink: Option<Child>,
