@@ -193,8 +193,7 @@ fn main() -> ExitCode {
         eprintln!("blockship-agent: error: {e}");
         return ExitCode::FAILURE;
     }
-    let heap = blockship_transport::heap::keep_chunk_buffers();
-    tracing::debug!(?heap, "heap thresholds for chunk buffers");
+    blockship_transport::heap::keep_chunk_buffers();
     if let Err(e) = blockship_agent::failpoint::setup() {
         eprintln!("blockship-agent: error: {e}");
         return ExitCode::FAILURE;

@@ -181,8 +181,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("blockship-sink: error: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let heap = blockship_transport::heap::keep_chunk_buffers();
-    tracing::debug!(?heap, "heap thresholds for chunk buffers");
+    blockship_transport::heap::keep_chunk_buffers();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -39,13 +39,16 @@ fn operator_setting(get: impl Fn(&str) -> Option<String>) -> Option<&'static str
     })
 }
 
-/// Keep chunk-sized buffers in the process between chunks (see the module comment). Call it once
-/// at the start of `main`, before any thread is spawned.
+/// Keep chunk-sized buffers in the process between chunks (see the module comment), and log what
+/// was done at debug level. The thresholds are process-wide (every arena), so one call at the
+/// start of `main`, before the first chunk buffer, is enough.
 pub fn keep_chunk_buffers() -> HeapTuning {
-    if let Some(name) = operator_setting(|name| std::env::var(name).ok()) {
-        return HeapTuning::OperatorSet(name);
-    }
-    set_thresholds()
+    let tuning = match operator_setting(|name| std::env::var(name).ok()) {
+        Some(name) => HeapTuning::OperatorSet(name),
+        None => set_thresholds(),
+    };
+    tracing::debug!(?tuning, "heap thresholds for chunk buffers");
+    tuning
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
