@@ -147,8 +147,10 @@ pub(super) async fn hello(
 }
 
 /// Open `n` connections that join the session of `token` on `first` (with `best_effort`, as
-/// many as the sink takes). Each keeps its control stream open in a task (returned) that ends
-/// the session if the connection is lost.
+/// many as the sink takes). They are dialled at once, not one after another: each costs a
+/// handshake round trip, which on a WAN link would otherwise add up before the first byte.
+/// Each keeps its control stream open in a task (returned) that ends the session if the
+/// connection is lost.
 pub(super) async fn join(
     cfg: &LinkConfig,
     tls: &blockship_transport::tls::ClientConfig,
@@ -157,31 +159,30 @@ pub(super) async fn join(
     n: usize,
     best_effort: bool,
 ) -> Result<(Vec<Connection>, Vec<JoinHandle<()>>), AgentError> {
-    let (mut conns, mut tasks) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for k in 0..n {
-        match join_one(cfg, tls, first, token).await {
-            Ok((conn, task)) => {
-                conns.push(conn);
-                tasks.push(task);
-            }
-            Err(e) if best_effort => {
-                let using = conns.len() + 1;
-                tracing::warn!(sink = %cfg.sink, "using {using} connection(s): the sink refused another one: {e}");
-                break;
-            }
-            Err(e) => {
-                for (c, t) in conns.iter().zip(&tasks) {
-                    t.abort();
-                    c.close(0, b"done");
-                }
-                return Err(AgentError::Connect {
-                    sink: cfg.sink.clone(),
-                    reason: format!("joining connection {} of {}: {e} (lower --connections)", k + 2, n + 1),
-                });
-            }
+    let dials = (0..n).map(|_| join_one(cfg, tls, first, token));
+    let (mut joined, mut refused) = (Vec::with_capacity(n), Vec::new());
+    for (k, result) in futures::future::join_all(dials).await.into_iter().enumerate() {
+        match result {
+            Ok(pair) => joined.push(pair),
+            Err(e) => refused.push((k, e)),
         }
     }
-    Ok((conns, tasks))
+    let Some((k, e)) = refused.into_iter().next() else {
+        return Ok(joined.into_iter().unzip());
+    };
+    if best_effort {
+        let using = joined.len() + 1;
+        tracing::warn!(sink = %cfg.sink, "using {using} connection(s): the sink refused another one: {e}");
+        return Ok(joined.into_iter().unzip());
+    }
+    for (c, t) in &joined {
+        t.abort();
+        c.close(0, b"done");
+    }
+    Err(AgentError::Connect {
+        sink: cfg.sink.clone(),
+        reason: format!("joining connection {} of {}: {e} (lower --connections)", k + 2, n + 1),
+    })
 }
 
 async fn join_one(
