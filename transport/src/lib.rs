@@ -12,6 +12,7 @@ pub mod handshakes;
 pub mod heap;
 pub mod logs;
 pub mod metrics;
+pub mod moderation;
 pub mod quic;
 pub mod quic_conn;
 pub mod shutdown;
