@@ -6,8 +6,8 @@
 //! in at a moderate rate (`HOLD_BAND`), this wrapper waits `hold` before reading again, so what
 //! arrived meanwhile is taken in one wake-up. A read that fills the whole batch (more is
 //! waiting), a fast stream and sparse control traffic are never held, so neither loopback
-//! throughput nor a commit's round trips pay for it; the socket buffer (16 MiB) holds far more
-//! than a hold's worth of data in the band. The cost is up to `hold` (with tokio's 1 ms timer,
+//! throughput nor a commit's round trips pay for it, and the band ends where a hold's worth of
+//! data would no longer fit easily in the socket's receive buffer. The cost is up to `hold` (with tokio's 1 ms timer,
 //! ~1 ms) of added latency for a bulk stream's acknowledgements.
 
 use std::fmt;
@@ -34,6 +34,7 @@ pub struct Moderated {
 /// delay request/response exchanges (a commit's round trips) for few saved wake-ups; above it
 /// the receiver is busy enough that a pause only stalls its pipeline (measured on loopback: a
 /// 1 ms hold at ~900 MB/s lost ~12 % throughput) and its wake-ups are amortised over large reads.
+/// A small socket buffer lowers the top further (`Moderator::new`).
 pub const HOLD_BAND: std::ops::Range<u64> = 8_000_000..200_000_000;
 
 /// Rate window: long enough to span many holds, short enough to follow a transfer's start.
@@ -43,6 +44,8 @@ const WINDOW: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 pub struct Moderator {
     hold: Duration,
+    /// The top of the band for this socket.
+    ceiling: u64,
     /// Bytes received in the current rate window, and when it began.
     bytes: u64,
     since: Option<Instant>,
@@ -51,8 +54,13 @@ pub struct Moderator {
 }
 
 impl Moderator {
-    pub fn new(hold: Duration) -> Self {
-        Moderator { hold, bytes: 0, since: None, rate: 0 }
+    /// Moderation by `hold` of a socket whose receive buffer holds `buffer` bytes. What arrives
+    /// during a hold (up to twice `hold` with tokio's timer) must fit in a quarter of the buffer,
+    /// or a hold would drop datagrams: with the 16 MiB buffer a root daemon gets that allows
+    /// any rate in the band; with the kernel's default (~416 KiB) holds stop at ~52 MB/s.
+    pub fn new(hold: Duration, buffer: usize) -> Self {
+        let fits = (buffer as f64 / 4.0 / (2.0 * hold.as_secs_f64()).max(1e-9)) as u64;
+        Moderator { hold, ceiling: fits.min(HOLD_BAND.end), bytes: 0, since: None, rate: 0 }
     }
 
     /// A read at `now` returned `n` datagrams (of a batch of `batch`) carrying `bytes`: until
@@ -66,13 +74,15 @@ impl Moderator {
             (self.bytes, self.since) = (0, Some(now));
         }
         // A full batch means more is waiting: read on.
-        (n < batch && HOLD_BAND.contains(&self.rate) && !self.hold.is_zero()).then(|| now + self.hold)
+        let in_band = self.rate >= HOLD_BAND.start && self.rate < self.ceiling;
+        (n < batch && in_band && !self.hold.is_zero()).then(|| now + self.hold)
     }
 }
 
 impl Moderated {
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, hold: Duration) -> Self {
-        Moderated { inner, state: Mutex::new((Moderator::new(hold), None)) }
+    /// Moderate reads of `inner`, whose receive buffer holds `buffer` bytes, by `hold`.
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>, hold: Duration, buffer: usize) -> Self {
+        Moderated { inner, state: Mutex::new((Moderator::new(hold, buffer), None)) }
     }
 }
 
@@ -105,7 +115,7 @@ impl AsyncUdpSocket for Moderated {
         }
         let got = ready!(self.inner.poll_recv(cx, bufs, meta));
         if let Ok(n) = got {
-            let bytes = meta[..n].iter().map(|m| m.len as u64).sum();
+            let bytes = meta.iter().take(n).map(|m| m.len as u64).sum();
             if let Some(until) = moderator.after_read(Instant::now(), n, bufs.len(), bytes) {
                 *held = Some(Box::pin(tokio::time::sleep_until(until)));
             }
@@ -135,6 +145,8 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    /// The buffer a root daemon sets (`QuicTuning::socket_buffer`; Linux reports twice it).
+    const BIG: usize = 32 << 20;
 
     /// Reads of `bytes` every `every`, for 100 ms: whether the last one asked for a hold.
     fn steady(m: &mut Moderator, t0: Instant, every: Duration, n: usize, bytes: u64) -> Option<Instant> {
@@ -150,28 +162,40 @@ mod tests {
     fn holds_only_a_drained_socket_in_the_rate_band() {
         let t0 = Instant::now();
         // A paced 500 Mbit/s link: one 14.5 KB GSO batch every 0.23 ms (~62 MB/s).
-        let mut m = Moderator::new(MS);
+        let mut m = Moderator::new(MS, BIG);
         let until = steady(&mut m, t0, Duration::from_micros(232), 1, 14_520);
         assert!(HOLD_BAND.contains(&m.rate), "rate {}", m.rate);
         assert_eq!(until, Some(t0 + Duration::from_micros(232) * 430 + MS));
         // The same link, but the read filled the batch: more is waiting, no hold.
         assert_eq!(m.after_read(t0 + 30 * MS, 32, 32, 14_520 * 32), None);
         // Loopback at ~1 GB/s: never held.
-        let mut fast = Moderator::new(MS);
+        let mut fast = Moderator::new(MS, BIG);
         assert_eq!(steady(&mut fast, t0, Duration::from_micros(32), 1, 32_768), None);
         assert!(fast.rate >= HOLD_BAND.end, "rate {}", fast.rate);
         // Control traffic (a commit's round trips): never held, so no added latency.
-        let mut idle = Moderator::new(MS);
+        let mut idle = Moderator::new(MS, BIG);
         assert_eq!(steady(&mut idle, t0, MS, 1, 200), None);
         // A zero hold turns moderation off.
-        let mut off = Moderator::new(Duration::ZERO);
+        let mut off = Moderator::new(Duration::ZERO, BIG);
         assert_eq!(steady(&mut off, t0, Duration::from_micros(232), 1, 14_520), None);
+    }
+
+    #[test]
+    fn a_small_socket_buffer_lowers_the_ceiling() {
+        let t0 = Instant::now();
+        // The kernel's default buffer (rmem_max 212992, reported doubled): a 1 ms hold at
+        // 62 MB/s could pile up ~124 KB, more than a quarter of it, so the link is not held.
+        let mut small = Moderator::new(MS, 425_984);
+        assert_eq!(steady(&mut small, t0, Duration::from_micros(232), 1, 14_520), None);
+        // ... but a 20 MB/s stream still is.
+        let mut slow = Moderator::new(MS, 425_984);
+        assert!(steady(&mut slow, t0, Duration::from_micros(726), 1, 14_520).is_some());
     }
 
     #[test]
     fn the_rate_follows_a_change_within_a_window() {
         let t0 = Instant::now();
-        let mut m = Moderator::new(MS);
+        let mut m = Moderator::new(MS, BIG);
         steady(&mut m, t0, Duration::from_micros(232), 1, 14_520);
         assert!(HOLD_BAND.contains(&m.rate));
         // The link goes quiet: after one window of sparse reads the rate is below the band.

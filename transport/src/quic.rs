@@ -277,9 +277,11 @@ fn endpoint_on(
 ) -> std::io::Result<quinn::Endpoint> {
     use quinn::Runtime;
     let runtime = Arc::new(quinn::TokioRuntime);
+    // What the kernel granted (SO_RCVBUFFORCE needs root), not what we asked for.
+    let buffer = socket2::SockRef::from(&socket).recv_buffer_size()?;
     let mut socket = runtime.wrap_udp_socket(socket)?;
     if !tuning.recv_hold.is_zero() {
-        socket = Arc::new(Moderated::new(socket, tuning.recv_hold));
+        socket = Arc::new(Moderated::new(socket, tuning.recv_hold, buffer));
     }
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
