@@ -7,8 +7,10 @@
 //! arrived meanwhile is taken in one wake-up. A read that fills the whole batch (more is
 //! waiting), a fast stream and sparse control traffic are never held, so neither loopback
 //! throughput nor a commit's round trips pay for it, and the band ends where a hold's worth of
-//! data would no longer fit easily in the socket's receive buffer. The cost is up to `hold` (with tokio's 1 ms timer,
-//! ~1 ms) of added latency for a bulk stream's acknowledgements.
+//! data would no longer fit easily in the socket's receive buffer. The rate is the socket's,
+//! not a connection's: while one agent's bulk stream is in the band, the sink's other traffic on
+//! the same endpoint waits up to a hold too. The cost is up to `hold` (with tokio's 1 ms timer,
+//! 1–2 ms) of added latency per read while held.
 
 use std::fmt;
 use std::future::Future;
@@ -49,6 +51,8 @@ pub struct Moderator {
     /// Bytes received in the current rate window, and when it began.
     bytes: u64,
     since: Option<Instant>,
+    /// When the last read returned.
+    last: Option<Instant>,
     /// Receive rate of the last complete window (bytes per second).
     rate: u64,
 }
@@ -60,12 +64,18 @@ impl Moderator {
     /// any rate in the band; with the kernel's default (~416 KiB) holds stop at ~52 MB/s.
     pub fn new(hold: Duration, buffer: usize) -> Self {
         let fits = (buffer as f64 / 4.0 / (2.0 * hold.as_secs_f64()).max(1e-9)) as u64;
-        Moderator { hold, ceiling: fits.min(HOLD_BAND.end), bytes: 0, since: None, rate: 0 }
+        Moderator { hold, ceiling: fits.min(HOLD_BAND.end), bytes: 0, since: None, last: None, rate: 0 }
     }
 
     /// A read at `now` returned `n` datagrams (of a batch of `batch`) carrying `bytes`: until
     /// when the next read should wait, if at all.
     pub fn after_read(&mut self, now: Instant, n: usize, batch: usize, bytes: u64) -> Option<Instant> {
+        // A window of silence ends the stream: what came before it says nothing of this read
+        // (without this, the tail of a transfer kept the old rate, and holds, for a window).
+        if self.last.is_some_and(|last| now - last >= WINDOW) {
+            (self.rate, self.bytes, self.since) = (0, 0, None);
+        }
+        self.last = Some(now);
         let since = *self.since.get_or_insert(now);
         self.bytes += bytes;
         let span = now - since;
@@ -202,5 +212,11 @@ mod tests {
         let t1 = t0 + 100 * MS;
         steady(&mut m, t1, 5 * MS, 1, 100);
         assert!(m.rate < HOLD_BAND.start, "rate {}", m.rate);
+        // A transfer, a pause, then a commit's round trips: the first of them is not held for
+        // the transfer's sake (its rate belongs to before the pause).
+        let mut m = Moderator::new(MS, BIG);
+        steady(&mut m, t0, Duration::from_micros(232), 1, 14_520);
+        assert_eq!(m.after_read(t0 + 150 * MS, 1, 32, 200), None);
+        assert_eq!(m.after_read(t0 + 150 * MS + Duration::from_micros(300), 1, 32, 200), None);
     }
 }
