@@ -109,14 +109,35 @@ async fn joining_needs_the_sessions_token_and_agent(transport: Transport) {
     assert!(msg.contains("joined connections"), "{msg}");
     drop(kept);
 
-    // A session that ended cannot be joined.
+    // Their seats come back as the sink sees them go (until then a join is refused as busy).
+    let seated = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut x = joining(&lab, "esx01", transport, &token).await;
+            match x.r.next_body("HelloReply").await {
+                Ok(Body::HelloReply(_)) => break x,
+                Err(blockship_transport::TransportError::Remote { code: ErrorCode::Busy, .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!("a join after the others left: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the seats of closed joined connections were never released");
+
+    // A session that ended cannot be joined (and what joined it is closed).
     a.w.close();
     a.conn.close(0, b"done");
     let gone = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let mut x = joining(&lab, "esx01", transport, &token).await;
             match x.r.next_body("HelloReply").await {
-                Err(blockship_transport::TransportError::Remote { code, message }) => break (code, message),
+                // Busy while the connections of earlier tries still hold their seats.
+                Err(blockship_transport::TransportError::Remote { code, message })
+                    if code != ErrorCode::Busy =>
+                {
+                    break (code, message)
+                }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -125,6 +146,12 @@ async fn joining_needs_the_sessions_token_and_agent(transport: Transport) {
     .unwrap();
     assert_eq!(gone.0, ErrorCode::Unauthorized, "{}", gone.1);
     assert!(gone.1.contains("no session to join"), "{}", gone.1);
+    let mut seated = seated;
+    let ended = tokio::time::timeout(Duration::from_secs(10), seated.r.next()).await;
+    assert!(
+        matches!(ended, Ok(Err(_)) | Ok(Ok(None))),
+        "a joined connection outlived its session: {ended:?}"
+    );
 }
 
 /// A joined connection lost mid-epoch ends the session at once (its items can never arrive, so

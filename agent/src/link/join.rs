@@ -160,14 +160,17 @@ pub(super) async fn join(
     best_effort: bool,
 ) -> Result<(Vec<Connection>, Vec<JoinHandle<()>>), AgentError> {
     let dials = (0..n).map(|_| join_one(cfg, tls, first, token));
-    let (mut joined, mut refused) = (Vec::with_capacity(n), Vec::new());
+    let (mut joined, mut refused) = (Vec::with_capacity(n), None);
     for (k, result) in futures::future::join_all(dials).await.into_iter().enumerate() {
         match result {
             Ok(pair) => joined.push(pair),
-            Err(e) => refused.push((k, e)),
+            // The first refusal is the one reported; the others say the same.
+            Err(e) => {
+                refused.get_or_insert((k, e));
+            }
         }
     }
-    let Some((k, e)) = refused.into_iter().next() else {
+    let Some((k, e)) = refused else {
         return Ok(joined.into_iter().unzip());
     };
     if best_effort {
