@@ -76,6 +76,10 @@ pub struct AgentSettings {
     /// QUIC congestion controller: bbr (default; holds up on lossy long links), cubic, newreno.
     #[arg(long)]
     pub congestion: Option<String>,
+    /// QUIC receive moderation: after a read that empties the socket while data arrives at a
+    /// moderate rate (8-200 MB/s), wait this long before the next (default 1ms; 0 turns it off).
+    #[arg(long, value_name = "D")]
+    pub recv_hold: Option<String>,
     /// Read files with pread even where io_uring is available.
     #[arg(long)]
     #[serde(default)]
@@ -171,6 +175,7 @@ impl AgentSettings {
             checksum_retries: self.checksum_retries.or(file.checksum_retries),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             congestion: self.congestion.or(file.congestion),
+            recv_hold: self.recv_hold.or(file.recv_hold),
             no_io_uring: self.no_io_uring || file.no_io_uring,
             ceph_conf: self.ceph_conf.or(file.ceph_conf),
             ceph_id: self.ceph_id.or(file.ceph_id),
@@ -241,6 +246,9 @@ impl AgentSettings {
         }
         if let Some(c) = &self.congestion {
             tuning.congestion = c.parse().map_err(anyhow::Error::msg)?;
+        }
+        if let Some(h) = &self.recv_hold {
+            tuning.set_recv_hold(h).map_err(anyhow::Error::msg)?;
         }
         let transport = match &self.transport {
             Some(t) => t.parse().map_err(anyhow::Error::msg)?,
@@ -370,6 +378,13 @@ mod tests {
         assert_eq!(r.compression, Compression::None);
         assert_eq!(r.chunk_size, 4 << 20);
         assert_eq!(r.streams, 4);
+        assert_eq!(r.tuning.recv_hold, std::time::Duration::from_millis(1));
+        // Receive moderation comes from the file unless a flag says otherwise.
+        let file: AgentSettings =
+            toml::from_str("sink = \"s:1\"\npki = \"/p\"\nname = \"a\"\nrecv_hold = \"0\"\n").unwrap();
+        assert!(file.clone().resolve().unwrap().tuning.recv_hold.is_zero());
+        let flags = AgentSettings { recv_hold: Some("2ms".into()), ..Default::default() };
+        assert_eq!(flags.over(file).resolve().unwrap().tuning.recv_hold, std::time::Duration::from_millis(2));
     }
 
     #[test]
@@ -386,6 +401,8 @@ mod tests {
         let e =
             AgentSettings { compression: Some("lz4".into()), ..base() }.resolve().unwrap_err().to_string();
         assert!(e.contains("auto, zstd or none"), "{e}");
+        let e = AgentSettings { recv_hold: Some("1s".into()), ..base() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("--recv-hold") && e.contains("at most 10ms"), "{e}");
         let e = AgentSettings { name: None, ..base() }.resolve().unwrap_err().to_string();
         assert!(e.contains("--pki needs --name"), "{e}");
         assert!(toml::from_str::<AgentSettings>("sinc = \"x\"").is_err());

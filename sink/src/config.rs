@@ -64,6 +64,10 @@ pub struct ServeSettings {
     /// Drop a silent agent connection after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// QUIC receive moderation: after a read that empties the socket while data arrives at a
+    /// moderate rate (8-200 MB/s), wait this long before the next (default 1ms; 0 turns it off).
+    #[arg(long, value_name = "D")]
+    pub recv_hold: Option<String>,
     /// Most agent connections served at once (default 256); more are told BUSY.
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -216,6 +220,7 @@ impl ServeSettings {
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
             checkpoint_interval: self.checkpoint_interval.or(file.checkpoint_interval),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            recv_hold: self.recv_hold.or(file.recv_hold),
             no_file_rollback: self.no_file_rollback || file.no_file_rollback,
             max_connections: self.max_connections.or(file.max_connections),
             max_agent_connections: self.max_agent_connections.or(file.max_agent_connections),
@@ -265,6 +270,9 @@ impl ServeSettings {
         let mut tuning = QuicTuning { stream_window: 1 << 20, max_uni_streams: 16, ..QuicTuning::default() };
         if let Some(t) = &self.idle_timeout {
             tuning.set_idle_timeout(t).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(h) = &self.recv_hold {
+            tuning.set_recv_hold(h).map_err(anyhow::Error::msg)?;
         }
         let mut limits = Limits { idle_timeout: tuning.idle_timeout, ..Limits::default() };
         if let Some(n) = self.max_connections {
@@ -343,6 +351,13 @@ mod tests {
         assert_eq!(r.tls.cert, PathBuf::from("/etc/blockship/pki/sink.pem"));
         assert_eq!(r.allow, vec!["esx01=file:esx01/*".to_string()]);
         assert_eq!(r.checkpoint.bytes, 32 << 20);
+        assert_eq!(r.tuning.recv_hold, std::time::Duration::from_millis(1));
+        let file: ServeSettings =
+            toml::from_str("listen = \"127.0.0.1:1\"\npki = \"/p\"\nstate_dir = \"/s\"\nallow = [\"a=file:*\"]\nrecv_hold = \"3ms\"")
+                .unwrap();
+        assert_eq!(file.clone().resolve().unwrap().tuning.recv_hold, std::time::Duration::from_millis(3));
+        let flags = ServeSettings { recv_hold: Some("0".into()), ..Default::default() };
+        assert!(flags.over(file).resolve().unwrap().tuning.recv_hold.is_zero());
     }
 
     #[test]

@@ -107,6 +107,19 @@ impl QuicTuning {
         Ok(())
     }
 
+    /// `--recv-hold D`: receive moderation's hold (`moderation`); `0` turns it off. Above 10 ms
+    /// a held read would delay acknowledgements by a good part of a LAN round trip.
+    pub fn set_recv_hold(&mut self, text: &str) -> Result<(), String> {
+        let t = humantime::parse_duration(text)
+            .or_else(|e| if text.trim() == "0" { Ok(Duration::ZERO) } else { Err(e) })
+            .map_err(|e| format!("--recv-hold {text:?}: {e} (e.g. 1ms; 0 turns it off)"))?;
+        if t > Duration::from_millis(10) {
+            return Err(format!("--recv-hold {text:?}: at most 10ms"));
+        }
+        self.recv_hold = t;
+        Ok(())
+    }
+
     fn mtu(&self) -> u16 {
         if self.gso {
             self.mtu_upper_bound.min(GSO_SAFE_MTU)
@@ -367,6 +380,19 @@ mod tests {
         assert!(split_host_port("sink.lab").is_err());
         assert!(split_host_port(":7443").is_err());
         assert!(split_host_port("h:99999").is_err());
+    }
+
+    #[test]
+    fn recv_hold_parsing() {
+        let mut t = QuicTuning::default();
+        for (text, want) in [("0", 0), ("0ms", 0), ("500us", 500), ("2ms", 2000), ("10ms", 10_000)] {
+            t.set_recv_hold(text).unwrap();
+            assert_eq!(t.recv_hold, Duration::from_micros(want), "{text}");
+        }
+        for bad in ["11ms", "1s", "fast", "-1ms"] {
+            let e = t.set_recv_hold(bad).unwrap_err();
+            assert!(e.contains("--recv-hold"), "{e}");
+        }
     }
 
     #[test]
