@@ -110,8 +110,8 @@ impl QuicTuning {
     /// `--recv-hold D`: receive moderation's hold (`moderation`); `0` turns it off. Above 10 ms
     /// a held read would delay acknowledgements by a good part of a LAN round trip.
     pub fn set_recv_hold(&mut self, text: &str) -> Result<(), String> {
+        // humantime reads a bare "0" as zero, so no unit is needed to turn moderation off.
         let t = humantime::parse_duration(text)
-            .or_else(|e| if text.trim() == "0" { Ok(Duration::ZERO) } else { Err(e) })
             .map_err(|e| format!("--recv-hold {text:?}: {e} (e.g. 1ms; 0 turns it off)"))?;
         if t > Duration::from_millis(10) {
             return Err(format!("--recv-hold {text:?}: at most 10ms"));
