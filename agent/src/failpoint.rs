@@ -48,25 +48,13 @@ pub fn corrupt_after_hash(
     (data, hash)
 }
 
-/// Arm the points named in `FAILPOINTS` (kept for the life of the process). Without the feature,
-/// a set `FAILPOINTS` is an error: a hardening test must never pass by running an unarmed build.
+/// Arm the points named in `FAILPOINTS` (kept for the life of the process), after checking them
+/// (see `blockship_transport::failpoints`).
 pub fn setup() -> Result<(), String> {
     let wanted = std::env::var("FAILPOINTS").unwrap_or_default();
+    let built = cfg!(feature = "failpoints");
+    blockship_transport::failpoints::check(&wanted, &[POINTS], "agent", "blockship-agent/failpoints", built)?;
     #[cfg(feature = "failpoints")]
-    {
-        for point in wanted.split(';').filter(|p| !p.trim().is_empty()) {
-            let name = point.split('=').next().unwrap_or_default().trim();
-            if !POINTS.contains(&name) {
-                return Err(format!("FAILPOINTS names {name:?}, not a failpoint of this agent ({POINTS:?})"));
-            }
-        }
-        std::mem::forget(fail::FailScenario::setup());
-        Ok(())
-    }
-    #[cfg(not(feature = "failpoints"))]
-    if wanted.is_empty() {
-        Ok(())
-    } else {
-        Err("FAILPOINTS is set, but this agent was built without failpoints (cargo build --features blockship-agent/failpoints)".into())
-    }
+    std::mem::forget(fail::FailScenario::setup());
+    Ok(())
 }

@@ -66,27 +66,14 @@ pub fn crash_point(name: &'static str) {
     }
 }
 
-/// Arm the points named in `FAILPOINTS` (kept for the life of the process). Without the feature,
-/// a set `FAILPOINTS` is an error: a crash test must never pass by running an unarmed build.
+/// Arm the points named in `FAILPOINTS` (kept for the life of the process), after checking them
+/// (see `blockship_transport::failpoints`).
 pub fn setup() -> Result<(), String> {
     let wanted = std::env::var("FAILPOINTS").unwrap_or_default();
+    let known = [POINTS, CORRUPTION_POINTS, DELAY_POINTS];
+    let built = cfg!(feature = "failpoints");
+    blockship_transport::failpoints::check(&wanted, &known, "sink", "blockship-sink/failpoints", built)?;
     #[cfg(feature = "failpoints")]
-    {
-        for point in wanted.split(';').filter(|p| !p.trim().is_empty()) {
-            let name = point.split('=').next().unwrap_or_default().trim();
-            if ![POINTS, CORRUPTION_POINTS, DELAY_POINTS].iter().any(|kind| kind.contains(&name)) {
-                return Err(format!(
-                    "FAILPOINTS names {name:?}, not a failpoint of this sink ({POINTS:?}, {CORRUPTION_POINTS:?}, {DELAY_POINTS:?})"
-                ));
-            }
-        }
-        std::mem::forget(fail::FailScenario::setup());
-        Ok(())
-    }
-    #[cfg(not(feature = "failpoints"))]
-    if wanted.is_empty() {
-        Ok(())
-    } else {
-        Err("FAILPOINTS is set, but this sink was built without failpoints (cargo build --features blockship-sink/failpoints)".into())
-    }
+    std::mem::forget(fail::FailScenario::setup());
+    Ok(())
 }

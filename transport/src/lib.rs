@@ -6,6 +6,7 @@
 
 pub mod conn;
 pub mod cpu;
+pub mod failpoints;
 pub mod framed;
 pub mod grpc;
 pub mod handshakes;
