@@ -73,7 +73,8 @@ pub struct AgentSettings {
     /// Give up on a silent sink after this long (default 30s).
     #[arg(long)]
     pub idle_timeout: Option<String>,
-    /// QUIC congestion controller: bbr (default; holds up on lossy long links), cubic, newreno.
+    /// QUIC congestion controller: auto (default: cubic on paths under 5 ms of RTT, bbr on
+    /// longer ones, where it holds up with random loss), bbr, cubic, newreno.
     #[arg(long)]
     pub congestion: Option<String>,
     /// QUIC receive moderation: after a read that empties the socket while data arrives at a

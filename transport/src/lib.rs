@@ -4,6 +4,7 @@
 //! The protocol itself (messages, limits, codec) lives in `blockship-proto`; this crate only
 //! moves its frames.
 
+pub mod congestion;
 pub mod conn;
 pub mod cpu;
 pub mod failpoints;
