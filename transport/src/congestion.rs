@@ -33,8 +33,8 @@ pub fn short_path(min_rtt: Duration) -> bool {
 /// Builds an [`Auto`] controller per connection.
 #[derive(Debug)]
 pub struct AutoConfig {
-    cubic: CubicConfig,
-    bbr: BbrConfig,
+    cubic: Arc<CubicConfig>,
+    bbr: Arc<BbrConfig>,
 }
 
 impl Default for AutoConfig {
@@ -43,15 +43,15 @@ impl Default for AutoConfig {
         // The same first flight as BBR's (200 × 1200 bytes); Cubic's own is 10 datagrams,
         // which on a short path only costs a few more round trips of slow start.
         cubic.initial_window(200 * 1200);
-        AutoConfig { cubic, bbr: BbrConfig::default() }
+        AutoConfig { cubic: Arc::new(cubic), bbr: Arc::default() }
     }
 }
 
 impl ControllerFactory for AutoConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(Auto {
-            cubic: Box::new(Cubic::new(Arc::new(self.cubic.clone()), now, current_mtu)),
-            bbr: Box::new(Bbr::new(Arc::new(self.bbr.clone()), current_mtu)),
+            cubic: Box::new(Cubic::new(self.cubic.clone(), now, current_mtu)),
+            bbr: Box::new(Bbr::new(self.bbr.clone(), current_mtu)),
             short: false,
         })
     }
