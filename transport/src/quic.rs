@@ -186,7 +186,8 @@ impl QuicTuning {
 }
 
 /// A UDP socket with large buffers. As root, SO_*BUFFORCE lifts the sysctl cap (rmem_max).
-fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+/// Public for the bench's impairment relay, which must not drop more than it is asked to.
+pub fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Listening on [::] accepts IPv4 too.
