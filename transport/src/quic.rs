@@ -152,7 +152,7 @@ impl QuicTuning {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
             }
             Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+                t.congestion_controller_factory(Arc::new(crate::congestion::GuardedBbrConfig::default()))
             }
             Congestion::NewReno => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
@@ -381,7 +381,7 @@ pub async fn connect(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -414,7 +414,7 @@ mod tests {
     }
 
     /// A throwaway CA, a sink certificate for `localhost` and an agent certificate, as files.
-    fn pki(dir: &std::path::Path) -> (crate::tls::TlsFiles, crate::tls::TlsFiles) {
+    pub(crate) fn pki(dir: &std::path::Path) -> (crate::tls::TlsFiles, crate::tls::TlsFiles) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -487,7 +487,7 @@ mod tests {
     }
 
     /// Forwards datagrams between one client and `upstream`, each after `delay` (a long path).
-    async fn delaying_relay(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    pub(crate) async fn delaying_relay(upstream: SocketAddr, delay: Duration) -> SocketAddr {
         let outer = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let inner = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         inner.connect(upstream).await.unwrap();
