@@ -280,45 +280,28 @@ mod tests {
     /// round trip — quinn's own lasts 200 ms, ~10 round trips here — and BBR has a minimum RTT.
     #[tokio::test]
     async fn bbr_starts_without_a_long_probe_rtt() {
-        use crate::quic::{client_endpoint, server_endpoint, tests::*, Congestion, QuicTuning};
-        let dir = tempfile::tempdir().unwrap();
-        let (sink, agent) = pki(dir.path());
+        use crate::quic::{Congestion, QuicTuning};
+        use crate::testkit::{transfer, Via};
         let tuning = QuicTuning { congestion: Congestion::Bbr, ..Default::default() };
-        let tls = crate::tls::server_config(&sink).unwrap();
-        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), tls, &tuning, b"seed").unwrap();
-        let upstream = server.local_addr().unwrap();
-        let receiver = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let mut stream = conn.accept_uni().await.unwrap();
-            stream.read_to_end(16 << 20).await.unwrap().len()
-        });
-        let addr = delaying_relay(upstream, Duration::from_millis(10)).await;
-        let client = client_endpoint(crate::tls::client_config(&agent).unwrap(), &tuning, false).unwrap();
-        let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
-        let mut stream = conn.open_uni().await.unwrap();
-        let writer = tokio::spawn(async move {
-            stream.write_all(&vec![7u8; 8 << 20]).await.unwrap();
-            stream.finish().unwrap();
-        });
+        let mut t = transfer(&tuning, Via::Delaying(Duration::from_millis(10)), 8 << 20).await;
         let state = || {
-            let c = conn.congestion_state().into_any();
+            let c = t.conn.congestion_state().into_any();
             let g = c.downcast::<GuardedBbr>().map_err(|_| "not the guarded BBR").unwrap();
             format!("{:?}", g.bbr)
         };
         // Rounds (round trips as BBR counts them) seen in ProbeRTT while the data goes across.
         let mut probe_rounds = std::collections::BTreeSet::new();
         // The writer is done once quinn holds the data; the receiver, once it arrived.
-        while !receiver.is_finished() {
+        while !t.is_received() {
             let s = state();
             if field(&s, "mode") == "ProbeRtt" {
                 probe_rounds.insert(field(&s, "round_count"));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        writer.await.unwrap();
-        assert_eq!(receiver.await.unwrap(), 8 << 20);
-        assert!(probe_rounds.len() <= 2, "ProbeRTT over rounds {probe_rounds:?}");
         let s = state();
+        assert_eq!(t.received().await.0, 8 << 20);
+        assert!(probe_rounds.len() <= 2, "ProbeRTT over rounds {probe_rounds:?}");
         assert_ne!(field(&s, "min_rtt"), "0ns", "{s}");
     }
 }

@@ -19,6 +19,8 @@ pub mod quic;
 pub mod quic_conn;
 pub mod shutdown;
 pub mod tcp_tls;
+#[cfg(test)]
+mod testkit;
 pub mod tls;
 
 pub use conn::{ClientOptions, Closed, Connection, Transport};

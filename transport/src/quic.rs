@@ -92,6 +92,9 @@ impl Default for QuicTuning {
             // CPU per GiB by ~20 % on the agent and ~30 % on the sink, with the same
             // throughput there, through 20 ms of RTT with 0.1 % loss, and on loopback.
             ack_threshold: 32,
+            // ... or within 2 ms of a packet, not QUIC's 25: a flight shorter than the threshold
+            // (a new connection's first windows, the tail of a burst) would otherwise wait 25 ms
+            // for its ACK. At 500 Mbit/s the threshold fills in 0.7 ms, so no ACKs are added there.
             ack_delay: Duration::from_millis(2),
             // Measured on the bench's 500 Mbit/s link (hand runs, 512 MiB): ~19 % less CPU per
             // GiB on the sink and ~13 % on the agent (the sink sends fewer ACK datagrams), the
@@ -167,9 +170,6 @@ impl QuicTuning {
         if self.ack_threshold > 1 {
             let mut ack = quinn::AckFrequencyConfig::default();
             ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_threshold));
-            // ... or within 2 ms of a packet, not QUIC's 25: a flight shorter than the threshold
-            // (a new connection's first windows, the tail of a burst) would otherwise wait 25 ms
-            // for its ACK. At 500 Mbit/s the threshold fills in 0.7 ms, so no ACKs are added there.
             ack.max_ack_delay(Some(self.ack_delay));
             t.ack_frequency_config(Some(ack));
         }
@@ -384,8 +384,9 @@ pub async fn connect(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testkit::{transfer, Via};
 
     #[test]
     fn host_port_parsing() {
@@ -416,67 +417,9 @@ pub(crate) mod tests {
         assert!(mtu.is_some_and(|m| m >= 576), "{mtu:?}");
     }
 
-    /// A throwaway CA, a sink certificate for `localhost` and an agent certificate, as files.
-    pub(crate) fn pki(dir: &std::path::Path) -> (crate::tls::TlsFiles, crate::tls::TlsFiles) {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        for name in ["sink", "agent"] {
-            let key = KeyPair::generate().unwrap();
-            let cert =
-                CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer);
-            std::fs::write(dir.join(format!("{name}.pem")), cert.unwrap().pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        let files = |name: &str| crate::tls::TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-        };
-        (files("sink"), files("agent"))
-    }
-
-    /// Forwards datagrams from one client to `upstream` one at a time, `gap` apart, and the
-    /// replies at once: a paced link, on which datagrams arrive one by one. Stops after 1 s
-    /// without traffic.
-    fn spacing_relay(upstream: SocketAddr, gap: Duration) -> SocketAddr {
-        use std::net::UdpSocket as Std;
-        let outer = Std::bind("127.0.0.1:0").unwrap();
-        let inner = Std::bind("127.0.0.1:0").unwrap();
-        inner.connect(upstream).unwrap();
-        let idle = Some(Duration::from_secs(1));
-        outer.set_read_timeout(idle).unwrap();
-        inner.set_read_timeout(idle).unwrap();
-        let addr = outer.local_addr().unwrap();
-        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-        let (o, i, c) = (outer.try_clone().unwrap(), inner.try_clone().unwrap(), client.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = o.recv_from(&mut buf) {
-                *c.lock().unwrap() = Some(from);
-                let _ = i.send(&buf[..n]);
-                std::thread::sleep(gap);
-            }
-        });
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = inner.recv(&mut buf) {
-                if let Some(to) = *client.lock().unwrap() {
-                    let _ = outer.send_to(&buf[..n], to);
-                }
-            }
-        });
-        addr
-    }
-
     /// Sends 16 MiB over one stream with `ack_threshold` on the sending side, across a paced
     /// link; returns (datagrams the sender sent, ACK frames the receiver sent).
     async fn acks_for(ack_threshold: u32) -> (u64, u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let (sink, agent) = pki(dir.path());
         // GSO off and 1452-byte datagrams: the per-packet regime of a WAN link. Datagrams
         // arrive one by one (the relay paces them): in bursts the receiver acknowledges once per
         // read whatever the threshold. Moderation off: held reads would batch them again.
@@ -489,27 +432,10 @@ pub(crate) mod tests {
             recv_hold: Duration::ZERO,
             ..Default::default()
         };
-        let tls = crate::tls::server_config(&sink).unwrap();
-        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), tls, &tuning, b"seed").unwrap();
-        let addr = spacing_relay(server.local_addr().unwrap(), Duration::from_micros(20));
-        let receiver = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let mut stream = conn.accept_uni().await.unwrap();
-            let got = stream.read_to_end(64 << 20).await.unwrap().len();
-            let acks = conn.stats().frame_tx.acks;
-            conn.close(0u32.into(), b"");
-            server.wait_idle().await;
-            (got, acks)
-        });
-        let client = client_endpoint(crate::tls::client_config(&agent).unwrap(), &tuning, false).unwrap();
-        let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
-        let mut stream = conn.open_uni().await.unwrap();
-        stream.write_all(&vec![7u8; 16 << 20]).await.unwrap();
-        stream.finish().unwrap();
-        let (got, acks) = receiver.await.unwrap();
+        let mut t = transfer(&tuning, Via::Spacing(Duration::from_micros(20)), 16 << 20).await;
+        let (got, acks) = t.received().await;
         assert_eq!(got, 16 << 20);
-        let sent = conn.stats().udp_tx.datagrams;
-        (sent, acks)
+        (t.conn.stats().udp_tx.datagrams, acks)
     }
 
     #[tokio::test]
@@ -522,64 +448,14 @@ pub(crate) mod tests {
         assert!(acks * 16 < sent, "threshold 32: {acks} ACKs for {sent} datagrams");
     }
 
-    /// Forwards datagrams between one client and `upstream`, each after `delay` (a long path).
-    pub(crate) async fn delaying_relay(upstream: SocketAddr, delay: Duration) -> SocketAddr {
-        let outer = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let inner = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        inner.connect(upstream).await.unwrap();
-        let addr = outer.local_addr().unwrap();
-        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-        let (o, i, c) = (outer.clone(), inner.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = o.recv_from(&mut buf).await {
-                *c.lock().unwrap() = Some(from);
-                let (i, data) = (i.clone(), buf[..n].to_vec());
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = i.send(&data).await;
-                });
-            }
-        });
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = inner.recv(&mut buf).await {
-                let Some(to) = *client.lock().unwrap() else { continue };
-                let (o, data) = (outer.clone(), buf[..n].to_vec());
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = o.send_to(&data, to).await;
-                });
-            }
-        });
-        addr
-    }
-
     /// Connects with the default tuning (`--congestion auto`) through `delay` each way, sends
     /// 1 MiB, and says whether the sending side chose the short-path controller.
-    async fn sends_on_short_path(delay: Option<Duration>) -> bool {
-        let dir = tempfile::tempdir().unwrap();
-        let (sink, agent) = pki(dir.path());
+    async fn sends_on_short_path(via: Via) -> bool {
         let tuning = QuicTuning::default();
         assert_eq!(tuning.congestion, Congestion::Auto);
-        let tls = crate::tls::server_config(&sink).unwrap();
-        let server = server_endpoint("127.0.0.1:0".parse().unwrap(), tls, &tuning, b"seed").unwrap();
-        let mut addr = server.local_addr().unwrap();
-        let receiver = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let mut stream = conn.accept_uni().await.unwrap();
-            stream.read_to_end(4 << 20).await.unwrap().len()
-        });
-        if let Some(d) = delay {
-            addr = delaying_relay(addr, d).await;
-        }
-        let client = client_endpoint(crate::tls::client_config(&agent).unwrap(), &tuning, false).unwrap();
-        let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
-        let mut stream = conn.open_uni().await.unwrap();
-        stream.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-        stream.finish().unwrap();
-        assert_eq!(receiver.await.unwrap(), 1 << 20);
-        let state = conn.congestion_state().into_any();
+        let mut t = transfer(&tuning, via, 1 << 20).await;
+        assert_eq!(t.received().await.0, 1 << 20);
+        let state = t.conn.congestion_state().into_any();
         let auto =
             state.downcast::<crate::congestion::Auto>().map_err(|_| "not the auto controller").unwrap();
         auto.on_short_path()
@@ -587,8 +463,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn auto_congestion_follows_the_path_length() {
-        assert!(sends_on_short_path(None).await, "loopback is a short path: Cubic");
-        assert!(!sends_on_short_path(Some(Duration::from_millis(10))).await, "20 ms RTT is long: BBR");
+        assert!(sends_on_short_path(Via::Direct).await, "loopback is a short path: Cubic");
+        let long = Via::Delaying(Duration::from_millis(10));
+        assert!(!sends_on_short_path(long).await, "20 ms RTT is long: BBR");
     }
 
     #[test]
