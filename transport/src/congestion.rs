@@ -1,5 +1,6 @@
-//! `--congestion auto`, the default: Cubic on short paths, BBR on long ones, chosen per connection
-//! from its measured minimum round-trip time. quinn's BBR is what keeps a long link with random
+//! Which congestion controller a connection sends with (`--congestion`). `auto`, the default:
+//! Cubic on short paths, BBR on long ones, chosen per connection from its measured minimum
+//! round-trip time. quinn's BBR is what keeps a long link with random
 //! loss full (the `wan` bench's 20 ms, 0.1 % loss path), where a loss-based controller halves its
 //! window at every drop. On a LAN or loopback it costs: its window is the bandwidth times the
 //! minimum RTT, and a path whose minimum RTT is tens of microseconds while a busy receiver answers
@@ -21,9 +22,54 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::congestion::{
-    Bbr, BbrConfig, Controller, ControllerFactory, ControllerMetrics, Cubic, CubicConfig,
+    Bbr, BbrConfig, Controller, ControllerFactory, ControllerMetrics, Cubic, CubicConfig, NewRenoConfig,
 };
 use quinn_proto::RttEstimator;
+
+/// Congestion controller of the connections this side sends on (`--congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// Cubic on paths under 5 ms of RTT, BBR on longer ones (`congestion`).
+    Auto,
+    Cubic,
+    /// Model-based, not loss-based: keeps lossy long-distance links full.
+    Bbr,
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Congestion::Auto),
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" => Ok(Congestion::NewReno),
+            other => Err(format!("congestion controller {other:?}: use auto, bbr, cubic or newreno")),
+        }
+    }
+}
+
+impl Congestion {
+    /// The factory quinn builds each connection's controller with. `cubic` is the Cubic that
+    /// `auto` uses on short paths, so that naming it gives what `auto` would have chosen.
+    pub fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
+        match self {
+            Congestion::Auto => Arc::new(AutoConfig::default()),
+            Congestion::Cubic => Arc::new(short_path_cubic()),
+            Congestion::Bbr => Arc::new(GuardedBbrConfig::default()),
+            Congestion::NewReno => Arc::new(NewRenoConfig::default()),
+        }
+    }
+}
+
+/// Cubic with the same first flight as BBR's (200 × 1200 bytes); quinn's own Cubic starts with
+/// 10 datagrams, which on a short path only costs a few more round trips of slow start.
+fn short_path_cubic() -> CubicConfig {
+    let mut cubic = CubicConfig::default();
+    cubic.initial_window(200 * 1200);
+    cubic
+}
 
 /// Paths whose minimum RTT is below this are short: a LAN, a metro link, loopback.
 pub const SHORT_PATH_RTT: Duration = Duration::from_millis(5);
@@ -42,11 +88,7 @@ pub struct AutoConfig {
 
 impl Default for AutoConfig {
     fn default() -> Self {
-        let mut cubic = CubicConfig::default();
-        // The same first flight as BBR's (200 × 1200 bytes); Cubic's own is 10 datagrams,
-        // which on a short path only costs a few more round trips of slow start.
-        cubic.initial_window(200 * 1200);
-        AutoConfig { cubic: Arc::new(cubic), bbr: Arc::default() }
+        AutoConfig { cubic: Arc::new(short_path_cubic()), bbr: Arc::default() }
     }
 }
 
@@ -233,6 +275,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cubic_is_the_cubic_auto_uses_on_short_paths() {
+        let now = Instant::now();
+        let first = |c: Congestion| c.factory().build(now, 1200).window();
+        let auto = Arc::new(AutoConfig::default()).build(now, 1200);
+        let auto_cubic = auto.into_any().downcast::<Auto>().map(|a| a.cubic.window());
+        assert_eq!(auto_cubic.ok(), Some(first(Congestion::Cubic)), "auto's Cubic and `--congestion cubic`");
+        assert_eq!(
+            first(Congestion::Cubic),
+            first(Congestion::Bbr),
+            "every long-lived controller's first flight"
+        );
+        assert_eq!(first(Congestion::Auto), first(Congestion::Bbr));
+    }
+
+    #[test]
     fn short_paths_are_lans() {
         assert!(short_path(Duration::from_micros(40)), "loopback");
         assert!(short_path(Duration::from_micros(900)), "a LAN");
@@ -280,7 +337,7 @@ mod tests {
     /// round trip — quinn's own lasts 200 ms, ~10 round trips here — and BBR has a minimum RTT.
     #[tokio::test]
     async fn bbr_starts_without_a_long_probe_rtt() {
-        use crate::quic::{Congestion, QuicTuning};
+        use crate::quic::QuicTuning;
         use crate::testkit::{transfer, Via};
         let tuning = QuicTuning { congestion: Congestion::Bbr, ..Default::default() };
         let mut t = transfer(&tuning, Via::Delaying(Duration::from_millis(10)), 8 << 20).await;

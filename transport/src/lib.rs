@@ -23,9 +23,10 @@ pub mod tcp_tls;
 mod testkit;
 pub mod tls;
 
+pub use congestion::Congestion;
 pub use conn::{ClientOptions, Closed, Connection, Transport};
 pub use framed::{FrameReader, FrameWriter};
-pub use quic::{Congestion, QuicTuning};
+pub use quic::QuicTuning;
 pub use tls::TlsFiles;
 
 use blockship_proto::pb;

@@ -11,6 +11,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::congestion::Congestion;
 use crate::moderation::Moderated;
 use crate::tls::TlsError;
 use crate::TransportError;
@@ -44,30 +45,6 @@ pub struct QuicTuning {
     /// Receive moderation (`moderation`): after a read that empties the socket while data
     /// arrives at a moderate rate, wait this long before the next; zero reads at once.
     pub recv_hold: Duration,
-}
-
-/// Congestion controller of the connections this side sends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Congestion {
-    /// Cubic on paths under 5 ms of RTT, BBR on longer ones (`congestion`).
-    Auto,
-    Cubic,
-    /// Model-based, not loss-based: keeps lossy long-distance links full.
-    Bbr,
-    NewReno,
-}
-
-impl std::str::FromStr for Congestion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Congestion::Auto),
-            "cubic" => Ok(Congestion::Cubic),
-            "bbr" => Ok(Congestion::Bbr),
-            "newreno" => Ok(Congestion::NewReno),
-            other => Err(format!("congestion controller {other:?}: use auto, bbr, cubic or newreno")),
-        }
-    }
 }
 
 /// Largest UDP payload quinn may put in one GSO batch of 10 segments without exceeding 65507.
@@ -150,20 +127,7 @@ impl QuicTuning {
                 self.idle_timeout.try_into().map_err(|e| TlsError::Config(format!("idle timeout: {e}")))?,
             ))
             .enable_segmentation_offload(self.gso);
-        match self.congestion {
-            Congestion::Auto => {
-                t.congestion_controller_factory(Arc::new(crate::congestion::AutoConfig::default()))
-            }
-            Congestion::Cubic => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
-            }
-            Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(crate::congestion::GuardedBbrConfig::default()))
-            }
-            Congestion::NewReno => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
-            }
-        };
+        t.congestion_controller_factory(self.congestion.factory());
         // Ask the peer (QUIC ACK-frequency extension; both ends are quinn) to acknowledge
         // every `ack_threshold` packets instead of every second one: on a 1500-byte-MTU link
         // each ACK is a datagram the receiver sends and the sender wakes up for.
