@@ -353,11 +353,18 @@ impl Link {
 
     /// Open a disk (a new handle) and wait for the sink's answer.
     pub async fn open_disk(&self, mut req: OpenDisk) -> Result<(DiskHandle, DiskOpened), AgentError> {
+        // The sink takes a handle only above every one it has seen on this connection, so the
+        // handle is drawn under the writer's lock: groups opening disks at once (the daemon's
+        // first cycle) must send their OpenDisks in handle order. Drawn before the lock, a task
+        // preempted between the two sent 9 after another's 10 and the sink refused it.
+        let mut writer = self.inner.writer.lock().await;
         let handle = self.inner.next_handle.fetch_add(1, Ordering::Relaxed);
         req.disk = handle;
         let rx = self.route(Route::Disk(handle));
         let disk = DiskHandle { link: self.clone(), handle, rx: tokio::sync::Mutex::new(rx) };
-        self.send(&Body::OpenDisk(req)).await?;
+        let sent = writer.send(&Body::OpenDisk(req)).await;
+        drop(writer);
+        sent.map_err(|e| self.reason(transport(e)))?;
         match disk.next("DiskOpened").await? {
             Body::DiskOpened(d) => Ok((disk, d)),
             other => Err(transport(unexpected("DiskOpened", &other))),
